@@ -1,0 +1,119 @@
+"""Shared Linen building blocks with logical axis names.
+
+Every parameter is created through :func:`param_init` so it carries logical axis names; the one
+rules table in ``calico_jax.sharding`` maps them to mesh axes. Names used across the package:
+
+``embed``   model width of a tower (the contracting dim of most kernels)
+``heads``   attention projection output (num_heads * head_dim)
+``mlp``     feed-forward hidden width
+``vocab``   vocabulary rows of an embedding table
+``norm``    LayerNorm / RMSNorm scale and bias (replicated)
+``conv_in`` input channels of a convolution kernel (after the spatial dims)
+``length``  sequence positions of a learned position table / query set
+
+Numerics follow the PyTorch originals: exact (erf) GELU, an explicit epsilon on every norm,
+attention logits and softmax in float32.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Axes = tuple[str | None, ...]
+
+# PyTorch's nn.Linear / nn.Conv default init is kaiming-uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)).
+torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def param_init(init: Callable, axes: Axes) -> Callable:
+    """Wraps an initializer so the created parameter carries logical axis names."""
+    return nn.with_logical_partitioning(init, axes)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact erf GELU (torch ``nn.GELU()`` / HF ``"gelu"``); jax defaults to the tanh form."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": gelu,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def dense(features: int, axes: Axes, *, name: str, use_bias: bool = True, dtype: Dtype = jnp.float32,
+          kernel_init: Callable = torch_linear_init) -> nn.Dense:
+    """``nn.Linear`` counterpart; ``axes`` names the kernel's (in, out) dims."""
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
+                    kernel_init=param_init(kernel_init, axes),
+                    bias_init=param_init(nn.initializers.zeros_init(), (axes[-1],)))
+
+
+def layer_norm(eps: float, *, name: str, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+    """LayerNorm over the last axis with an explicit epsilon (flax defaults to 1e-6, torch to 1e-5)."""
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name,
+                        scale_init=param_init(nn.initializers.ones_init(), ("norm",)),
+                        bias_init=param_init(nn.initializers.zeros_init(), ("norm",)))
+
+
+def conv(features: int, kernel: int, *, name: str, stride: int = 1, padding: int = 0,
+         use_bias: bool = True, dtype: Dtype = jnp.float32) -> nn.Conv:
+    """``nn.Conv2d`` counterpart on NHWC inputs (kernel HWIO)."""
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                   padding=[(padding, padding)] * 2, use_bias=use_bias, dtype=dtype, name=name,
+                   kernel_init=param_init(torch_linear_init, (None, None, "conv_in", "embed")),
+                   bias_init=param_init(nn.initializers.zeros_init(), ("embed",)))
+
+
+def conv_transpose(features: int, kernel: int, *, name: str, stride: int,
+                   dtype: Dtype = jnp.float32) -> nn.ConvTranspose:
+    """``nn.ConvTranspose2d`` (padding 0) on NHWC; torch (in,out,kh,kw) -> HWIO with transpose_kernel."""
+    return nn.ConvTranspose(features, (kernel, kernel), strides=(stride, stride), padding="VALID",
+                            transpose_kernel=True, dtype=dtype, name=name,
+                            kernel_init=param_init(torch_linear_init, (None, None, "embed", "conv_in")),
+                            bias_init=param_init(nn.initializers.zeros_init(), ("embed",)))
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+    """[..., T, H*D] -> [..., T, H, D]."""
+    return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+    """[..., T, H, D] -> [..., T, H*D]."""
+    return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
+              mask: jax.Array | None = None, bias: jax.Array | None = None) -> jax.Array:
+    """Softmax attention on [B, T, H, D] inputs; logits and softmax in float32.
+
+    ``mask`` broadcasts to [B, H, Tq, Tk] (True = attend); ``bias`` is added to the logits.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Activation sharding hint by logical names; a no-op outside a mesh + rules context."""
+    return nn.with_logical_constraint(x, tuple(axes))

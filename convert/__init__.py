@@ -1,0 +1,1 @@
+"""PyTorch -> calico_jax weight converters (``python -m convert FAMILY --src SRC --out OUT``)."""

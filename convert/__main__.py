@@ -1,0 +1,87 @@
+"""``python -m convert FAMILY --src SRC --out OUT [--verify] [--dtype ...] [--config ARCH] [--overwrite]``.
+
+User errors (missing/unexpected keys, shape mismatches, truncated or corrupt files, an existing OUT)
+print one message on stderr and exit 2; a failed ``--verify`` exits 1. Either way nothing is left at OUT.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from convert import families
+
+
+class VerifyFailed(Exception):
+    pass
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m convert", description=__doc__.splitlines()[0])
+    p.add_argument("family", choices=sorted(families.FAMILIES), help="checkpoint family / naming")
+    p.add_argument("--src", required=True, help="save_pretrained directory or a single checkpoint file")
+    p.add_argument("--out", required=True, help="output directory (orbax params + config.json)")
+    p.add_argument("--verify", action="store_true", help="compare against the PyTorch reference (fp32)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="stored param dtype")
+    p.add_argument("--config", default=None,
+                   help="architecture: a JSON file of the original constructor arguments, or a preset name")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--tol", type=float, default=None, help="--verify tolerance on max_rel_err (default 1e-5)")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    import jax
+    import ml_dtypes
+    import numpy as np
+
+    from calico_jax import pretrained
+    from convert import verify
+    from convert.io import CheckpointError, open_checkpoint
+    from convert.mapping import build_params
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise CheckpointError(f"{out} already exists (pass --overwrite to replace it)")
+    family = families.get(args.family)
+    t0 = time.time()
+    ckpt = open_checkpoint(args.src)
+    plan = family.plan(ckpt, args.config)
+    params = build_params(ckpt, plan, np.float32)
+    n = sum(x.size for x in jax.tree.leaves(params))
+    print(f"{args.family}: {len(plan.tensors)} tensors -> {plan.model} ({n:,} parameters) in {time.time() - t0:.1f}s")
+    for reason, count in sorted(plan.skipped.items()):
+        print(f"  skipped {count} key(s): {reason}")
+    for note in plan.notes:
+        print(f"  note: {note}")
+    with pretrained.atomic_directory(out, overwrite=args.overwrite) as tmp:
+        if args.verify:
+            verify.setup()
+            comparisons = family.verify(ckpt, plan, params)
+            if not verify.report(comparisons, args.tol if args.tol is not None else verify.DEFAULT_TOL):
+                raise VerifyFailed()
+        stored = params if args.dtype == "float32" else jax.tree.map(
+            lambda x: x.astype(ml_dtypes.bfloat16) if np.issubdtype(x.dtype, np.floating) else x, params)
+        source = {"family": args.family, "src": str(Path(args.src).absolute())}
+        pretrained.write(tmp, plan.model, plan.config, stored, dtype=args.dtype, source=source)
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from calico_jax.config import ConfigError
+    from convert.io import CheckpointError
+    try:
+        return run(args)
+    except VerifyFailed:
+        print(f"error: --verify failed; nothing written to {args.out}", file=sys.stderr)
+        return 1
+    except (CheckpointError, ConfigError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

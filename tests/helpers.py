@@ -1,0 +1,69 @@
+"""Shared test helpers: PyTorch fixtures (tiny, randomised) and running the converter CLI in-process."""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import io
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+
+
+def segment_anything_modeling():
+    """``segment_anything.modeling`` without running the package ``__init__`` (it imports torchvision,
+    which does not import beside the CPU torch wheel)."""
+    if "segment_anything.modeling" in sys.modules:
+        return sys.modules["segment_anything.modeling"]
+    spec = importlib.util.find_spec("segment_anything")
+    if spec is None:
+        raise ImportError("segment-anything is not installed (pip install 'calico-jax[test]')")
+    pkg = types.ModuleType("segment_anything")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules.setdefault("segment_anything", pkg)
+    return importlib.import_module("segment_anything.modeling")
+
+
+def randomize(module, seed: int = 0, std: float = 0.1) -> None:
+    """Replaces every float parameter/buffer with random values, so zero- or one-initialised paths
+    (LayerNorm scale/bias, layer-scale, rel-pos tables, position embeddings) are exercised.
+    1-D tensors named like norm weights are centred on 1."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            noise = torch.randn(t.shape, generator=g, dtype=torch.float32) * std
+            leaf = name.rsplit(".", 1)[-1]
+            centre = 1.0 if (t.ndim == 1 and leaf in ("weight", "gamma", "lambda1")) else 0.0
+            t.copy_((noise + centre).to(t.dtype))
+
+
+def rel_err(a, b) -> float:
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b.detach().numpy() if hasattr(b, "detach") else b, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def run_convert(*argv: str) -> tuple[int, str, str]:
+    """Runs ``python -m convert ARGV`` in this process; returns (exit code, stdout, stderr)."""
+    from convert.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as e:  # argparse errors
+            rc = int(e.code or 0)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def nothing_at(path: Path) -> bool:
+    """No OUT and no leftover temporary siblings."""
+    path = Path(path)
+    return not path.exists() and not any(p.name.startswith(f".{path.name}.") for p in path.parent.iterdir())
