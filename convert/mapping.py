@@ -114,6 +114,18 @@ def to_flax(leaf: str, array: np.ndarray) -> np.ndarray:
     return array
 
 
+def _flax_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(to_flax(leaf, np.empty(shape, np.bool_)).shape) if leaf == "kernel" else shape
+
+
+def _mismatch(ckpt: Checkpoint, tensor: Tensor, path: tuple[str, ...], got: tuple, want: tuple) -> str:
+    src = ", ".join(f"{s} {tuple(ckpt.shape(s))}" for s in tensor.sources)
+    if path[-1] == "kernel" and len(want) in (2, 4):  # state the expectation in PyTorch layout
+        want_torch = want[::-1] if len(want) == 2 else (want[3], want[2], want[0], want[1])
+        return f"{src}: expected {want_torch} (flax {'/'.join(path)} {want})"
+    return f"{src}: expected {want} (flax {'/'.join(path)}; got {got})"
+
+
 def _resolve(canonical: str, targets: dict[tuple[str, ...], Any]) -> tuple[str, ...] | None:
     prefix, leaf = flax_path(canonical)
     for name in (WEIGHT_LEAVES if leaf == "weight" else (leaf,)):
@@ -143,24 +155,32 @@ def build_params(ckpt: Checkpoint, plan: Plan, dtype: Any = np.float32, progress
     filled = set(resolved.values())
     missing = [f"{canonical_name(p)} (flax {'/'.join(p)}, shape {tuple(v.shape)})"
                for p, v in targets.items() if p not in filled]
+    # Shapes of plain (single-source) tensors come from the file headers: every problem is found
+    # before any tensor data is read, and reported in one message.
+    mismatched = []
+    for canonical, path in resolved.items():
+        tensor = plan.tensors[canonical]
+        if tensor.combine is None:
+            got = _flax_shape(path[-1], tuple(ckpt.shape(tensor.sources[0])))
+            if got != tuple(targets[path].shape):
+                mismatched.append(_mismatch(ckpt, tensor, path, got, tuple(targets[path].shape)))
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing key(s):{_fmt(missing)}")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected key(s):{_fmt(unexpected)}")
-    # Coverage problems are found from the key lists alone, before any tensor is read.
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es):{_fmt(mismatched)}")
     if problems:
         raise CheckpointError(f"{ckpt.path}: checkpoint does not match the {plan.model} config:\n  "
                               + "\n  ".join(problems))
     flat: dict[tuple[str, ...], np.ndarray] = {}
-    mismatched = []
     for canonical, path in tqdm(resolved.items(), desc="converting", unit="tensor", disable=not progress):
         tensor = plan.tensors[canonical]
         value = to_flax(path[-1], tensor.load(ckpt))
         want = tuple(targets[path].shape)
         if value.shape != want:
-            src = ", ".join(f"{s} {tuple(ckpt.shape(s))}" for s in tensor.sources)
-            mismatched.append(f"{src} -> {'/'.join(path)}: got {tuple(value.shape)}, expected {want}")
+            mismatched.append(_mismatch(ckpt, tensor, path, tuple(value.shape), want))
             continue
         flat[path] = np.asarray(value, dtype=dtype if np.issubdtype(targets[path].dtype, np.floating) else None)
     if mismatched:
