@@ -64,8 +64,12 @@ def dense(features: int, axes: Axes, *, name: str, use_bias: bool = True, dtype:
 
 
 def layer_norm(eps: float, *, name: str, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
-    """LayerNorm over the last axis with an explicit epsilon (flax defaults to 1e-6, torch to 1e-5)."""
-    return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name,
+    """LayerNorm over the last axis with an explicit epsilon (flax defaults to 1e-6, torch to 1e-5).
+
+    Variance is torch's two-pass mean((x - mean)^2): flax's default E[x^2] - E[x]^2 cancels badly
+    when |mean| >> std (SAM's mask_downscaling normalises over 4 channels: ~1e-4 relative error).
+    """
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name, use_fast_variance=False,
                         scale_init=param_init(nn.initializers.ones_init(), ("norm",)),
                         bias_init=param_init(nn.initializers.zeros_init(), ("norm",)))
 

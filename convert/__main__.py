@@ -1,4 +1,4 @@
-"""``python -m convert FAMILY --src SRC --out OUT [--verify] [--dtype ...] [--config ARCH] [--overwrite]``.
+"""``python -m convert FAMILY --src SRC --out OUT [--verify] [--dtype ...] [--config ARCH] [--base DIR] [--overwrite]``.
 
 User errors (missing/unexpected keys, shape mismatches, truncated or corrupt files, an existing OUT)
 print one message on stderr and exit 2; a failed ``--verify`` exits 1. Either way nothing is left at OUT.
@@ -6,6 +6,7 @@ print one message on stderr and exit 2; a failed ``--verify`` exits 1. Either wa
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="stored param dtype")
     p.add_argument("--config", default=None,
                    help="architecture: a JSON file of the original constructor arguments, or a preset name")
+    p.add_argument("--base", default=None, help="converted base model directory (families that need one: peft-lora)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--tol", type=float, default=None, help="--verify tolerance on max_rel_err (default 1e-5)")
     return p.parse_args(argv)
@@ -47,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
     family = families.get(args.family)
     t0 = time.time()
     ckpt = open_checkpoint(args.src)
-    plan = family.plan(ckpt, args.config)
+    if args.base is not None and "base" not in inspect.signature(family.plan).parameters:
+        raise CheckpointError(f"--base is not used by {args.family}")
+    plan = family.plan(ckpt, args.config, **({"base": args.base} if args.base is not None else {}))
     params = build_params(ckpt, plan, np.float32)
     n = sum(x.size for x in jax.tree.leaves(params))
     print(f"{args.family}: {len(plan.tensors)} tensors -> {plan.model} ({n:,} parameters) in {time.time() - t0:.1f}s")

@@ -2,39 +2,30 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import io
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
 
 
 def segment_anything_modeling():
-    """``segment_anything.modeling`` without running the package ``__init__`` (it imports torchvision,
-    which does not import beside the CPU torch wheel)."""
-    if "segment_anything.modeling" in sys.modules:
-        return sys.modules["segment_anything.modeling"]
-    spec = importlib.util.find_spec("segment_anything")
-    if spec is None:
-        raise ImportError("segment-anything is not installed (pip install 'calico-jax[test]')")
-    pkg = types.ModuleType("segment_anything")
-    pkg.__path__ = list(spec.submodule_search_locations)
-    sys.modules.setdefault("segment_anything", pkg)
-    return importlib.import_module("segment_anything.modeling")
+    """``segment_anything.modeling`` without its torchvision-importing package ``__init__``
+    (one copy of the loader lives in convert/families/sam.py, which ``--verify`` uses)."""
+    from convert.families.sam import segment_anything_modeling as load
+
+    return load()
 
 
 def randomize(module, seed: int = 0, std: float = 0.1) -> None:
-    """Replaces every float parameter/buffer with random values, so zero- or one-initialised paths
-    (LayerNorm scale/bias, layer-scale, rel-pos tables, position embeddings) are exercised.
-    1-D tensors named like norm weights are centred on 1."""
+    """Replaces every float tensor of the state dict (parameters and persistent buffers) with random
+    values, so zero- or one-initialised paths (LayerNorm scale/bias, layer-scale, rel-pos tables,
+    position embeddings) are exercised. 1-D tensors named like norm weights are centred on 1.
+    Non-persistent buffers (e.g. LLaMA's RoPE ``inv_freq``) are derived from the config and kept."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        for name, t in module.state_dict(keep_vars=True).items():
             if not t.is_floating_point():
                 continue
             noise = torch.randn(t.shape, generator=g, dtype=torch.float32) * std

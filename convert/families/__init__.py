@@ -28,6 +28,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "hf-sam": ("convert.families.sam", "HF_SAM"),
     "sam": ("convert.families.sam", "SAM"),
     "hf-llama": ("convert.families.llama", "HF_LLAMA"),
+    "peft-lora": ("convert.families.peft_lora", "PEFT_LORA"),
 }
 
 

@@ -1,0 +1,1 @@
+"""Data: COCO part readers, MixedParts-style pairs, the synthetic part set, image processors."""

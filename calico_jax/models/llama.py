@@ -1,0 +1,340 @@
+"""Vicuna / LLaMA decoder (𝓜) in the HF ``LlamaForCausalLM`` layout, with LoRA, CAM hook points and
+a preallocated KV cache.
+
+Block (pre-norm): ``h = x + o_proj(attn(RMSNorm_in(x)))``, ``out = h + down(silu(gate(n)) * up(n))``
+with ``n = RMSNorm_post(h)``. RoPE is HF's rotate_half form (dims i and i + d/2 paired), so HF
+weights load with only a transpose. Grouped-query attention shares each k/v head between
+``num_attention_heads / num_key_value_heads`` consecutive query heads (HF ``repeat_kv``).
+
+Hook points (CALICO's CAM, inserted before decoder layers 11 and 22): ``hooks={l: fn}`` calls
+``fn(hidden, last_prompt_index) -> hidden`` on the hidden states T^l entering layer ``l``. The
+caller applies them on prefill only; the KV cache then carries the change into decoding.
+
+Module names mirror the HF state dict (``model.layers.3.self_attn.q_proj.weight`` ->
+``model/layers_3/self_attn/q_proj/kernel``; RMSNorm ``weight`` -> ``scale``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from calico_jax import layers
+from calico_jax.config import Config, ConfigError, hf_get
+from calico_jax.models.lora import LoraConfig, LoraDense
+
+Hook = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig(Config):
+    """Defaults: Vicuna-7B v1.5 (GLaMM's LLM) at the base 32000 vocabulary."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int = 128
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_linear_factor: float = 1.0  # HF rope_type "linear": positions divided by this factor
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_ids: tuple[int, ...] = (2,)
+    pad_token_id: int = 0
+    lora: LoraConfig | None = None
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                              f"num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"RoPE needs an even head_dim, got {self.head_dim}")
+
+    @classmethod
+    def from_hf_config(cls, cfg: Any, lora: LoraConfig | None = None) -> "LlamaConfig":
+        """From a transformers ``LlamaConfig`` or its config.json dict (4.x ``rope_theta``/``rope_scaling``
+        or 5.x ``rope_parameters``)."""
+        hidden, heads = hf_get(cfg, "hidden_size"), hf_get(cfg, "num_attention_heads")
+        rope = hf_get(cfg, "rope_parameters", None) or hf_get(cfg, "rope_scaling", None) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "linear"):
+            raise ConfigError(f"rope type {rope_type!r} is not supported (only 'default' and 'linear')")
+        theta = rope.get("rope_theta", None) or hf_get(cfg, "rope_theta", None) or 10000.0
+        eos = hf_get(cfg, "eos_token_id", 2)
+        eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        act = hf_get(cfg, "hidden_act", "silu")
+        if act not in layers.ACTIVATIONS:
+            raise ConfigError(f"hidden_act {act!r} is not supported; known: {sorted(layers.ACTIVATIONS)}")
+        pad = hf_get(cfg, "pad_token_id", None)
+        return cls(
+            vocab_size=hf_get(cfg, "vocab_size"), hidden_size=hidden,
+            intermediate_size=hf_get(cfg, "intermediate_size"),
+            num_hidden_layers=hf_get(cfg, "num_hidden_layers"), num_attention_heads=heads,
+            num_key_value_heads=hf_get(cfg, "num_key_value_heads", None) or heads,
+            head_dim=hf_get(cfg, "head_dim", None) or hidden // heads, hidden_act=act,
+            max_position_embeddings=hf_get(cfg, "max_position_embeddings", 2048),
+            rms_norm_eps=float(hf_get(cfg, "rms_norm_eps", 1e-6)), rope_theta=float(theta),
+            rope_linear_factor=float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0,
+            attention_bias=bool(hf_get(cfg, "attention_bias", False)),
+            mlp_bias=bool(hf_get(cfg, "mlp_bias", False)),
+            tie_word_embeddings=bool(hf_get(cfg, "tie_word_embeddings", False)),
+            bos_token_id=hf_get(cfg, "bos_token_id", 1) if hf_get(cfg, "bos_token_id", 1) is not None else 1,
+            eos_token_ids=eos, pad_token_id=0 if pad is None else int(pad), lora=lora)
+
+    def hf_dict(self) -> dict[str, Any]:
+        """transformers ``LlamaConfig`` kwargs for the same architecture (the torch reference)."""
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_linear_factor != 1.0:
+            rope = {"rope_type": "linear", "rope_theta": self.rope_theta, "factor": self.rope_linear_factor}
+        return dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                    intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
+                    num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
+                    head_dim=self.head_dim, hidden_act=self.hidden_act,
+                    max_position_embeddings=self.max_position_embeddings, rms_norm_eps=self.rms_norm_eps,
+                    rope_parameters=rope, attention_bias=self.attention_bias, mlp_bias=self.mlp_bias,
+                    tie_word_embeddings=self.tie_word_embeddings, bos_token_id=self.bos_token_id,
+                    eos_token_id=list(self.eos_token_ids), pad_token_id=self.pad_token_id)
+
+
+class KVCache(NamedTuple):
+    """Preallocated keys/values of every layer (post-RoPE) plus which slots hold real tokens."""
+
+    k: jax.Array      # [L, B, S, KV, D]
+    v: jax.Array      # [L, B, S, KV, D]
+    valid: jax.Array  # [B, S] bool: slot written and not padding
+    index: jax.Array  # [] int32: next slot to write
+
+    @classmethod
+    def init(cls, config: LlamaConfig, batch: int, length: int, dtype: Any = jnp.float32) -> "KVCache":
+        shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), bool),
+                   jnp.zeros((), jnp.int32))
+
+
+class LlamaOutput(NamedTuple):
+    logits: jax.Array         # [B, T, V] float32 (or [B, 1, V] with last_logits_only)
+    hidden_states: jax.Array  # [B, T, H] after the final RMSNorm (the tensor fed to lm_head)
+    cache: KVCache | None
+
+
+class RMSNorm(nn.Module):
+    """``LlamaRMSNorm``: normalise in fp32, cast back, then scale (no ``1 + w``)."""
+
+    eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.param("scale", layers.param_init(nn.initializers.ones_init(), ("norm",)), (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return w.astype(self.dtype) * x32.astype(self.dtype)
+
+
+def rope_tables(config: LlamaConfig, positions: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [B, T, D] as HF computes them: fp32 ``pos * inv_freq`` duplicated over both halves."""
+    d = config.head_dim
+    inv_freq = 1.0 / (np.float32(config.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
+    inv_freq = (inv_freq / np.float32(config.rope_linear_factor)).astype(np.float32)
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, H, D]; ``x*cos + rotate_half(x)*sin`` with rotate_half(x) = (-x2, x1)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """q [B,T,H,D], k/v [B,S,KV,D], mask [B,T,S] (True = attend) -> [B,T,H*D]; softmax in fp32.
+
+    Query head h reads k/v head h // (H/KV), as HF's ``repeat_kv``, without materialising the repeat.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * d ** -0.5
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h * d)
+
+
+def _lora_for(config: LlamaConfig, name: str) -> LoraConfig | None:
+    return config.lora if config.lora is not None and name in config.lora.target_modules else None
+
+
+class LlamaAttention(nn.Module):
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        c = self.config
+        proj = lambda name, feats, axes: LoraDense(feats, axes, use_bias=c.attention_bias,  # noqa: E731
+                                                   lora=_lora_for(c, name), dtype=self.dtype)
+        self.q_proj = proj("q_proj", c.num_attention_heads * c.head_dim, ("embed", "heads"))
+        self.k_proj = proj("k_proj", c.num_key_value_heads * c.head_dim, ("embed", "kv_heads"))
+        self.v_proj = proj("v_proj", c.num_key_value_heads * c.head_dim, ("embed", "kv_heads"))
+        self.o_proj = proj("o_proj", c.hidden_size, ("heads", "embed"))
+
+    def __call__(self, x, cos, sin, mask, cache: tuple | None, deterministic: bool = True):
+        """``cache=(k_all [L,B,S,KV,D], v_all, layer, index)``: writes this step's k/v at ``index`` and
+        attends over all S slots; without a cache attends over the T current tokens."""
+        c = self.config
+        q = layers.split_heads(self.q_proj(x, deterministic), c.num_attention_heads)
+        k = layers.split_heads(self.k_proj(x, deterministic), c.num_key_value_heads)
+        v = layers.split_heads(self.v_proj(x, deterministic), c.num_key_value_heads)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k_all, v_all, layer, index = cache
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (layer, 0, index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (layer, 0, index, 0, 0))
+            k, v = k_all[layer].astype(self.dtype), v_all[layer].astype(self.dtype)
+            cache = (k_all, v_all)
+        out = grouped_attention(q, k, v, mask)
+        return self.o_proj(out, deterministic), cache
+
+
+class LlamaMLP(nn.Module):
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        c = self.config
+        dense = lambda name, feats, axes: LoraDense(feats, axes, use_bias=c.mlp_bias,  # noqa: E731
+                                                    lora=_lora_for(c, name), dtype=self.dtype, name=name)
+        gate = dense("gate_proj", c.intermediate_size, ("embed", "mlp"))(x, deterministic)
+        up = dense("up_proj", c.intermediate_size, ("embed", "mlp"))(x, deterministic)
+        h = layers.activation(c.hidden_act)(gate) * up
+        return dense("down_proj", c.hidden_size, ("mlp", "embed"))(h, deterministic)
+
+
+class LlamaDecoderLayer(nn.Module):
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache=None, deterministic: bool = True):
+        c = self.config
+        h = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x)
+        h, cache = LlamaAttention(c, self.dtype, name="self_attn")(h, cos, sin, mask, cache, deterministic)
+        x = x + h
+        h = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
+        x = x + LlamaMLP(c, self.dtype, name="mlp")(h, deterministic)
+        return layers.constrain(x, ("batch", "length", "embed")), cache
+
+
+def last_token_index(mask: jax.Array) -> jax.Array:
+    """[B, T] mask -> [B] index of the last attended position (T-1 under left padding)."""
+    t = mask.shape[1]
+    return (t - 1 - jnp.argmax(mask[:, ::-1], axis=1)).astype(jnp.int32)
+
+
+def padded_positions(mask: jax.Array) -> jax.Array:
+    """Positions that skip padding (HF generate's ``cumsum(mask) - 1``; padding slots get 0)."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+class LlamaModel(nn.Module):
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        c = self.config
+        self.embed_tokens = nn.Embed(
+            c.vocab_size, c.hidden_size, dtype=self.dtype,
+            embedding_init=layers.param_init(nn.initializers.normal(0.02), ("vocab", "embed")))
+        self.layers = [LlamaDecoderLayer(c, self.dtype) for _ in range(c.num_hidden_layers)]  # layers_0..
+        self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
+
+    def __call__(self, input_ids=None, attention_mask=None, positions=None, *, inputs_embeds=None,
+                 cache: KVCache | None = None, hooks: Mapping[int, Hook] | None = None,
+                 last_prompt_index=None, deterministic: bool = True):
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        b, t = x.shape[:2]
+        mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        if positions is None:
+            offset = 0 if cache is None else jnp.sum(cache.valid, axis=1, keepdims=True)
+            positions = padded_positions(mask) + offset
+        cos, sin = rope_tables(self.config, positions, self.dtype)
+        if cache is None:
+            key_valid, k_slot, q_slot = mask, jnp.arange(t), jnp.arange(t)
+        else:
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
+            k_slot, q_slot = jnp.arange(cache.valid.shape[1]), cache.index + jnp.arange(t)
+        attn_mask = key_valid[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])
+        if hooks and last_prompt_index is None:
+            last_prompt_index = last_token_index(mask)
+        k_all, v_all = (None, None) if cache is None else (cache.k, cache.v)
+        for i, layer in enumerate(self.layers):
+            if hooks and i in hooks:
+                x = hooks[i](x, last_prompt_index).astype(self.dtype)  # T^i -> CAM(T^i)
+            layer_cache = None if cache is None else (k_all, v_all, i, cache.index)
+            x, new = layer(x, cos, sin, attn_mask, layer_cache, deterministic)
+            if cache is not None:
+                k_all, v_all = new
+        new_cache = None if cache is None else KVCache(k_all, v_all, key_valid, cache.index + t)
+        return self.norm(x), new_cache
+
+
+class LlamaForCausalLM(nn.Module):
+    """𝓜: ``__call__`` returns :class:`LlamaOutput` (fp32 logits, final-norm hidden states, cache)."""
+
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.model = LlamaModel(self.config, self.dtype)
+        if not self.config.tie_word_embeddings:
+            self.lm_head = nn.Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype,
+                                    kernel_init=layers.param_init(layers.torch_linear_init, ("embed", "vocab")))
+
+    def __call__(self, input_ids=None, attention_mask=None, positions=None, *, inputs_embeds=None,
+                 cache: KVCache | None = None, hooks: Mapping[int, Hook] | None = None,
+                 last_prompt_index=None, last_logits_only: bool = False, deterministic: bool = True):
+        """input_ids [B, T] (or inputs_embeds [B, T, H]); attention_mask [B, T] (1 = token, left or right
+        padding); positions default to ``cumsum(mask) - 1`` continued from the cache."""
+        hidden, cache = self.model(input_ids, attention_mask, positions, inputs_embeds=inputs_embeds,
+                                   cache=cache, hooks=hooks, last_prompt_index=last_prompt_index,
+                                   deterministic=deterministic)
+        h = hidden[:, -1:] if last_logits_only else hidden
+        logits = self.model.embed_tokens.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
+        return LlamaOutput(logits.astype(jnp.float32), hidden, cache)
+
+    def embed(self, input_ids):
+        """Token embeddings (for splicing image features into ``inputs_embeds``)."""
+        return self.model.embed_tokens(input_ids)
+
+    def dummy_inputs(self) -> dict:
+        return {"input_ids": jnp.zeros((1, 4), jnp.int32)}
+
+
+def resize_token_embeddings(params: Any, config: LlamaConfig, new_vocab: int) -> tuple[Any, LlamaConfig]:
+    """Grows embed_tokens (and an untied lm_head) to ``new_vocab`` rows; new rows are the mean of the
+    existing ones (GLaMM/LISA after ``resize_token_embeddings``). Existing rows keep their ids."""
+    old = config.vocab_size
+    if new_vocab < old:
+        raise ValueError(f"cannot shrink the vocabulary from {old} to {new_vocab}")
+    params = jax.tree.map(lambda x: x, params)  # shallow copy of the dict structure
+    emb = jnp.asarray(params["model"]["embed_tokens"]["embedding"])
+    rows = jnp.broadcast_to(emb.astype(jnp.float32).mean(0, keepdims=True), (new_vocab - old, emb.shape[1]))
+    params["model"]["embed_tokens"]["embedding"] = jnp.concatenate([emb, rows.astype(emb.dtype)], 0)
+    if not config.tie_word_embeddings:
+        k = jnp.asarray(params["lm_head"]["kernel"])  # [H, V]
+        cols = jnp.broadcast_to(k.astype(jnp.float32).mean(1, keepdims=True), (k.shape[0], new_vocab - old))
+        params["lm_head"]["kernel"] = jnp.concatenate([k, cols.astype(k.dtype)], 1)
+    return params, config.replace(vocab_size=new_vocab)

@@ -1,0 +1,66 @@
+"""SAM mask decoder 𝓓: TwoWayTransformer over [iou token, mask tokens, prompt tokens] and the image,
+ConvTranspose upscaling, hypernetwork MLPs per mask token, IoU head."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from calico_jax import layers
+from calico_jax.models.sam.common import MLP, embedding, layer_norm_2d
+from calico_jax.models.sam.config import MaskDecoderConfig
+from calico_jax.models.sam.transformer import TwoWayTransformer
+
+
+def repeat_per_prompt(x: jax.Array, batch: int) -> jax.Array:
+    """``repeat_interleave`` of per-image tensors to the prompt batch (each image's prompts contiguous)."""
+    if x.shape[0] == batch:
+        return x
+    if batch % x.shape[0]:
+        raise ValueError(f"prompt batch {batch} is not a multiple of the image batch {x.shape[0]}")
+    return jnp.repeat(x, batch // x.shape[0], axis=0)
+
+
+class MaskDecoder(nn.Module):
+    config: MaskDecoderConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, image_embeddings: jax.Array, image_pe: jax.Array, sparse_prompt_embeddings: jax.Array,
+                 dense_prompt_embeddings: jax.Array, multimask_output: bool) -> tuple[jax.Array, jax.Array]:
+        """image_embeddings [B_img, h, w, C]; image_pe [1 or B_img, h, w, C]; sparse [b, N, C];
+        dense [b or 1, h, w, C], with b a multiple of B_img (each image's prompts contiguous).
+
+        -> (masks [b, M, 4h, 4w] low-res logits, iou_pred [b, M]); M = num_multimask_outputs if
+        ``multimask_output`` else 1 (mask token 0).
+        """
+        cfg = self.config
+        c, n_mask = cfg.transformer_dim, cfg.num_mask_tokens
+        iou_token = embedding(1, c, name="iou_token")
+        mask_tokens = embedding(n_mask, c, name="mask_tokens")
+        b = sparse_prompt_embeddings.shape[0]
+        output_tokens = jnp.concatenate([iou_token.embedding, mask_tokens.embedding], axis=0)
+        output_tokens = jnp.broadcast_to(output_tokens[None], (b, *output_tokens.shape))
+        tokens = jnp.concatenate([output_tokens, sparse_prompt_embeddings.astype(output_tokens.dtype)], axis=1)
+
+        src = repeat_per_prompt(image_embeddings, b) + dense_prompt_embeddings
+        pos_src = jnp.broadcast_to(image_pe if image_pe.shape[0] == 1 else repeat_per_prompt(image_pe, b), src.shape)
+        hs, src = TwoWayTransformer(cfg.transformer, dtype=self.dtype, name="transformer")(src, pos_src, tokens)
+        iou_token_out = hs[:, 0]
+        mask_tokens_out = hs[:, 1:1 + n_mask]
+
+        h, w = image_embeddings.shape[1:3]
+        up = src.reshape(b, h, w, c)
+        up = layers.conv_transpose(c // 4, 2, stride=2, name="output_upscaling_0", dtype=self.dtype)(up)
+        up = layers.gelu(layer_norm_2d(cfg.upscale_norm_eps, name="output_upscaling_1", dtype=self.dtype)(up))
+        up = layers.gelu(layers.conv_transpose(c // 8, 2, stride=2, name="output_upscaling_3", dtype=self.dtype)(up))
+
+        hyper_in = jnp.stack([MLP(c, c // 8, 3, dtype=self.dtype, name=f"output_hypernetworks_mlps_{i}")(
+            mask_tokens_out[:, i]) for i in range(n_mask)], axis=1)                     # [b, n_mask, c/8]
+        masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in, up, precision=jax.lax.Precision.HIGHEST)
+        iou_pred = MLP(cfg.iou_head_hidden_dim, n_mask, cfg.iou_head_depth, dtype=self.dtype,
+                       name="iou_prediction_head")(iou_token_out)
+        sl = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, sl], iou_pred[:, sl]
