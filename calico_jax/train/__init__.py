@@ -1,0 +1,1 @@
+"""Training: sharding, state, checkpoints, the jitted loop."""
