@@ -19,7 +19,10 @@ class VerifyFailed(Exception):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m convert", description=__doc__.splitlines()[0])
+    epilog = "families:\n" + "\n".join(f"  {name:<12} {families.get(name).help}" for name in sorted(families.FAMILIES))
+    p = argparse.ArgumentParser(prog="python -m convert", epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Convert a PyTorch checkpoint into a calico_jax checkpoint (orbax params + config.json).")
     p.add_argument("family", choices=sorted(families.FAMILIES), help="checkpoint family / naming")
     p.add_argument("--src", required=True, help="save_pretrained directory or a single checkpoint file")
     p.add_argument("--out", required=True, help="output directory (orbax params + config.json)")

@@ -183,3 +183,16 @@ def test_every_param_has_logical_axes():
     boxed = pretrained.abstract_params(Tiny(TinyConfig()))
     leaves = [x for x in __import__("jax").tree.leaves(boxed, is_leaf=lambda v: isinstance(v, nn.Partitioned))]
     assert leaves and all(isinstance(x, nn.Partitioned) and len(x.names) == x.value.ndim for x in leaves)
+
+
+def test_cli_user_error_is_one_line_no_traceback(tmp_path):
+    """A real process: user errors end with one 'error:' line on stderr and exit code 2."""
+    import subprocess
+    import sys
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "convert", "hf-dinov2", "--src", str(tmp_path / "missing"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'missing'}: no such file or directory"
+    assert not out.exists()
