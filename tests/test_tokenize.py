@@ -1,10 +1,11 @@
 """Tokenizer: the locally built tiny tokenizer, GLaMM's special tokens (order, ids kept on reload),
-the llava_v1 template, image placeholders and an encode/decode round trip."""
+the llava_v1 template, image placeholders and an encode/decode round trip; training samples: labels,
+[SEG] -> image routing, truncation that drops instead of separating a [SEG] from its identifier."""
 from __future__ import annotations
 
-from calico_jax.data.tokenize import (IMAGE_TOKEN_INDEX, SPECIAL_TOKENS, add_special_tokens,
-                                      build_tiny_tokenizer, image_placeholder, llava_v1_prompt, load_tokenizer,
-                                      tokenize_with_images)
+from calico_jax.data.tokenize import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, SPECIAL_TOKENS, SampleTokenizer,
+                                      add_special_tokens, build_tiny_tokenizer, image_placeholder, llava_v1_prompt,
+                                      load_tokenizer, tokenize_with_images)
 
 
 def test_tiny_tokenizer_special_tokens(tmp_path):
@@ -48,3 +49,57 @@ def test_llava_v1_template_and_images(tmp_path):
     enc = tok(text, add_special_tokens=False).input_ids
     assert tok.convert_tokens_to_ids("[SEG]") in enc
     assert tok.decode(enc) == text
+
+
+# ------------------------------------------------------------------------------ training samples
+Q = ("The <image> (IMAGE1) and <image> (IMAGE2) provide an overview of the pictures. "
+     "Can you segment the common parts of the objects in these images?")
+A = ("The images show a <p> chair </p> [SEG] (IMAGE1) and a <p> stool </p> [SEG] (IMAGE2). "
+     "The common parts are <p> leg </p> [SEG] (IMAGE1) [SEG] (IMAGE2) and <p> seat </p> [SEG] (IMAGE1) [SEG] (IMAGE2).")
+
+
+def _sample_tok(tmp_path, max_len):
+    build_tiny_tokenizer(tmp_path / "tok", [Q, A], vocab_size=300)
+    tok = load_tokenizer(tmp_path / "tok")
+    return tok, SampleTokenizer(tok, max_len)
+
+
+def test_sample_ids_labels_and_seg_routing(tmp_path):
+    tok, st = _sample_tok(tmp_path, 1000)
+    s, kind, _ = st(Q, A)
+    assert kind is None and not s.truncated and s.num_images == 2
+    ids, labels = s.input_ids.tolist(), s.labels.tolist()
+    # Pieces concatenated = the whole conversation tokenized at once.
+    assert ids == tokenize_with_images(llava_v1_prompt([(Q.replace("<image>", image_placeholder()), A)]), tok)
+    n_prompt = len(tokenize_with_images(st.prompt_text(Q), tok))
+    assert st.prompt_text(Q).endswith("ASSISTANT:") and st.prompt_text(Q).count("<im_start><image><im_end>") == 2
+    assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
+    assert tok.decode(ids[n_prompt:-1]).strip() == A and ids[-1] == tok.eos_token_id
+    assert IMAGE_TOKEN_INDEX not in labels and ids.count(IMAGE_TOKEN_INDEX) == 2
+    seg = tok.convert_tokens_to_ids("[SEG]")
+    assert labels.count(seg) == 6 and s.seg_images == (0, 1, 0, 1, 0, 1)
+    # No space before the identifier: the token fast path misses, the decoding slow path finds it.
+    s2, kind, _ = st(Q, "A <p> leg </p> [SEG](IMAGE2).")
+    assert kind is None and s2.seg_images == (1,)
+
+
+def test_truncation_never_separates_seg_from_identifier(tmp_path):
+    tok, st = _sample_tok(tmp_path, 1000)
+    full = st(Q, A)[0].input_ids.tolist()
+    n = len(full)
+    seg = tok.convert_tokens_to_ids("[SEG]")
+    last_seg = max(i for i, t in enumerate(full) if t == seg)
+    ident_end = next(e for e in range(last_seg + 1, n) if "(IMAGE2)" in tok.decode(full[last_seg + 1:e]))
+    # This tokenizer merges the last identifier with the final "." ("▁(IMAGE2)."): slow path, one token.
+    assert ident_end == last_seg + 2 == n - 1
+    for max_len in range(ident_end, n):          # only "</s>" cut: kept, marked truncated
+        s, kind, _ = SampleTokenizer(tok, max_len)(Q, A)
+        assert kind is None and s.truncated and s.input_ids.tolist() == full[:max_len]
+        assert s.labels.tolist().count(seg) == 6
+    n_prompt = len(st.prompt_ids(Q))
+    for max_len in (ident_end - 1, last_seg, (n_prompt + last_seg) // 2, n_prompt + 1):   # a [SEG]/identifier lost
+        s, kind, detail = SampleTokenizer(tok, max_len)(Q, A)
+        assert s is None and kind == "too_long_seg" and f"max_len {max_len}" in detail
+    assert SampleTokenizer(tok, n_prompt)(Q, A)[1] == "too_long_prompt"
+    assert st(Q, "The <p> leg </p> [SEG] and more.")[1] == "bad_seg_identifier"
+    assert st(Q, "The <p> leg </p> [SEG] (IMAGE3).")[1] == "bad_seg_identifier"

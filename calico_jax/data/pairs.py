@@ -23,39 +23,25 @@ pictures. " + question`` (several questions per task, :data:`QUESTIONS`). Answer
 parts are <p> body </p> [SEG] (IMAGE1) [SEG] (IMAGE2) and <p> head </p> [SEG] (IMAGE1) [SEG] (IMAGE2)."``
 -- every ``[SEG]`` is followed by the identifier of the image it segments.
 
-JSON schema (``format: "calico_jax.pairs"``, ``version: 1``)::
-
-    {"format", "version", "seed", "config": {...builder options...},
-     "sources": [{"path", "convention", "images_root"}],
-     "images":  [{"source": s, "image_id", "file": file_name, "height", "width"}],
-     "masks":   [{"image": i, "object": "mug", "part": "handle" | null, "area", "rle": {"size", "counts"}}],
-     "samples": [{"id": "common_parts-0000003", "task", "images": [i, ...], "prompt", "template",
-                  "answer", "objects": [class per image], "parts": [[parts segmented in image k], ...],
-                  "segs": [{"mask": m, "image": k, "label", "kind": "object" | "part"}, ...]}],
-     "counts": {task: n}, "report": {"counts": {kind: n}, "records": [{"kind", "record", "detail"}]}}
-
-``segs`` is in ``[SEG]`` order; ``image`` in a seg is the 0-based position in the sample (``(IMAGE{k+1})``
-in the text); masks are COCO RLE at the original image size, shared between samples. An image path
-is ``sources[images[i].source].images_root / images[i].file``. The released
-``mixed_parts_{train,val,test}.json`` schema is UNKNOWN: :func:`read_pairs` is where to adapt it.
+The output file's JSON schema, its writer and its reader are :mod:`calico_jax.data.pairs_io`
+(re-exported here).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import random
-import re
 import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from calico_jax.data.coco_parts import (DataError, PartDataset, Report, clean_name, decode, load_part_dataset,
                                         rle_area, rle_union)
+from calico_jax.data.pairs_io import SEG_RE, Pairs, read_pairs, validate_sample, write_pairs
 
 TASKS = ("common_object", "common_parts", "unique_parts")
 PREFIX = "{images} provide an overview of the pictures. "
@@ -73,7 +59,7 @@ QUESTIONS = {
                      "Which parts appear in only one of the objects in these images? Please segment them.",
                      "Please segment the parts that only one of the objects in these images has."],
 }
-SEG_RE = re.compile(r"\[SEG\] \(IMAGE(\d+)\)")
+
 
 
 @dataclass(frozen=True)
@@ -321,81 +307,6 @@ class PairBuilder:
                 "counts": counts, "report": self.report.to_json()}
 
 
-def write_pairs(data: dict, out) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(data, separators=(",", ":"), ensure_ascii=False), encoding="utf-8")
-    tmp.replace(out)
-    return out
-
-
-# ------------------------------------------------------------------------------------------ reader
-class Pairs:
-    """A pairs file in memory: samples plus image-path and mask look-ups."""
-
-    def __init__(self, data: dict, roots: dict[int, str] | None = None):
-        self.data, self.roots = data, roots or {}
-        self.samples: list[dict] = data["samples"]
-        self.images: list[dict] = data["images"]
-        self.masks: list[dict] = data["masks"]
-        self.sources: list[dict] = data["sources"]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def image_path(self, sample: dict, k: int) -> Path:
-        """Path of the sample's k-th image (a relative ``images_root`` is relative to the working
-        directory, as given on the command line, unless ``read_pairs(images_root=...)`` overrides it)."""
-        im = self.images[sample["images"][k]]
-        root = self.roots.get(im["source"]) or Path(self.sources[im["source"]]["images_root"])
-        return Path(root) / im["file"]
-
-    def mask(self, seg: dict | int) -> np.ndarray:
-        """bool [H, W] at the original image size."""
-        m = self.masks[seg["mask"] if isinstance(seg, dict) else seg]
-        return decode(m["rle"])
-
-
-def validate_sample(s: dict, n_images: int, n_masks: int, masks: list[dict]) -> None:
-    sid = s.get("id", "?")
-    k = len(s["images"])
-    if s["prompt"].count("<image>") != k:
-        raise DataError(f"sample {sid}: prompt has {s['prompt'].count('<image>')} <image> for {k} images")
-    ids = [int(i) - 1 for i in SEG_RE.findall(s["answer"])]
-    if s["answer"].count("[SEG]") != len(ids) or len(ids) != len(s["segs"]):
-        raise DataError(f"sample {sid}: {s['answer'].count('[SEG]')} [SEG] in the answer, {len(ids)} with an "
-                        f"identifier, {len(s['segs'])} mask references")
-    for j, (i, seg) in enumerate(zip(ids, s["segs"])):
-        if i != seg["image"] or not 0 <= i < k or not 0 <= seg["mask"] < n_masks:
-            raise DataError(f"sample {sid}: [SEG] #{j} points at (IMAGE{i + 1}) / mask {seg['mask']} "
-                            f"but its reference says image {seg['image'] + 1}")
-        if masks[seg["mask"]]["image"] != s["images"][i]:
-            raise DataError(f"sample {sid}: [SEG] #{j}'s mask belongs to another image")
-    if any(not 0 <= i < n_images for i in s["images"]):
-        raise DataError(f"sample {sid}: image index out of range")
-
-
-def read_pairs(path, validate: bool = True, images_root: str | dict[int, str] | None = None) -> Pairs:
-    """Reads a pairs file written by :func:`write_pairs`; ``validate`` checks every sample's
-    ``[SEG]``/identifier/mask consistency (raises :class:`DataError` naming the sample).
-    ``images_root`` (one directory, or source index -> directory) overrides the stored roots."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"cannot read pairs file {path}: {e}") from e
-    if data.get("format") != "calico_jax.pairs" or data.get("version") != 1:
-        raise DataError(f"{path}: not a calico_jax.pairs v1 file (format={data.get('format')!r}, "
-                        f"version={data.get('version')!r}); adapt read_pairs for other schemas")
-    if validate:
-        for s in data["samples"]:
-            validate_sample(s, len(data["images"]), len(data["masks"]), data["masks"])
-    if isinstance(images_root, (str, Path)):
-        images_root = {i: str(images_root) for i in range(len(data["sources"]))}
-    return Pairs(data, images_root)
-
-
 # --------------------------------------------------------------------------------------------- CLI
 def _parse_spec(spec: str) -> tuple[str, dict]:
     """``PATH[,key=value...]`` with keys convention, whole, part_maps, part_names, images."""
@@ -446,6 +357,10 @@ def main(argv=None) -> int:
     print(f"images: {len(data['images'])}, masks: {len(data['masks'])}")
     print(report.summary())
     return 0
+
+
+__all__ = ["TASKS", "PREFIX", "QUESTIONS", "PairConfig", "PairBuilder", "main",
+           "SEG_RE", "Pairs", "read_pairs", "write_pairs", "validate_sample"]
 
 
 if __name__ == "__main__":

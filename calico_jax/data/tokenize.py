@@ -10,12 +10,18 @@
   where the model splices the image tokens (LLaVA ``tokenizer_image_token``).
 * :func:`build_tiny_tokenizer`: a small BPE tokenizer trained locally (no downloads) with LLaMA's
   conventions (``<unk>``=0, ``<s>``=1, ``</s>``=2, ``▁`` word prefix, BOS prepended).
+* :class:`SampleTokenizer`: one training sample (question with ``<image>`` slots, grounded answer)
+  -> ``input_ids`` and ``labels`` (see its docstring for the masking and truncation rules).
 """
 from __future__ import annotations
 
 import os
+import re
 import string
+from dataclasses import dataclass
 from typing import Iterable, Sequence
+
+import numpy as np
 
 IMAGE_TOKEN_INDEX = -200
 IGNORE_INDEX = -100
@@ -110,3 +116,107 @@ def build_tiny_tokenizer(out_dir: str | os.PathLike, texts: Iterable[str] = DEFA
     add_special_tokens(fast)
     fast.save_pretrained(str(out_dir))
     return fast
+
+
+# ------------------------------------------------------------------------------ training samples
+_IDENT_RE = re.compile(r"^\s*\(IMAGE(\d+)\)")
+
+
+@dataclass(frozen=True)
+class TokenizedSample:
+    """``input_ids``/``labels`` int32 [L] (L <= max_len); ``seg_images``: for each ``[SEG]`` in order,
+    the 0-based image its identifier ``(IMAGEk)`` names; ``truncated``: the tail was cut (no [SEG],
+    identifier or image lost)."""
+    input_ids: np.ndarray
+    labels: np.ndarray
+    num_images: int
+    seg_images: tuple[int, ...]
+    truncated: bool = False
+
+
+class SampleTokenizer:
+    """(question, answer) -> :class:`TokenizedSample` in GLaMM's ``llava_v1`` training format.
+
+    Sequence: ``<s>`` + ``SYSTEM USER: <question> ASSISTANT:`` + ``<answer>`` + ``</s>``, where each
+    ``<image>`` of the question becomes ``<im_start>`` :data:`IMAGE_TOKEN_INDEX` ``<im_end>``
+    (``use_im_start_end``) -- one slot per image, which the model widens to that image's tokens.
+    The prompt part and the answer are tokenized separately and concatenated, i.e. exactly the ids
+    generation sees (the prompt up to ``ASSISTANT:``, then the model's tokens); for LLaMA-style
+    tokenizers this equals tokenizing the whole conversation (tested on the tiny tokenizer).
+
+    ``labels`` = ``input_ids`` with every prompt position (BOS, system, question, image slots)
+    set to :data:`IGNORE_INDEX`; the answer -- ``<p>``/``</p>``, every ``[SEG]`` and its
+    identifier tokens -- and the final ``</s>`` are targets (unshifted: the model shifts).
+
+    Truncation to ``max_len`` keeps a sample only if the cut loses no image slot, no ``[SEG]`` and
+    no identifier of a kept ``[SEG]`` (and leaves at least one target); otherwise ``__call__``
+    returns ``(None, kind, detail)`` with kind ``too_long_prompt`` or ``too_long_seg`` so the caller
+    drops and counts it. A [SEG] whose identifier is missing or malformed -> ``bad_seg_identifier``.
+    """
+
+    def __init__(self, tokenizer, max_len: int, use_im_start_end: bool = True, system: str = LLAVA_V1_SYSTEM):
+        self.tokenizer, self.max_len = tokenizer, int(max_len)
+        self.use_im_start_end, self.system = use_im_start_end, system
+        self.seg_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
+        if self.seg_id is None or self.seg_id == tokenizer.unk_token_id:
+            raise ValueError("the tokenizer has no [SEG] token; call add_special_tokens first")
+        self._prompts: dict[str, list[int]] = {}   # few distinct prompts (templates x image counts)
+        self._idents: dict[int, list[int]] = {}
+
+    def prompt_text(self, question: str) -> str:
+        q = question.replace(DEFAULT_IMAGE_TOKEN, image_placeholder(self.use_im_start_end))
+        return llava_v1_prompt([(q, None)], self.system)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        if question not in self._prompts:
+            self._prompts[question] = tokenize_with_images(self.prompt_text(question), self.tokenizer)
+        return self._prompts[question]
+
+    def _ident_ids(self, k: int) -> list[int]:
+        if k not in self._idents:
+            ids = self.tokenizer(f"{SEG_TOKEN} (IMAGE{k + 1})", add_special_tokens=False).input_ids
+            self._idents[k] = ids[ids.index(self.seg_id) + 1:]
+        return self._idents[k]
+
+    def _identifier(self, ids: list[int], p: int, n_img: int) -> tuple[int, int] | None:
+        """(end position exclusive, image index) of the ``(IMAGEk)`` after the [SEG] at ``p``."""
+        for k in range(n_img):   # fast path: the identifier's usual tokens
+            t = self._ident_ids(k)
+            if ids[p + 1:p + 1 + len(t)] == t:
+                return p + 1 + len(t), k
+        # Slow path (e.g. ")" merged with the next character): decode growing spans.
+        for e in range(p + 1, min(len(ids), p + 16)):
+            if ids[e] == self.seg_id:
+                break
+            text = self.tokenizer.decode(ids[p + 1:e + 1])
+            m = _IDENT_RE.match(text)
+            if m:
+                return e + 1, int(m.group(1)) - 1
+        return None
+
+    def __call__(self, question: str, answer: str):
+        """-> ``(TokenizedSample, None, "")`` or ``(None, kind, detail)`` for a sample to drop."""
+        prompt = self.prompt_ids(question)
+        ids = prompt + self.tokenizer(answer, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
+        n_img = prompt.count(IMAGE_TOKEN_INDEX)
+        segs, seg_images = [p for p, t in enumerate(ids) if t == self.seg_id], []
+        ends = []
+        for j, p in enumerate(segs):
+            ident = self._identifier(ids, p, n_img)
+            if ident is None or not 0 <= ident[1] < n_img:
+                return None, "bad_seg_identifier", f"[SEG] #{j} is not followed by (IMAGE1..{n_img})"
+            ends.append(ident[0])
+            seg_images.append(ident[1])
+        truncated = len(ids) > self.max_len
+        if truncated:
+            if len(prompt) >= self.max_len:
+                return None, "too_long_prompt", f"prompt {len(prompt)} tokens >= max_len {self.max_len}"
+            if ends and ends[-1] > self.max_len:
+                lost = sum(e > self.max_len for e in ends)
+                return None, "too_long_seg", (f"{len(ids)} tokens > max_len {self.max_len} would cut "
+                                              f"{lost} of {len(segs)} [SEG] (or an identifier)")
+            ids = ids[:self.max_len]
+        ids = np.asarray(ids, np.int32)
+        labels = ids.copy()
+        labels[:len(prompt)] = IGNORE_INDEX
+        return TokenizedSample(ids, labels, n_img, tuple(seg_images), truncated), None, ""
