@@ -118,7 +118,7 @@ def test_wrong_shape(sam_pth):
     state, tmp = sam_pth
     state["mask_decoder.iou_token.weight"] = torch.zeros(1, 15)
     err = _convert_bad(tmp, state, "--config", tmp / "config.json")
-    assert "mask_decoder.iou_token.weight (1, 15): expected (1, 16)" in err
+    assert "mask_decoder.iou_token.weight (1, 15): expected (1, 32)" in err
 
 
 def test_no_preset_matches_without_config(sam_pth):

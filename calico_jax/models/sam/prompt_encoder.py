@@ -10,12 +10,20 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from calico_jax import layers
 from calico_jax.models.sam.common import embedding, layer_norm_2d
 from calico_jax.models.sam.config import PromptEncoderConfig
 
 _HP = jax.lax.Precision.HIGHEST
+
+
+def _true_divide(x: jax.Array, d: tuple[float, ...]) -> jax.Array:
+    """``x / d`` as an IEEE division, as torch computes it. XLA rewrites division by a constant or a
+    broadcast divisor into multiplication by its reciprocal, which is 1 ulp off for about a third of the
+    elements when ``d`` is not a power of two (e.g. 96); the barrier hides the divisor from that rewrite."""
+    return x / jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(d, x.dtype), x.shape))
 
 
 class PositionEmbeddingRandom(nn.Module):
@@ -36,15 +44,16 @@ class PositionEmbeddingRandom(nn.Module):
 
     def grid(self, h: int, w: int) -> jax.Array:
         """Dense PE of pixel centres of an h×w grid -> [h, w, 2F]."""
-        y = (jnp.arange(h, dtype=jnp.float32) + 0.5) / h
-        x = (jnp.arange(w, dtype=jnp.float32) + 0.5) / w
-        coords = jnp.stack(jnp.broadcast_arrays(x[None, :], y[:, None]), axis=-1)
-        return self.encode(coords)
+        # Static, so built in numpy: an exact float32 division like torch's (cumsum - 0.5) / h (see _true_divide).
+        f = np.float32
+        y = (np.arange(h, dtype=f) + f(0.5)) / f(h)
+        x = (np.arange(w, dtype=f) + f(0.5)) / f(w)
+        coords = np.stack(np.broadcast_arrays(x[None, :], y[:, None]), axis=-1)
+        return self.encode(jnp.asarray(coords))
 
     def with_coords(self, coords: jax.Array, image_size: tuple[int, int]) -> jax.Array:
         """PE of (x, y) pixel coordinates in an image of ``image_size`` = (H, W)."""
-        scale = jnp.asarray([image_size[1], image_size[0]], jnp.float32)
-        return self.encode(coords.astype(jnp.float32) / scale)
+        return self.encode(_true_divide(coords.astype(jnp.float32), (image_size[1], image_size[0])))
 
 
 class PromptEncoder(nn.Module):
