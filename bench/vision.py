@@ -1,0 +1,120 @@
+"""Vision-tower items: EVA ViT, Q-Former, DINOv2, SAM image encoder and mask decoder (JAX vs PyTorch)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench.timing import Result, side_by_side
+from calico_jax import pretrained
+
+
+def _params(module):
+    return pretrained.init_params(module)
+
+
+def eva_vit(ctx) -> Result:
+    """EVA-CLIP ViT at ViT-g width (1408/6144/16 heads), 6 layers, batch 2, 224 px."""
+    import torch
+    from transformers import Blip2VisionConfig, Blip2VisionModel
+
+    from calico_jax.models.eva_vit import EvaVit, EvaVitConfig
+
+    hf = Blip2VisionConfig(hidden_size=1408, intermediate_size=6144, num_hidden_layers=6, num_attention_heads=16,
+                           image_size=224, patch_size=14)
+    ref = Blip2VisionModel(hf).eval()
+    module = EvaVit(EvaVitConfig.from_hf_config(hf))
+    x = np.random.default_rng(0).standard_normal((2, 224, 224, 3), dtype=np.float32)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    fn = jax.jit(lambda p, x: module.apply({"params": p}, x)["last_hidden_state"])
+    return side_by_side("eva_vit", fn, (_params(module), jnp.asarray(x)), lambda: ref(pixel_values=xt),
+                        peak_gflops=ctx.peak_gflops, bandwidth_gbs=ctx.bandwidth_gbs, repeats=ctx.repeats,
+                        budget_s=ctx.budget_s)
+
+
+def qformer(ctx) -> Result:
+    """BLIP-2 Q-Former (12 layers, 768), 32 queries over 2×257×1408 image features."""
+    import torch
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+    from calico_jax.models.qformer import QFormer, QFormerConfig
+
+    hf = Blip2QFormerConfig(encoder_hidden_size=1408)
+    ref = Blip2QFormerModel(hf).eval()
+    module = QFormer(QFormerConfig.from_hf_config(hf))
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 32, 768), dtype=np.float32)
+    img = rng.standard_normal((2, 257, 1408), dtype=np.float32)
+    qt, it = torch.from_numpy(q), torch.from_numpy(img)
+    fn = jax.jit(lambda p, q, i: module.apply({"params": p}, q, i))
+    return side_by_side("qformer", fn, (_params(module), jnp.asarray(q), jnp.asarray(img)),
+                        lambda: ref(query_embeds=qt, encoder_hidden_states=it),
+                        peak_gflops=ctx.peak_gflops, bandwidth_gbs=ctx.bandwidth_gbs, repeats=ctx.repeats,
+                        budget_s=ctx.budget_s)
+
+
+def dinov2(ctx) -> Result:
+    """DINOv2-B/14 (HF config, 518-px position table), 224 px input, batch 2."""
+    import torch
+    from transformers import Dinov2Config as HFDinov2Config
+    from transformers import Dinov2Model
+
+    from calico_jax.models.dinov2 import Dinov2, Dinov2Config
+
+    hf = HFDinov2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                        image_size=518, patch_size=14)
+    ref = Dinov2Model(hf).eval()
+    module = Dinov2(Dinov2Config.from_hf_config(hf))
+    x = np.random.default_rng(0).standard_normal((2, 224, 224, 3), dtype=np.float32)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    fn = jax.jit(lambda p, x: module.apply({"params": p}, x)["last_hidden_state"])
+    return side_by_side("dinov2", fn, (_params(module), jnp.asarray(x)), lambda: ref(pixel_values=xt),
+                        peak_gflops=ctx.peak_gflops, bandwidth_gbs=ctx.bandwidth_gbs, repeats=ctx.repeats,
+                        budget_s=ctx.budget_s)
+
+
+def _sam_vit_b():
+    from calico_jax.models.sam import Sam, SamConfig
+    from convert.families.sam import build_original
+
+    config = SamConfig.preset("vit_b")
+    return Sam(config), build_original(config)
+
+
+def sam_image_encoder(ctx) -> Result:
+    """SAM ViT-B image encoder on one 1024×1024 image."""
+    import torch
+    module, ref = _sam_vit_b()
+    x = np.random.default_rng(0).standard_normal((1, 1024, 1024, 3), dtype=np.float32)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    fn = jax.jit(lambda p, x: module.apply({"params": p}, x, method="image_embeddings"))
+    return side_by_side("sam_image_encoder", fn, (_params(module), jnp.asarray(x)), lambda: ref.image_encoder(xt),
+                        peak_gflops=ctx.peak_gflops, bandwidth_gbs=ctx.bandwidth_gbs, repeats=ctx.repeats,
+                        budget_s=ctx.budget_s)
+
+
+def sam_mask_decoder(ctx) -> Result:
+    """SAM prompt encoder + mask decoder: 4 [SEG]-style sparse prompts on one precomputed embedding."""
+    import torch
+
+    from convert.families.sam import original_prompt
+    module, ref = _sam_vit_b()
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((1, 64, 64, 256), dtype=np.float32)
+    seg = rng.standard_normal((4, 1, 256), dtype=np.float32)
+    fn = jax.jit(lambda p, e, t: module.apply({"params": p}, image_embeddings=e, text_embeds=t,
+                                              multimask_output=False)["low_res_masks"])
+    emb_t, seg_t = torch.from_numpy(emb).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(seg)
+
+    def torch_fn():
+        sparse, dense = original_prompt(ref.prompt_encoder, text_embeds=seg_t)
+        return ref.mask_decoder(emb_t, ref.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=False)
+
+    # The decoder is small: the floor is reading the image embedding and its PE once per prompt.
+    return side_by_side("sam_mask_decoder", fn, (_params(module), jnp.asarray(emb), jnp.asarray(seg)), torch_fn,
+                        peak_gflops=ctx.peak_gflops, bandwidth_gbs=ctx.bandwidth_gbs, repeats=ctx.repeats,
+                        budget_s=ctx.budget_s)
+
+
+ITEMS = {"eva_vit": eva_vit, "qformer": qformer, "dinov2": dinov2, "sam_image_encoder": sam_image_encoder,
+         "sam_mask_decoder": sam_mask_decoder}
