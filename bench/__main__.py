@@ -21,6 +21,7 @@ ITEM_MODULES = {
     "eva_vit": "bench.vision", "qformer": "bench.vision", "dinov2": "bench.vision",
     "sam_image_encoder": "bench.vision", "sam_mask_decoder": "bench.vision",
     "llama_prefill": "bench.llm", "llama_decode": "bench.llm", "llama_generate": "bench.llm", "train_step": "bench.llm",
+    "data_pipeline": "bench.data",
 }
 
 
@@ -45,7 +46,8 @@ def markdown(results: list[dict], machine: dict) -> str:
         ratio = f"{r['ratio']:.2f}×" if r["ratio"] is not None else "—"
         lim = f"{100 * r['limit_fraction']:.0f} % {'peak' if r['limit'] == 'compute' else 'bw floor'}"
         lines.append(f"| `{r['name']}` | {jr} | {tr} | {ratio} | {r['gflops']:.0f} | {lim} | {r['compile_s']:.1f} |")
-    return "\n".join(lines) + "\n"
+    notes = [f"- `{r['name']}`: {r['note']}" for r in results if r.get("note")]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
