@@ -15,6 +15,7 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "dinov2": ("calico_jax.models.dinov2", "Dinov2", "Dinov2Config"),
     "sam": ("calico_jax.models.sam", "Sam", "SamConfig"),
     "llama": ("calico_jax.models.llama", "LlamaForCausalLM", "LlamaConfig"),
+    "calico": ("calico_jax.models.calico", "Calico", "CalicoConfig"),
 }
 
 

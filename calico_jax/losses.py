@@ -1,0 +1,119 @@
+"""CALICO's training loss (paper Eqs. 10-11), with GLaMM's normalisation (reference-numerics §1.7).
+
+𝓛 = λ_text·CE + λ_pix·𝓛_pix + λ_dice·𝓛_Dice, defaults 1.0 / 2.0 / 0.5 (GLaMM's ce/bce/dice weights).
+
+* CE: HF causal shift (logits[:, :-1] predict labels[:, 1:]), mean over labels != -100 (prompt and
+  image positions carry -100); 0 when a batch has no target.
+* Pixel loss per mask: mean over the mask's valid pixels of sigmoid BCE (GLaMM, default) or of the
+  sigmoid focal loss (the paper cites Lin et al.; α, γ configurable, torchvision's formula).
+* Dice per mask: ``1 - (2·Σ(σ(x)/1000·g) + 1e-6) / (Σσ(x)/1000 + Σg/1000 + 1e-6)`` over valid pixels
+  (the 1/1000 scale changes the effective smoothing; kept).
+* Both mask terms: sum over the valid masks of the whole batch / (N + 1e-8), N = their count. GLaMM
+  divides each sample's sum by (n_b + 1e-8) and multiplies it back by n_b; equal up to the 1e-8.
+
+Masks come at a padded static size: ``pixel_hw`` [.., 2] (the original H, W) marks the valid top-left
+region; ``mask_valid`` marks which [SEG] slots carry a prediction *and* a ground-truth mask.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from calico_jax.config import Config, ConfigError
+
+IGNORE_INDEX = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig(Config):
+    ce_weight: float = 1.0
+    pixel_weight: float = 2.0      # λ_focal / GLaMM's bce_loss_weight
+    dice_weight: float = 0.5
+    pixel_loss: str = "bce"        # "bce" (GLaMM) | "focal" (paper)
+    focal_alpha: float = 0.25      # < 0 disables the α weighting (torchvision convention)
+    focal_gamma: float = 2.0
+    dice_scale: float = 1000.0
+    dice_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.pixel_loss not in ("bce", "focal"):
+            raise ConfigError(f"LossConfig: pixel_loss must be 'bce' or 'focal', got {self.pixel_loss!r}")
+
+
+def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    """logits [B, T, V], labels [B, T] (unshifted) -> ce (mean), num_tokens, num_correct."""
+    logits = logits[:, :-1].astype(jnp.float32)
+    labels = labels[:, 1:]
+    valid = labels != IGNORE_INDEX
+    safe = jnp.where(valid, labels, 0)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    n = jnp.sum(valid)
+    correct = jnp.sum(valid & (jnp.argmax(logits, -1) == labels))
+    return {"ce": jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(n, 1), "num_tokens": n, "num_correct": correct}
+
+
+def pixel_mask(hw: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """[..., 2] valid (H, W) -> [..., H_pad, W_pad] bool, True in the top-left H x W region."""
+    hw = jnp.asarray(hw)
+    rows = jnp.arange(size[0]) < hw[..., 0, None]
+    cols = jnp.arange(size[1]) < hw[..., 1, None]
+    return rows[..., :, None] & cols[..., None, :]
+
+
+def sigmoid_bce(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Elementwise ``BCEWithLogits`` (stable form)."""
+    return jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+
+
+def sigmoid_focal(logits: jax.Array, targets: jax.Array, alpha: float, gamma: float) -> jax.Array:
+    """Elementwise torchvision ``sigmoid_focal_loss`` (reduction none)."""
+    p = jax.nn.sigmoid(logits)
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = sigmoid_bce(logits, targets) * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
+    return loss
+
+
+def mask_losses(logits: jax.Array, targets: jax.Array, valid_pixels: jax.Array,
+                cfg: LossConfig = LossConfig()) -> tuple[jax.Array, jax.Array]:
+    """Per-mask (pixel loss, dice) over [..., H, W] with a validity map; each [...]."""
+    logits = logits.astype(jnp.float32)
+    targets = targets.astype(jnp.float32)
+    vp = valid_pixels.astype(jnp.float32)
+    if cfg.pixel_loss == "bce":
+        pix = sigmoid_bce(logits, targets)
+    else:
+        pix = sigmoid_focal(logits, targets, cfg.focal_alpha, cfg.focal_gamma)
+    pix = jnp.sum(pix * vp, axis=(-2, -1)) / jnp.maximum(jnp.sum(vp, axis=(-2, -1)), 1.0)
+    p = jax.nn.sigmoid(logits) / cfg.dice_scale * vp
+    g = targets / cfg.dice_scale * vp
+    num = 2 * jnp.sum(p * targets, axis=(-2, -1)) + cfg.dice_eps
+    den = jnp.sum(p, axis=(-2, -1)) + jnp.sum(g, axis=(-2, -1)) + cfg.dice_eps
+    return pix, 1 - num / den
+
+
+def calico_loss(outputs: Mapping[str, Any], gt_masks: jax.Array, gt_valid: jax.Array | None = None,
+                cfg: LossConfig = LossConfig()) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Total loss and its parts from :class:`~calico_jax.models.calico.Calico` outputs.
+
+    ``gt_masks`` [B, M, H_pad, W_pad] in {0, 1}, one per [SEG] slot in order; ``gt_valid`` [B, M]
+    marks slots with a ground-truth mask (default: all). Uses ``outputs["labels"]`` (the expanded
+    labels), ``mask_logits``, ``mask_hw`` and ``seg_valid``.
+    """
+    text = causal_lm_loss(outputs["logits"], outputs["labels"])
+    valid = outputs["seg_valid"] if gt_valid is None else outputs["seg_valid"] & gt_valid.astype(bool)
+    pixels = pixel_mask(outputs["mask_hw"], gt_masks.shape[-2:])
+    pix, dice = mask_losses(outputs["mask_logits"], gt_masks, pixels, cfg)
+    n = jnp.sum(valid)
+    pix = jnp.sum(jnp.where(valid, pix, 0.0)) / (n + 1e-8)
+    dice = jnp.sum(jnp.where(valid, dice, 0.0)) / (n + 1e-8)
+    total = cfg.ce_weight * text["ce"] + cfg.pixel_weight * pix + cfg.dice_weight * dice
+    parts = {"loss": total, "ce": text["ce"], "pixel": pix, "dice": dice, "num_masks": n,
+             "num_tokens": text["num_tokens"],
+             "token_accuracy": text["num_correct"] / jnp.maximum(text["num_tokens"], 1)}
+    return total, parts

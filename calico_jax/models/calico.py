@@ -1,0 +1,406 @@
+"""CALICO: multi-image part co-segmentation from BLIP-2 vision, DINOv2 correspondence, Vicuna and SAM.
+
+One batch through :class:`Calico` (shapes for B samples of at most N images, T prompt tokens):
+
+1. 𝓘 per image: X_global = 𝓒(image) (EVA ViT, frozen), X_embed = 𝓠(q, X_global) (frozen Q-Former),
+   I^0 = f_image(X_embed) (frozen ``language_projection``): S_I (32) visual tokens per image.
+2. 𝓔 + CEM (:mod:`calico_jax.models.cem`): X'_global = 𝓐(X_global, 𝓔(image)), used only by the CAMs.
+3. Splicing: each image placeholder (``image_token_index``, -200) of ``input_ids`` is widened to its
+   image's S_I tokens; the expanded sequence has static length T' = T + N·(S_I - 1) (slots of absent
+   images stay empty: attention mask 0, label -100, at the end). ``image_positions`` [B, N, S_I] records
+   where image i's tokens sit; image i of a sample is its i-th placeholder.
+4. 𝓜 with CAMs (:mod:`calico_jax.models.cam`) as LLaMA hooks before the configured decoder layers.
+5. [SEG] routing: the k-th ``[SEG]`` of a sample (at most ``seg.max_seg``, extras are counted in
+   ``num_dropped_seg`` and ignored) goes to the image named by the identifier tokens that follow it
+   (``seg.identifier_ids[i]`` = the ids of " (IMAGE{i+1})" after ``[SEG]``), or to ``seg_image`` when
+   the caller gives it (host-side routing, e.g. ``TokenizedSample.seg_images``). Rule for a [SEG]
+   without a valid identifier (none matches, or it names an absent image): ``unrouted="drop"``
+   (default) gives it no mask (``seg_valid`` False); ``"first"`` sends it to image 0. Either way it
+   is counted in ``num_unrouted_seg``. The hidden state used is the one *before* the [SEG]
+   (GLaMM/LISA, default ``hidden_position="before"``) or at it (``"at"``), located in the expanded
+   sequence (never a hard-coded offset), after the final RMSNorm.
+6. f_segmentation (GLaMM ``text_hidden_fcs``: Linear-ReLU-Linear to the SAM prompt width, or one
+   Linear) -> sparse prompt; SAM image embeddings (frozen 𝓖, once per image) -> mask decoder 𝓓
+   (dense prompt = no-mask embedding, one mask: multimask off) -> low-res logits.
+7. Post-processing with static shapes: GLaMM's ``postprocess_masks`` (bilinear to img_size², crop to
+   the resized size (h_r, w_r), bilinear to the original (H, W)) is linear in the logits, so it is
+   applied as ``A_h · low_res · A_wᵀ`` with interpolation matrices built from the *traced* sizes. Masks
+   come out at the fixed ``seg.mask_size`` (H_pad, W_pad) with the image at the top-left; pixels
+   outside (H, W) are 0 and ``mask_hw`` [B, M, 2] says which region is valid.
+
+Parameter names: ``vision_model``/``qformer``/``query_tokens``/``language_projection`` as in HF
+InstructBLIP, ``dinov2``, ``cem``, ``cam_{l}``, ``cam_query_tokens``, ``llm`` (HF LLaMA layout),
+``sam`` (segment-anything layout) and ``text_hidden_fcs_0_0``/``text_hidden_fcs_0_2`` (GLaMM's
+``text_hidden_fcs.0.0``/``.0.2`` under the generic key rule).
+
+UNKNOWN decided here: the Q-Former gets no instruction text (queries only; CAMs carry the prompt);
+X_global is EVA's post-layernorm output (all 1 + N tokens); DINOv2 runs at ``dino_image_size`` 224
+(the dry-run session may change it).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from calico_jax import layers
+from calico_jax.config import Config, ConfigError
+from calico_jax.models.blip2 import Blip2VisionConfig
+from calico_jax.models.cam import CamConfig, CorrespondenceAdaptation, scatter_image_tokens
+from calico_jax.models.cem import CemConfig, CorrespondenceExtraction, select_semantic
+from calico_jax.models.dinov2 import Dinov2, Dinov2Config
+from calico_jax.models.eva_vit import EvaVit, EvaVitConfig
+from calico_jax.models.llama import LlamaConfig, LlamaForCausalLM, last_token_index
+from calico_jax.models.lora import LoraConfig
+from calico_jax.models.qformer import QFormer, QFormerConfig
+from calico_jax.models.sam import Sam, SamConfig
+from calico_jax.models.sam.config import (ImageEncoderConfig, MaskDecoderConfig, PromptEncoderConfig,
+                                          TwoWayTransformerConfig)
+
+IGNORE_INDEX = -100
+
+# Paper recipe (paper-notes §2.3): LoRA + CEM + CAMs (+ their queries) + SAM mask decoder.
+PAPER_TRAINABLE = (r"llm/.*/lora_(a|b)", r"cem/.*", r"cam_.*", r"sam/mask_decoder/.*")
+
+
+@dataclasses.dataclass(frozen=True)
+class SegConfig(Config):
+    token_id: int = 32004                                # [SEG] in GLaMM's tokenizer
+    identifier_ids: tuple[tuple[int, ...], ...] = ()      # per image: ids of " (IMAGE{i+1})" after [SEG]
+    hidden_position: str = "before"                      # "before" [SEG] (GLaMM/LISA) | "at" [SEG]
+    projection: str = "mlp"                              # "mlp" (text_hidden_fcs) | "linear"
+    max_seg: int = 8                                     # static [SEG] slots per sample
+    mask_size: tuple[int, int] = (1024, 1024)            # static (H_pad, W_pad) of the output masks
+    unrouted: str = "drop"                               # "drop" | "first"
+
+    def __post_init__(self):
+        for field, value, options in (("hidden_position", self.hidden_position, ("before", "at")),
+                                      ("projection", self.projection, ("mlp", "linear")),
+                                      ("unrouted", self.unrouted, ("drop", "first"))):
+            if value not in options:
+                raise ConfigError(f"SegConfig: {field} must be one of {options}, got {value!r}")
+        if any(len(t) == 0 for t in self.identifier_ids):
+            raise ConfigError("SegConfig: an identifier has no tokens")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalicoConfig(Config):
+    """Defaults: InstructBLIP-Vicuna-7B vision, DINOv2 ViT-g/14, Vicuna-7B (GLaMM vocabulary 32007,
+    LoRA r=8 α=16 on q/v), SAM ViT-H, CAMs at {11, 22}."""
+
+    vision: Blip2VisionConfig = Blip2VisionConfig()
+    dinov2: Dinov2Config = Dinov2Config()
+    llm: LlamaConfig = LlamaConfig(vocab_size=32007, lora=LoraConfig())
+    sam: SamConfig = SamConfig()
+    cem: CemConfig = CemConfig()
+    cam: CamConfig = CamConfig()
+    seg: SegConfig = SegConfig()
+    dino_image_size: int = 224
+    image_token_index: int = -200
+    trainable: tuple[str, ...] = PAPER_TRAINABLE          # path regexes (full match on "a/b/c")
+
+    def __post_init__(self):
+        if self.vision.text_hidden_size != self.llm.hidden_size:
+            raise ConfigError(f"CalicoConfig: vision.text_hidden_size {self.vision.text_hidden_size} != "
+                              f"llm.hidden_size {self.llm.hidden_size}")
+        bad = [i for i in self.cam.layers if i >= self.llm.num_hidden_layers]
+        if bad:
+            raise ConfigError(f"CalicoConfig: CAM layers {bad} outside 0..{self.llm.num_hidden_layers - 1}")
+        if self.cem.enabled and self.vision.vision.hidden_size % self.cem.num_heads:
+            raise ConfigError(f"CalicoConfig: cem.num_heads {self.cem.num_heads} does not divide the EVA width "
+                              f"{self.vision.vision.hidden_size}")
+
+    @classmethod
+    def tiny(cls, **changes: Any) -> "CalicoConfig":
+        """A small consistent config for tests and demos (EVA 28 px -> 5 tokens, 4 queries, DINOv2 with a
+        register at 42 px -> 11 tokens, a 4-layer LLaMA with LoRA and CAMs at {1, 3}, SAM at 32 px)."""
+        eva = EvaVitConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4)
+        qformer = QFormerConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                                encoder_hidden_size=32, text_embeddings=True, text_ffn=True, vocab_size=50,
+                                max_position_embeddings=16)
+        llm = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=256,
+                          lora=LoraConfig(r=4, alpha=8.0, dropout=0.0))
+        sam = SamConfig(
+            image_encoder=ImageEncoderConfig(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2,
+                                             mlp_ratio=2.0, out_chans=16, window_size=2, global_attn_indexes=(1,)),
+            prompt_encoder=PromptEncoderConfig(embed_dim=16, image_embedding_size=(4, 4), input_image_size=(32, 32),
+                                               mask_in_chans=4),
+            mask_decoder=MaskDecoderConfig(transformer_dim=16, iou_head_hidden_dim=16, transformer=TwoWayTransformerConfig(
+                depth=2, embedding_dim=16, num_heads=2, mlp_dim=32)))
+        base = cls(vision=Blip2VisionConfig(vision=eva, qformer=qformer, num_query_tokens=4, text_hidden_size=48),
+                   dinov2=Dinov2Config(image_size=28, patch_size=14, hidden_size=24, num_hidden_layers=2,
+                                       num_attention_heads=4, use_swiglu_ffn=False, num_register_tokens=1),
+                   llm=llm, sam=sam, cem=CemConfig(num_heads=4), cam=CamConfig(layers=(1, 3)),
+                   seg=SegConfig(token_id=60, identifier_ids=((61, 62), (61, 63), (61, 5, 59)), max_seg=4,
+                                 mask_size=(40, 40)),
+                   dino_image_size=42)
+        return base.replace(**changes)
+
+
+# ----------------------------------------------------------------------------- static-shape helpers
+def expand_sequence(input_ids: jax.Array, image_token_index: int, num_images: int, num_query: int):
+    """Where every token of ``input_ids`` [B, T] lands once each placeholder is widened to S_I tokens.
+
+    -> ``newpos`` [B, T] (an image slot maps to its block start), ``text_target`` [B, T] (T' for image
+    slots: scatter with mode="drop"), ``image_positions`` [B, N, S_I] (T' for absent images),
+    ``has_image`` [B, N], and T'. At most N placeholders per sample (checked on the host).
+    """
+    b, t = input_ids.shape
+    t_exp = t + num_images * (num_query - 1)
+    is_img = input_ids == image_token_index
+    before = jnp.cumsum(is_img, axis=1) - is_img
+    newpos = jnp.arange(t)[None] + (num_query - 1) * before
+    text_target = jnp.where(is_img, t_exp, newpos)
+    slots = jax.vmap(lambda m: jnp.nonzero(m, size=num_images, fill_value=-1)[0])(is_img)
+    has_image = slots >= 0
+    start = jnp.take_along_axis(newpos, jnp.maximum(slots, 0), axis=1)
+    image_positions = jnp.where(has_image[..., None], start[..., None] + jnp.arange(num_query), t_exp)
+    return newpos, text_target, image_positions, has_image, t_exp
+
+
+def route_segs(input_ids: jax.Array, seg: SegConfig, num_valid_images: jax.Array,
+               seg_image: jax.Array | None = None) -> dict[str, jax.Array]:
+    """[SEG] slots [B, M]: original positions, target image, validity and the counts (see module doc)."""
+    b, t = input_ids.shape
+    is_seg = input_ids == seg.token_id
+    pos = jax.vmap(lambda m: jnp.nonzero(m, size=seg.max_seg, fill_value=-1)[0])(is_seg)
+    present = pos >= 0
+    if seg_image is None:
+        if not seg.identifier_ids:
+            raise ValueError("no seg.identifier_ids in the config: pass seg_image (host-side routing)")
+        width = max(len(p) for p in seg.identifier_ids)
+        table = np.full((len(seg.identifier_ids), width), -1, np.int64)
+        for i, p in enumerate(seg.identifier_ids):
+            table[i, :len(p)] = p
+        idx = pos[..., None] + 1 + jnp.arange(width)                                    # [B, M, L]
+        window = jnp.where(idx < t, jnp.take_along_axis(input_ids[:, None, :], jnp.minimum(idx, t - 1), axis=2),
+                           -2)
+        ok = (window[:, :, None, :] == table) | (table == -1)                         # [B, M, K, L]
+        match = jnp.all(ok, axis=-1)
+        image = jnp.where(jnp.any(match, -1), jnp.argmax(match, -1), -1)
+    else:
+        image = jnp.asarray(seg_image, jnp.int32)
+    routed = present & (image >= 0) & (image < num_valid_images[:, None])
+    unrouted = present & ~routed
+    if seg.unrouted == "first":
+        image, valid = jnp.where(unrouted, 0, image), present & (num_valid_images[:, None] > 0)
+    else:
+        valid = routed
+    return {"position": pos, "image": jnp.where(valid, image, 0).astype(jnp.int32), "valid": valid,
+            "num_unrouted": jnp.sum(unrouted, axis=1),
+            "num_dropped": jnp.sum(is_seg, axis=1) - jnp.sum(present, axis=1)}
+
+
+def bilinear_matrix(in_size: jax.Array, out_size: jax.Array, out_len: int, src_len: int) -> jax.Array:
+    """Rows of torch's ``F.interpolate(bilinear, align_corners=False)`` from ``in_size`` source pixels
+    (the first ``in_size`` of ``src_len``) to ``out_size`` outputs, padded with zero rows to ``out_len``.
+    Sizes may be traced arrays [...] -> [..., out_len, src_len]."""
+    in_size = jnp.asarray(in_size, jnp.int32)[..., None]
+    out_size = jnp.asarray(out_size, jnp.int32)[..., None]
+    scale = in_size.astype(jnp.float32) / out_size.astype(jnp.float32)
+    i = jnp.arange(out_len, dtype=jnp.float32)
+    src = jnp.maximum((i + 0.5) * scale - 0.5, 0.0)
+    i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), in_size - 1)
+    i1 = jnp.minimum(i0 + 1, in_size - 1)
+    l1 = src - i0.astype(jnp.float32)
+    w = ((1.0 - l1)[..., None] * jax.nn.one_hot(i0, src_len) + l1[..., None] * jax.nn.one_hot(i1, src_len))
+    return jnp.where((jnp.arange(out_len) < out_size)[..., None], w, 0.0)
+
+
+def postprocess_masks(low_res: jax.Array, img_size: int, resized_hw: jax.Array, original_hw: jax.Array,
+                      mask_size: tuple[int, int]) -> jax.Array:
+    """GLaMM's ``postprocess_masks`` on low-res logits [n, h, w] with traced sizes [n, 2] -> [n, H_pad, W_pad]."""
+    h, w = low_res.shape[-2:]
+    hi = jax.lax.Precision.HIGHEST
+    up_h = bilinear_matrix(h, img_size, img_size, h)          # [img, h]: low-res -> img_size²
+    up_w = bilinear_matrix(w, img_size, img_size, w)
+    a_h = jnp.matmul(bilinear_matrix(resized_hw[:, 0], original_hw[:, 0], mask_size[0], img_size), up_h, precision=hi)
+    a_w = jnp.matmul(bilinear_matrix(resized_hw[:, 1], original_hw[:, 1], mask_size[1], img_size), up_w, precision=hi)
+    return jnp.einsum("nih,nhw,njw->nij", a_h, low_res.astype(jnp.float32), a_w, precision=hi)
+
+
+# ----------------------------------------------------------------------------- the model
+class Calico(nn.Module):
+    """See the module docstring. ``__call__`` inputs (B samples, N image slots, T tokens):
+
+    input_ids [B, T] (one ``image_token_index`` per image), attention_mask [B, T]; pixel_values
+    [B, N, Hc, Wc, 3] (EVA, BLIP-normalised), dino_pixel_values [B, N, Hd, Wd, 3]; sam_pixel_values
+    [B, N, S, S, 3] (normalised, padded) or sam_image_embeddings [B, N, h, w, C]; resized_hw / original_hw
+    [B, N, 2] int (SAM resize before padding / original size); optional labels [B, T] (unshifted, -100
+    ignored), image_valid [B, N], prompt_lengths [B] (else: first label != -100, else last token),
+    seg_image [B, M] (host-side routing, -1 = none).
+    """
+
+    config: CalicoConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        cfg, v = self.config, self.config.vision
+        self.vision_model = EvaVit(v.vision, self.dtype)
+        # The Q-Former runs in float32 as in HF (small, post-LN with eps 1e-12).
+        self.qformer = QFormer(v.qformer, jnp.float32)
+        q_init = layers.param_init(nn.initializers.normal(0.02), (None, "length", "embed"))
+        self.query_tokens = self.param("query_tokens", q_init, (1, v.num_query_tokens, v.qformer.hidden_size))
+        self.language_projection = layers.dense(cfg.llm.hidden_size, (None, "embed"), name=None, dtype=self.dtype)
+        if cfg.cem.enabled:
+            self.cem = CorrespondenceExtraction(cfg.cem, self.dtype)
+            if cfg.cem.use_dinov2:
+                self.dinov2 = Dinov2(cfg.dinov2, self.dtype)
+        # CAM queries start as a copy of the Q-Former's q (the init closure reads its value).
+        copy_q = layers.param_init(lambda *_: jnp.asarray(self.query_tokens), (None, "length", "embed"))
+        shape = self.query_tokens.shape
+        if cfg.cam.layers and cfg.cam.queries == "shared":
+            self.cam_query_tokens = self.param("cam_query_tokens", copy_q, shape)
+        elif cfg.cam.queries == "per_cam":
+            self.cam_queries = {l: self.param(f"cam_query_tokens_{l}", copy_q, shape) for l in cfg.cam.layers}
+        self.cam = {l: CorrespondenceAdaptation(cfg.llm.hidden_size, v.qformer.hidden_size, cfg.cam.zero_init,
+                                                self.dtype) for l in cfg.cam.layers}
+        self.llm = LlamaForCausalLM(cfg.llm, self.dtype)
+        self.sam = Sam(cfg.sam, self.dtype)
+        d, c = cfg.llm.hidden_size, cfg.sam.prompt_encoder.embed_dim
+        if cfg.seg.projection == "mlp":   # Linear -> ReLU -> Linear (-> Dropout(0))
+            self.text_hidden_fcs_0 = {"0": layers.dense(d, ("embed", "mlp"), name=None, dtype=self.dtype),
+                                      "2": layers.dense(c, ("mlp", None), name=None, dtype=self.dtype)}
+        else:
+            self.text_hidden_fcs_0 = {"0": layers.dense(c, ("embed", None), name=None, dtype=self.dtype)}
+
+    # --- pieces (each usable alone through ``apply(..., method=...)``)
+    def encode_images(self, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """𝓘 on [n, H, W, 3] -> (X_global [n, S_C, D_C], I^0 = f_image(𝓠(q, X_global)) [n, S_I, D])."""
+        x_global = self.vision_model(pixel_values)["last_hidden_state"]
+        q = jnp.broadcast_to(self.query_tokens, (x_global.shape[0], *self.query_tokens.shape[1:]))
+        x_embed = self.qformer(q, x_global)[:, :q.shape[1]].astype(self.dtype)
+        return x_global, self.language_projection(x_embed)
+
+    def fuse(self, x_global: jax.Array, dino_pixel_values: jax.Array | None) -> jax.Array:
+        """CEM: X'_global = 𝓐(X_global, X_semantic = 𝓔(image)); X_global itself without a CEM."""
+        cfg = self.config.cem
+        if not cfg.enabled:
+            return x_global
+        if not cfg.use_dinov2:
+            return self.cem(x_global, x_global)
+        semantic = select_semantic(self.dinov2(dino_pixel_values, output_hidden_states=cfg.dinov2_layer >= 0),
+                                   cfg, 1 + self.config.dinov2.num_register_tokens)
+        return self.cem(x_global, semantic)
+
+    def cam_queries_for(self, layer: int) -> jax.Array:
+        mode = self.config.cam.queries
+        return {"shared": lambda: self.cam_query_tokens, "per_cam": lambda: self.cam_queries[layer],
+                "base": lambda: self.query_tokens}[mode]()
+
+    def cam_update(self, layer: int, hidden: jax.Array, last_prompt_index: jax.Array, x_fused: jax.Array,
+                   image_positions: jax.Array, image_valid: jax.Array) -> jax.Array:
+        """CAM at ``layer`` (Eqs. 7-9): hidden [B, T', D]; x_fused = X'_global [B, N, S_C, D_C];
+        image_positions [B, N, S_I]; image_valid [B, N]."""
+        b, n = image_valid.shape
+        cam = self.cam[layer]
+        t = hidden[jnp.arange(b), last_prompt_index]                                    # t^l [B, D]
+        q = cam.guided_queries(self.cam_queries_for(layer), t)                         # q' [B, S_I, D_I]
+        q = jnp.broadcast_to(q[:, None], (b, n, *q.shape[1:])).reshape(b * n, *q.shape[1:])
+        x_embed = self.qformer(q, x_fused.reshape(b * n, *x_fused.shape[2:]))[:, :q.shape[1]]
+        upd = cam(x_embed).reshape(b, n, q.shape[1], -1)
+        return scatter_image_tokens(hidden, upd, image_positions, image_valid)
+
+    def project_seg(self, hidden: jax.Array) -> jax.Array:
+        """f_segmentation: LLM hidden states [..., D] -> SAM prompt embeddings [..., C]."""
+        fcs = self.text_hidden_fcs_0
+        x = fcs["0"](hidden.astype(self.dtype))
+        return fcs["2"](jax.nn.relu(x)) if "2" in fcs else x
+
+    # --- the full forward
+    def __call__(self, input_ids, attention_mask, pixel_values, dino_pixel_values=None, sam_pixel_values=None,
+                 resized_hw=None, original_hw=None, *, labels=None, image_valid=None, prompt_lengths=None,
+                 seg_image=None, sam_image_embeddings=None, deterministic: bool = True) -> dict[str, jax.Array]:
+        cfg = self.config
+        b, n = pixel_values.shape[:2]
+        nq = cfg.vision.num_query_tokens
+        rows = jnp.arange(b)[:, None]
+
+        x_global, image_tokens = self.encode_images(pixel_values.reshape(b * n, *pixel_values.shape[2:]))
+        newpos, text_target, image_positions, has_image, t_exp = expand_sequence(
+            input_ids, cfg.image_token_index, n, nq)
+        valid_img = has_image if image_valid is None else has_image & image_valid.astype(bool)
+        image_positions = jnp.where(valid_img[..., None], image_positions, t_exp)
+
+        ids = jnp.where(input_ids == cfg.image_token_index, 0, input_ids)
+        embeds = jnp.zeros((b, t_exp, cfg.llm.hidden_size), self.dtype)
+        embeds = embeds.at[rows, text_target].set(self.llm.embed(ids).astype(self.dtype), mode="drop")
+        embeds = embeds.at[rows, image_positions.reshape(b, -1)].set(
+            image_tokens.reshape(b, n * nq, -1).astype(self.dtype), mode="drop")
+        mask = jnp.zeros((b, t_exp), bool).at[rows, text_target].set(attention_mask.astype(bool), mode="drop")
+        mask = mask.at[rows, image_positions.reshape(b, -1)].set(True, mode="drop")
+
+        # Last prompt token (original index) -> expanded position.
+        if prompt_lengths is not None:
+            last = jnp.asarray(prompt_lengths, jnp.int32) - 1
+        elif labels is not None:
+            target = labels != IGNORE_INDEX
+            last = jnp.where(jnp.any(target, 1), jnp.argmax(target, 1) - 1, last_token_index(attention_mask))
+        else:
+            last = last_token_index(attention_mask)
+        last_prompt_index = jnp.take_along_axis(newpos, jnp.maximum(last, 0)[:, None], 1)[:, 0]
+
+        hooks = {}
+        if cfg.cam.layers:
+            x_fused = self.fuse(x_global, None if dino_pixel_values is None else
+                                dino_pixel_values.reshape(b * n, *dino_pixel_values.shape[2:]))
+            x_fused = x_fused.reshape(b, n, *x_fused.shape[1:])
+            for layer in cfg.cam.layers:
+                hooks[layer] = (lambda h, lpi, layer=layer:
+                                self.cam_update(layer, h, lpi, x_fused, image_positions, valid_img))
+        out = self.llm(attention_mask=mask, inputs_embeds=embeds, hooks=hooks or None,
+                       last_prompt_index=last_prompt_index, deterministic=deterministic)
+
+        result = {"logits": out.logits, "attention_mask": mask, "image_positions": image_positions,
+                  "image_valid": valid_img, "last_prompt_index": last_prompt_index}
+        if labels is not None:
+            result["labels"] = jnp.full((b, t_exp), IGNORE_INDEX, jnp.int32).at[rows, text_target].set(
+                labels.astype(jnp.int32), mode="drop")
+
+        # [SEG] -> image, hidden state -> prompt -> SAM mask.
+        route = route_segs(input_ids, cfg.seg, jnp.sum(valid_img, 1), seg_image)
+        shift = 1 if cfg.seg.hidden_position == "before" else 0
+        seg_pos = jnp.take_along_axis(newpos, jnp.maximum(route["position"], 0), 1) - shift
+        seg_pos = jnp.clip(seg_pos, 0, t_exp - 1)
+        seg_emb = self.project_seg(out.hidden_states[rows, seg_pos])                     # [B, M, C]
+        if sam_image_embeddings is None:
+            sam_image_embeddings = self.sam.image_embeddings(
+                sam_pixel_values.reshape(b * n, *sam_pixel_values.shape[2:])).reshape(b, n, *sam_image_embeddings_shape(cfg))
+        m = cfg.seg.max_seg
+        per_seg = sam_image_embeddings[rows, route["image"]].reshape(b * m, *sam_image_embeddings.shape[2:])
+        sparse, dense = self.sam.encode_prompts(text_embeds=seg_emb.reshape(b * m, 1, -1))
+        low_res, _ = self.sam.decode_masks(per_seg, self.sam.dense_pe(), sparse, dense, False)
+        gather = lambda x: jnp.asarray(x)[rows, route["image"]].reshape(b * m, 2)  # noqa: E731
+        masks = postprocess_masks(low_res[:, 0], cfg.sam.image_encoder.img_size, gather(resized_hw),
+                                  gather(original_hw), cfg.seg.mask_size)
+        if self.is_initializing():   # create the prompt-encoder tables CALICO never calls (points, boxes, masks)
+            h, w = cfg.sam.prompt_encoder.image_embedding_size
+            self.sam.encode_prompts(jnp.zeros((1, 1, 2)), jnp.ones((1, 1), jnp.int32), jnp.zeros((1, 4)),
+                                    jnp.zeros((1, 4 * h, 4 * w, 1)))
+        result.update(mask_logits=masks.reshape(b, m, *cfg.seg.mask_size), mask_hw=gather(original_hw).reshape(b, m, 2),
+                      seg_valid=route["valid"], seg_image=route["image"], seg_positions=seg_pos,
+                      seg_embeddings=seg_emb, num_unrouted_seg=route["num_unrouted"],
+                      num_dropped_seg=route["num_dropped"])
+        return result
+
+    def dummy_inputs(self) -> dict[str, Any]:
+        """One sample, one image: ``<s> <image> [SEG] (IMAGE1)``; tiny pixel arrays (SAM at its size)."""
+        cfg = self.config
+        ident = list(cfg.seg.identifier_ids[0]) if cfg.seg.identifier_ids else []
+        ids = jnp.asarray([[cfg.llm.bos_token_id, cfg.image_token_index, cfg.seg.token_id] + ident], jnp.int32)
+        p, dp, s = cfg.vision.vision.patch_size, cfg.dinov2.patch_size, cfg.sam.image_encoder.img_size
+        return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "pixel_values": jnp.zeros((1, 1, p, p, 3)),
+                "dino_pixel_values": jnp.zeros((1, 1, dp, dp, 3)), "sam_pixel_values": jnp.zeros((1, 1, s, s, 3)),
+                "resized_hw": jnp.full((1, 1, 2), s, jnp.int32), "original_hw": jnp.full((1, 1, 2), s, jnp.int32),
+                "seg_image": None if ident else jnp.zeros((1, cfg.seg.max_seg), jnp.int32)}
+
+
+def sam_image_embeddings_shape(cfg: CalicoConfig) -> tuple[int, int, int]:
+    h, w = cfg.sam.prompt_encoder.image_embedding_size
+    return h, w, cfg.sam.prompt_encoder.embed_dim
