@@ -21,7 +21,7 @@ ITEM_MODULES = {
     "eva_vit": "bench.vision", "qformer": "bench.vision", "dinov2": "bench.vision",
     "sam_image_encoder": "bench.vision", "sam_mask_decoder": "bench.vision",
     "llama_prefill": "bench.llm", "llama_decode": "bench.llm", "llama_generate": "bench.llm", "train_step": "bench.llm",
-    "data_pipeline": "bench.data",
+    "data_pipeline": "bench.data", "calico_tiny_inference": "bench.vision",
 }
 
 

@@ -118,3 +118,37 @@ def sam_mask_decoder(ctx) -> Result:
 
 ITEMS = {"eva_vit": eva_vit, "qformer": qformer, "dinov2": dinov2, "sam_image_encoder": sam_image_encoder,
          "sam_mask_decoder": sam_mask_decoder}
+
+
+def calico_tiny_inference(ctx) -> Result:
+    """The tiny CALICO (every module present) on a pair of images: EVA + Q-Former, DINOv2 + CEM, LLM with
+    CAMs, [SEG] -> SAM masks at the original size. No PyTorch counterpart exists."""
+    from calico_jax.models.calico import Calico, CalicoConfig
+
+    cfg = CalicoConfig.tiny()
+    module = Calico(cfg)
+    dummy = module.dummy_inputs()
+    ids = np.asarray(dummy["input_ids"])[0]
+    img = cfg.image_token_index
+    prompt = np.concatenate([ids[:2], ids[1:2], ids[2:], ids[2:]])  # <s> <image> <image> [SEG] id [SEG] id
+    b, n = 1, 2
+    rng = np.random.default_rng(0)
+
+    def pixels(a):
+        return jnp.asarray(rng.standard_normal((b, n, *a.shape[2:]), dtype=np.float32))
+
+    inputs = {k: v for k, v in dummy.items() if v is not None}
+    inputs.update(input_ids=jnp.asarray(prompt[None]), attention_mask=jnp.ones((1, len(prompt)), jnp.int32),
+                  pixel_values=pixels(dummy["pixel_values"]), dino_pixel_values=pixels(dummy["dino_pixel_values"]),
+                  sam_pixel_values=pixels(dummy["sam_pixel_values"]),
+                  resized_hw=jnp.tile(dummy["resized_hw"], (1, n, 1)), original_hw=jnp.tile(dummy["original_hw"], (1, n, 1)))
+    assert (prompt == img).sum() == n
+    if "seg_image" in inputs:
+        inputs["seg_image"] = jnp.zeros((1, cfg.seg.max_seg), jnp.int32)
+    fn = jax.jit(lambda p, kw: module.apply({"params": p}, **kw))
+    return side_by_side("calico_tiny_inference", fn, (_params(module), inputs), None,
+                        peak_gflops=ctx.peak_gflops, bandwidth_gbs=ctx.bandwidth_gbs, repeats=ctx.repeats,
+                        budget_s=ctx.budget_s, note="forward on one pair (prefill), no PyTorch counterpart")
+
+
+ITEMS["calico_tiny_inference"] = calico_tiny_inference
