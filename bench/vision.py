@@ -13,23 +13,26 @@ def _params(module):
     return pretrained.init_params(module)
 
 
+def _image_tower(name: str, ctx, module, ref, size: int) -> Result:
+    """A ViT tower on a batch of 2 NHWC images vs its HF reference (NCHW ``pixel_values``)."""
+    import torch
+    x = np.random.default_rng(0).standard_normal((2, size, size, 3), dtype=np.float32)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    fn = jax.jit(lambda p, x: module.apply({"params": p}, x)["last_hidden_state"])
+    return side_by_side(name, fn, (_params(module), jnp.asarray(x)), lambda: ref(pixel_values=xt),
+                        peak_gflops=ctx.peak_gflops, bandwidth_gbs=ctx.bandwidth_gbs, repeats=ctx.repeats,
+                        budget_s=ctx.budget_s)
+
+
 def eva_vit(ctx) -> Result:
     """EVA-CLIP ViT at ViT-g width (1408/6144/16 heads), 6 layers, batch 2, 224 px."""
-    import torch
     from transformers import Blip2VisionConfig, Blip2VisionModel
 
     from calico_jax.models.eva_vit import EvaVit, EvaVitConfig
 
     hf = Blip2VisionConfig(hidden_size=1408, intermediate_size=6144, num_hidden_layers=6, num_attention_heads=16,
                            image_size=224, patch_size=14)
-    ref = Blip2VisionModel(hf).eval()
-    module = EvaVit(EvaVitConfig.from_hf_config(hf))
-    x = np.random.default_rng(0).standard_normal((2, 224, 224, 3), dtype=np.float32)
-    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
-    fn = jax.jit(lambda p, x: module.apply({"params": p}, x)["last_hidden_state"])
-    return side_by_side("eva_vit", fn, (_params(module), jnp.asarray(x)), lambda: ref(pixel_values=xt),
-                        peak_gflops=ctx.peak_gflops, bandwidth_gbs=ctx.bandwidth_gbs, repeats=ctx.repeats,
-                        budget_s=ctx.budget_s)
+    return _image_tower("eva_vit", ctx, EvaVit(EvaVitConfig.from_hf_config(hf)), Blip2VisionModel(hf).eval(), 224)
 
 
 def qformer(ctx) -> Result:
@@ -55,7 +58,6 @@ def qformer(ctx) -> Result:
 
 def dinov2(ctx) -> Result:
     """DINOv2-B/14 (HF config, 518-px position table), 224 px input, batch 2."""
-    import torch
     from transformers import Dinov2Config as HFDinov2Config
     from transformers import Dinov2Model
 
@@ -63,14 +65,7 @@ def dinov2(ctx) -> Result:
 
     hf = HFDinov2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                         image_size=518, patch_size=14)
-    ref = Dinov2Model(hf).eval()
-    module = Dinov2(Dinov2Config.from_hf_config(hf))
-    x = np.random.default_rng(0).standard_normal((2, 224, 224, 3), dtype=np.float32)
-    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
-    fn = jax.jit(lambda p, x: module.apply({"params": p}, x)["last_hidden_state"])
-    return side_by_side("dinov2", fn, (_params(module), jnp.asarray(x)), lambda: ref(pixel_values=xt),
-                        peak_gflops=ctx.peak_gflops, bandwidth_gbs=ctx.bandwidth_gbs, repeats=ctx.repeats,
-                        budget_s=ctx.budget_s)
+    return _image_tower("dinov2", ctx, Dinov2(Dinov2Config.from_hf_config(hf)), Dinov2Model(hf).eval(), 224)
 
 
 def _sam_vit_b():
