@@ -1,4 +1,5 @@
-"""``python -m convert FAMILY --src SRC --out OUT [--verify] [--dtype ...] [--config ARCH] [--base DIR] [--overwrite]``.
+"""``python -m convert FAMILY --src SRC --out OUT [--verify] [--dtype ...] [--config ARCH] [--base DIR] [--overwrite]``
+and ``python -m convert calico-assemble --blip2 A --dinov2 B --llm C --out OUT`` (convert/assemble.py).
 
 User errors (missing/unexpected keys, shape mismatches, truncated or corrupt files, an existing OUT)
 print one message on stderr and exit 2; a failed ``--verify`` exits 1. Either way nothing is left at OUT.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,6 +22,8 @@ class VerifyFailed(Exception):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     epilog = "families:\n" + "\n".join(f"  {name:<12} {families.get(name).help}" for name in sorted(families.FAMILIES))
+    epilog += ("\n\nsubcommand:\n  calico-assemble  one CALICO checkpoint from converted parts "
+               "(python -m convert calico-assemble --help)")
     p = argparse.ArgumentParser(prog="python -m convert", epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Convert a PyTorch checkpoint into a calico_jax checkpoint (orbax params + config.json).")
@@ -72,11 +76,18 @@ def run(args: argparse.Namespace) -> int:
             lambda x: x.astype(ml_dtypes.bfloat16) if np.issubdtype(x.dtype, np.floating) else x, params)
         source = {"family": args.family, "src": str(Path(args.src).absolute())}
         pretrained.write(tmp, plan.model, plan.config, stored, dtype=args.dtype, source=source)
+        for f in plan.files:
+            (tmp / "tokenizer").mkdir(exist_ok=True)
+            shutil.copy2(f, tmp / "tokenizer" / f.name)
     print(f"wrote {out}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["calico-assemble"]:  # a subcommand with its own arguments (convert/assemble.py)
+        from convert.assemble import main as assemble_main
+        return assemble_main(argv[1:])
     args = parse_args(argv)
     from calico_jax.config import ConfigError
     from convert.io import CheckpointError

@@ -58,6 +58,7 @@ class Plan:
     unexpected: list[str] = dataclasses.field(default_factory=list)   # source keys nobody claimed
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> number of keys
     notes: list[str] = dataclasses.field(default_factory=list)
+    files: list = dataclasses.field(default_factory=list)  # copied into OUT/tokenizer/ (GLaMM's tokenizer)
 
     def module(self) -> nn.Module:
         from calico_jax import models

@@ -16,6 +16,7 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "sam": ("calico_jax.models.sam", "Sam", "SamConfig"),
     "llama": ("calico_jax.models.llama", "LlamaForCausalLM", "LlamaConfig"),
     "calico": ("calico_jax.models.calico", "Calico", "CalicoConfig"),
+    "glamm_parts": ("calico_jax.models.glamm_parts", "GlammParts", "GlammPartsConfig"),
 }
 
 

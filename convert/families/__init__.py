@@ -29,6 +29,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "sam": ("convert.families.sam", "SAM"),
     "hf-llama": ("convert.families.llama", "HF_LLAMA"),
     "peft-lora": ("convert.families.peft_lora", "PEFT_LORA"),
+    "glamm": ("convert.families.glamm", "GLAMM"),
+    "calico": ("convert.families.calico", "CALICO"),
 }
 
 
