@@ -1,0 +1,218 @@
+"""Experiment config: typed, frozen dataclasses; ``configs/NAME.py`` files return one from ``get_config()``.
+
+Command-line overrides are dotted paths into the config (``--config.optim.learning_rate=1e-4``,
+``--config.mesh={"data":2,"fsdp":-1}``); each value is parsed with the type of the field it replaces,
+so a typo in a key or an unparsable value fails before anything runs. The resolved config is written
+to ``WORKDIR/config.json`` (atomically).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+from calico_jax.config import Config, ConfigError
+
+C = typing.TypeVar("C", bound=Config)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(Config):
+    task: str = "toy"                     # "toy" (stand-in) | "calico"
+    size: str = "tiny"                    # calico: "tiny" | "7b"
+    base_checkpoint: str = ""             # converted base (``python -m convert`` output); "" = random init
+    dtype: str = "float32"                # compute dtype of the model
+    frozen_dtype: str = "float32"         # storage dtype of the frozen weights (bfloat16 halves them)
+    trainable: tuple[str, ...] = ()       # path regexes; () = the task's default (paper recipe for calico)
+    options: dict = dataclasses.field(default_factory=dict)   # task-specific (e.g. toy widths)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(Config):
+    pairs: str = ""                       # pairs file (calico); "" = a synthetic set under WORKDIR/data
+    tokenizer: str = ""                   # tokenizer dir; "" = a tiny one trained on the pairs
+    synthetic_images: int = 24
+    max_images: int = 2
+    max_segs: int = 4
+    max_tokens: int = 128
+    blip_size: int = 28
+    dinov2_size: int = 42
+    sam_size: int = 32
+    mask_size: int = 40
+    hflip: float = 0.5
+    color_jitter: float = 0.2
+    worker_count: int = 0
+    num_examples: int = 64                # toy task: examples per epoch
+    nan_steps: tuple[int, ...] = ()       # toy task: steps whose batch holds a NaN (robustness tests)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig(Config):
+    learning_rate: float = 3e-4
+    warmup_steps: int = 100
+    decay: str = "cosine"                 # "cosine" | "linear" | "constant"
+    end_lr_ratio: float = 0.0             # final lr = learning_rate * end_lr_ratio
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0                # global-norm clipping; <= 0 disables
+    grad_accum: int = 1                   # micro-batches per step (batch_size must divide)
+
+    def __post_init__(self):
+        if self.decay not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"optim.decay must be cosine, linear or constant, got {self.decay!r}")
+        if self.grad_accum < 1:
+            raise ConfigError(f"optim.grad_accum must be >= 1, got {self.grad_accum}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig(Config):
+    directory: str = ""                   # "" = WORKDIR/checkpoints; any orbax/tensorstore path
+    max_to_keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig(Config):
+    name: str = "experiment"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    total_steps: int = 100
+    checkpoint_every: int = 50
+    log_every: int = 1
+    eval_every: int = 0                   # 0 = no periodic evaluation hook
+    seed: int = 0
+    batch_size: int = 8                   # global
+    mesh: dict = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1})
+    num_devices: int = -1                 # use the first N devices (-1 = all)
+    skip_nonfinite: bool = True           # NaN/Inf loss or grads: skip the update (else stop at once)
+    max_consecutive_nonfinite: int = 5
+    progress: bool = True
+    peak_tflops: float = 0.0              # per device, for MFU; 0 = from the device-kind table
+
+    def __post_init__(self):
+        if self.batch_size % self.optim.grad_accum:
+            raise ConfigError(f"batch_size {self.batch_size} is not divisible by optim.grad_accum "
+                              f"{self.optim.grad_accum}")
+
+
+# ------------------------------------------------------------------------------------ overrides
+def _parse(tp: Any, text: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError(text)
+        if tp in (int, float):
+            return tp(text)
+        if tp is str:
+            return text
+        if tp is dict or origin is dict:
+            value = json.loads(text)
+            if not isinstance(value, dict):
+                raise ValueError(text)
+            return value
+        if isinstance(tp, type) and issubclass(tp, Config):   # a whole section as JSON
+            return tp.from_dict(json.loads(text), where=f"--config.{where}")
+        if origin is tuple:
+            inner = (typing.get_args(tp) or (str,))[0]
+            if text.startswith("["):
+                return tuple(json.loads(text))
+            return tuple(_parse(inner, t.strip(), where) for t in text.split(",") if t.strip())
+    except (ValueError, json.JSONDecodeError):
+        raise ConfigError(f"--config.{where}: cannot parse {text!r} as {tp}") from None
+    return json.loads(text)
+
+
+def _set(cls: type, data: dict, dotted: str, text: str, where: str) -> None:
+    """Sets ``data`` (the JSON form of a ``cls`` config) at ``dotted`` from the string ``text``."""
+    head, _, rest = dotted.partition(".")
+    names = {f.name for f in dataclasses.fields(cls)}
+    if head not in names:
+        raise ConfigError(f"--config.{where}: {cls.__name__} has no field {head!r}; known: {sorted(names)}")
+    tp = typing.get_type_hints(cls)[head]
+    if rest and isinstance(data[head], dict) and not (isinstance(tp, type) and issubclass(tp, Config)):
+        data[head] = {**data[head], rest: json.loads(text)}          # --config.mesh.fsdp=2
+    elif rest:
+        if not (isinstance(tp, type) and issubclass(tp, Config)):
+            raise ConfigError(f"--config.{where}: {head!r} is not a config section")
+        _set(tp, data[head], rest, text, where)
+    else:
+        value = _parse(tp, text, where)
+        data[head] = value.to_dict() if isinstance(value, Config) else value
+
+
+def apply_overrides(cfg: C, overrides: Sequence[tuple[str, str]]) -> C:
+    """All dotted overrides at once, validated together (``batch_size`` and ``optim.grad_accum`` may
+    change in the same command)."""
+    data = cfg.to_dict()
+    for dotted, text in overrides:
+        _set(type(cfg), data, dotted, text, dotted)
+    return type(cfg).from_dict(data)
+
+
+def override(cfg: C, dotted: str, text: str) -> C:
+    """``cfg`` with the field at ``dotted`` (``optim.learning_rate``) set from the string ``text``."""
+    return apply_overrides(cfg, [(dotted, text)])
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Pulls ``--config.a.b=v`` (or ``--config.a.b v``) out of argv; returns (overrides, the rest)."""
+    out, rest, i = [], [], 0
+    argv = list(argv)
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            key, eq, val = arg[len("--config."):].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{arg}: missing value")
+                i, val = i + 1, argv[i + 1]
+            out.append((key, val))
+        else:
+            rest.append(arg)
+        i += 1
+    return out, rest
+
+
+def load(path: str | os.PathLike, overrides: Sequence[tuple[str, str]] = ()) -> ExperimentConfig:
+    """Runs ``get_config()`` of a config file and applies the dotted overrides in order."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_calico_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} defines no get_config()")
+    cfg = module.get_config()
+    if not isinstance(cfg, ExperimentConfig):
+        raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not ExperimentConfig")
+    return apply_overrides(cfg, overrides)
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` to a sibling temp file and renames it onto ``path`` (never half-written)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(cfg: ExperimentConfig, workdir: str | os.PathLike) -> Path:
+    path = Path(workdir) / "config.json"
+    write_atomic(path, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    return path

@@ -1,0 +1,69 @@
+"""Training entry point.
+
+    python train.py --config configs/tiny.py [--config.key=value ...] --workdir DIR
+    python train.py --config configs/calico_7b.py --compile_only --devices 8 [--platform cpu]
+
+Rerunning the same command in the same workdir resumes from the newest checkpoint. SIGTERM
+(preemption) writes a final checkpoint and exits.
+
+Several hosts: every process runs the same command with ``--multihost`` (``jax.distributed.initialize()``
+reads the TPU / SLURM / Open MPI environment); each process loads its own shard of the data
+(``process_index::process_count``) and checkpoints may go to a bucket (``--config.checkpoint.directory=gs://…``):
+
+    # TPU pod slice (all workers)
+    gcloud compute tpus tpu-vm ssh $TPU --zone $ZONE --worker=all --command \
+      "cd calico_jax && .venv/bin/python train.py --config configs/calico_7b.py --multihost \
+       --workdir /tmp/run1 --config.checkpoint.directory=gs://$BUCKET/run1/checkpoints"
+    # multi-node GPU (SLURM, one process per node owning its 8 GPUs)
+    srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 .venv/bin/python train.py \
+      --config configs/calico_7b.py --multihost --workdir /shared/run1
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv=None) -> int:
+    from calico_jax.train.config import ConfigError, load, split_overrides
+    overrides, rest = split_overrides(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--config", required=True, help="configs/NAME.py")
+    ap.add_argument("--workdir", help="checkpoints, metrics.jsonl, config.json")
+    ap.add_argument("--compile_only", action="store_true", help="AOT-compile the train step and print its memory plan")
+    ap.add_argument("--devices", type=int, default=0, help="with --compile_only: simulated device count")
+    ap.add_argument("--platform", default=None, help="with --compile_only: jax platform (default cpu)")
+    ap.add_argument("--multihost", action="store_true", help="call jax.distributed.initialize() first")
+    args = ap.parse_args(rest)
+    if args.compile_only:
+        os.environ.setdefault("JAX_PLATFORMS", args.platform or "cpu")
+        if args.devices:
+            import jax
+            jax.config.update("jax_num_cpu_devices", args.devices)
+    import jax
+    if args.multihost:
+        jax.distributed.initialize()
+    try:
+        cfg = load(args.config, overrides)
+    except ConfigError as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        return 2
+    if args.compile_only:
+        from calico_jax.train.plan import compile_only
+        compile_only(cfg, args.devices or len(jax.devices()))
+        return 0
+    if not args.workdir:
+        ap.error("--workdir is required (unless --compile_only)")
+    from calico_jax.train.loop import NonFiniteError, train
+    try:
+        out = train(cfg, args.workdir)
+    except NonFiniteError as e:
+        print(f"train.py: stopped: {e}", file=sys.stderr)
+        return 3
+    print(f"done: step {out['step']}" + (" (preempted: final checkpoint written)" if out["preempted"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
