@@ -57,6 +57,15 @@ def test_sharded_step_equals_single_device(tmp_path):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
 
 
+def test_tensorboard_scalars_written(reference):
+    wd, _ = reference
+    events = list((wd / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    data = events[0].read_bytes()
+    for tag in (b"loss", b"ce_loss", b"lr", b"grad_norm", b"step_time_s"):
+        assert tag in data
+
+
 def test_frozen_bit_identical_trainable_updated_and_no_frozen_opt_state(reference):
     wd, out = reference
     cfg = cfg_(mesh={"data": 4, "fsdp": 2, "tensor": 1})

@@ -247,10 +247,16 @@ def _overlay_base(tr: Trainer, base: str, state: Any, frozen: Any) -> tuple[Any,
 # --------------------------------------------------------------------------------------- metrics
 class MetricsFile:
     """``metrics.jsonl``: one complete line per logged step. On resume, lines after the restored step
-    (and any torn last line) are dropped atomically, so the file always reads as one clean run."""
+    (and any torn last line) are dropped atomically, so the file always reads as one clean run.
+    With ``tensorboard_dir`` the numeric values also go to TensorBoard scalars (tensorboardX); its
+    ``purge_step`` hides events a resumed run replays, for the same reason."""
 
-    def __init__(self, path: Path, resume_step: int):
+    def __init__(self, path: Path, resume_step: int, tensorboard_dir: Path | None = None):
         self.path = path
+        self.tb = None
+        if tensorboard_dir is not None and jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(str(tensorboard_dir), purge_step=resume_step + 1)
         kept = []
         if path.exists():
             for line in path.read_text().splitlines():
@@ -266,9 +272,16 @@ class MetricsFile:
     def write(self, rec: dict) -> None:
         self.f.write(json.dumps(rec) + "\n")   # one write of a whole line, then flush
         self.f.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, rec["step"])
+            self.tb.flush()
 
     def close(self) -> None:
         self.f.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def _peak_tflops(cfg: ExperimentConfig) -> float:
@@ -311,7 +324,7 @@ def train(cfg: ExperimentConfig, workdir: str | Path, task: Task | None = None,
         state, meta = restored
         (_, frozen), source = load_frozen(tr, meta.get("frozen_source"))
     start = int(state["step"])
-    metrics = MetricsFile(workdir / "metrics.jsonl", start)
+    metrics = MetricsFile(workdir / "metrics.jsonl", start, workdir / "tensorboard")
 
     fault = os.environ.get("CALICO_TRAIN_FAULT", "").partition(":")   # e.g. "kill:7" (fault injection)
     fault = (fault[0], int(fault[2])) if fault[2] else None
