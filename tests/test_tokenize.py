@@ -103,3 +103,31 @@ def test_truncation_never_separates_seg_from_identifier(tmp_path):
     assert SampleTokenizer(tok, n_prompt)(Q, A)[1] == "too_long_prompt"
     assert st(Q, "The <p> leg </p> [SEG] and more.")[1] == "bad_seg_identifier"
     assert st(Q, "The <p> leg </p> [SEG] (IMAGE3).")[1] == "bad_seg_identifier"
+
+
+def test_sentencepiece_only_checkpoint(tmp_path):
+    """A LLaMA/Vicuna directory with only ``tokenizer.model`` (no tokenizer.json) loads, gets the
+    grounding tokens, and round-trips text."""
+    import json as _json
+
+    import sentencepiece as spm
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["The images show a mug and a cup. The common parts are handle and body."] * 40
+                                + ["a chair has a seat and legs", "a dog has a head and a tail"] * 20))
+    model_dir = tmp_path / "llama"
+    model_dir.mkdir()
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(model_dir / "tokenizer"), vocab_size=300,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, byte_fallback=True,
+                                   character_coverage=1.0, minloglevel=2)
+    (model_dir / "tokenizer.vocab").unlink()
+    (model_dir / "tokenizer_config.json").write_text(_json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "add_bos_token": True}))
+    tok = load_tokenizer(model_dir)
+    ids = tok.convert_tokens_to_ids(["<im_start>", "<im_end>", "<bbox>", "<point>", "[SEG]", "<p>", "</p>"])
+    assert ids == list(range(300, 307))
+    text = "The images show a <p> mug </p> [SEG] (IMAGE1)"
+    enc = tok(text).input_ids
+    assert enc[0] == tok.bos_token_id and ids[4] in enc
+    assert tok.decode(enc, skip_special_tokens=False).replace("<s>", "").strip().replace(" ", "") == text.replace(" ", "")
