@@ -2,6 +2,7 @@
 
     python train.py --config configs/tiny.py [--config.key=value ...] --workdir DIR
     python train.py --config configs/calico_7b.py --compile_only --devices 8 [--platform cpu]
+    python train.py --config configs/calico_7b.py --dry_run     # params + forward TFLOPs, no weights
 
 Rerunning the same command in the same workdir resumes from the newest checkpoint. SIGTERM
 (preemption) writes a final checkpoint and exits.
@@ -32,11 +33,13 @@ def main(argv=None) -> int:
     ap.add_argument("--config", required=True, help="configs/NAME.py")
     ap.add_argument("--workdir", help="checkpoints, metrics.jsonl, config.json")
     ap.add_argument("--compile_only", action="store_true", help="AOT-compile the train step and print its memory plan")
+    ap.add_argument("--dry_run", action="store_true",
+                    help="print params_total/params_trainable/trainable_fraction/forward_tflops (no weights)")
     ap.add_argument("--devices", type=int, default=0, help="with --compile_only: simulated device count")
-    ap.add_argument("--platform", default=None, help="with --compile_only: jax platform (default cpu)")
+    ap.add_argument("--platform", default=None, help="with --compile_only/--dry_run: jax platform (default cpu)")
     ap.add_argument("--multihost", action="store_true", help="call jax.distributed.initialize() first")
     args = ap.parse_args(rest)
-    if args.compile_only:
+    if args.compile_only or args.dry_run:
         os.environ.setdefault("JAX_PLATFORMS", args.platform or "cpu")
         if args.devices:
             import jax
@@ -49,6 +52,10 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"train.py: {e}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        from calico_jax.train.dryrun import dry_run
+        dry_run(cfg)
+        return 0
     if args.compile_only:
         from calico_jax.train.plan import compile_only
         compile_only(cfg, args.devices or len(jax.devices()))

@@ -1,10 +1,13 @@
-"""Comparison recipe: GLaMM-style training on the same backbone, without CALICO's modules.
+"""Comparison recipe: the paper's "Multi-Image GLaMM" baseline on the same LLM (Vicuna-7B + LoRA) and SAM.
 
-CEM and CAMs are off (model.options), and the trainable set is GLaMM's: LoRA, the [SEG] projection
-(text_hidden_fcs), the SAM mask decoder, lm_head and embed_tokens (paper-notes §2.4), lr 3e-4
-(GLaMM default). NOTE: the paper's "Multi-Image GLaMM" baseline uses GLaMM's own CLIP-L/14-336 vision
-path (576 tokens per image); this config keeps CALICO's 32-token Q-Former path, so it isolates the
-effect of the CEM/CAM modules and the trainable set, not of the image tokenizer.
+Image path (model.options ``image_path="clip_mlp"``): GLaMM/LLaVA's CLIP-ViT-L/14-336 tower
+(``hidden_states[-2]``, CLS dropped: 576 tokens per image) through GLaMM's ``mm_projector`` (Linear
+1024->4096, GELU, Linear 4096->4096); no Q-Former, no DINOv2, CEM and CAMs off. Images enter at 336 px
+(``data.blip_size``; BLIP-2 and CLIP share the OpenAI CLIP mean/std). The trainable set is GLaMM's:
+LoRA, the [SEG] projection (text_hidden_fcs), the SAM mask decoder, lm_head and embed_tokens
+(paper-notes §2.4; the CLIP tower and mm_projector stay frozen as in LISA/GLaMM), lr 3e-4 (GLaMM default).
+
+    python train.py --config configs/glamm_like.py --dry_run
 """
 from pathlib import Path
 import importlib.util
@@ -20,5 +23,7 @@ def get_config():
     cfg = base.get_config()
     return cfg.replace(
         name="glamm_like",
-        model=cfg.model.replace(trainable=GLAMM_TRAINABLE, options={"cam": {"layers": []}, "cem": {"enabled": False}}),
+        model=cfg.model.replace(trainable=GLAMM_TRAINABLE, options={
+            "image_path": "clip_mlp", "cam": {"layers": []}, "cem": {"enabled": False}}),
+        data=cfg.data.replace(blip_size=336, dinov2_size=0),
         optim=cfg.optim.replace(learning_rate=3e-4))

@@ -51,6 +51,7 @@ from calico_jax import layers
 from calico_jax.config import Config, ConfigError
 from calico_jax.models.blip2 import Blip2VisionConfig
 from calico_jax.models.cam import CamConfig, CorrespondenceAdaptation, scatter_image_tokens
+from calico_jax.models.clip import ClipVision, ClipVisionConfig
 from calico_jax.models.cem import CemConfig, CorrespondenceExtraction, select_semantic
 from calico_jax.models.dinov2 import Dinov2, Dinov2Config
 from calico_jax.models.eva_vit import EvaVit, EvaVitConfig
@@ -90,7 +91,8 @@ class SegConfig(Config):
 @dataclasses.dataclass(frozen=True)
 class CalicoConfig(Config):
     """Defaults: InstructBLIP-Vicuna-7B vision, DINOv2 ViT-g/14, Vicuna-7B (GLaMM vocabulary 32007,
-    LoRA r=8 α=16 on q/v), SAM ViT-H, CAMs at {11, 22}."""
+    LoRA r=8 α=16 on q/v), SAM ViT-H, CAMs at {11, 22}. ``image_path="clip_mlp"``: the GLaMM/LLaVA image
+    path instead (``clip`` patch tokens -> ``mm_projector`` Linear-GELU-Linear; no Q-Former, no CAMs)."""
 
     vision: Blip2VisionConfig = Blip2VisionConfig()
     dinov2: Dinov2Config = Dinov2Config()
@@ -102,8 +104,14 @@ class CalicoConfig(Config):
     dino_image_size: int = 224
     image_token_index: int = -200
     trainable: tuple[str, ...] = PAPER_TRAINABLE          # path regexes (full match on "a/b/c")
+    image_path: str = "qformer"                           # "qformer" (CALICO, S_I = 32) | "clip_mlp" (GLaMM)
+    clip: ClipVisionConfig = ClipVisionConfig()           # used by image_path="clip_mlp" only
 
     def __post_init__(self):
+        if self.image_path not in ("qformer", "clip_mlp"):
+            raise ConfigError(f"CalicoConfig: image_path must be 'qformer' or 'clip_mlp', got {self.image_path!r}")
+        if self.image_path == "clip_mlp" and self.cam.layers:
+            raise ConfigError("CalicoConfig: image_path 'clip_mlp' has no Q-Former for CAMs: set cam.layers=()")
         if self.vision.text_hidden_size != self.llm.hidden_size:
             raise ConfigError(f"CalicoConfig: vision.text_hidden_size {self.vision.text_hidden_size} != "
                               f"llm.hidden_size {self.llm.hidden_size}")
@@ -141,6 +149,11 @@ class CalicoConfig(Config):
                                  mask_size=(40, 40)),
                    dino_image_size=42)
         return base.replace(**changes)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """S_I: visual tokens per image in the LLM sequence."""
+        return self.clip.num_patches if self.image_path == "clip_mlp" else self.vision.num_query_tokens
 
 
 # ----------------------------------------------------------------------------- static-shape helpers
@@ -242,11 +255,18 @@ class Calico(nn.Module):
 
     def setup(self):
         cfg, v = self.config, self.config.vision
+        if cfg.image_path == "clip_mlp":   # GLaMM: CLIP patch tokens -> mm_projector (Linear, GELU, Linear)
+            self.vision_tower = ClipVision(cfg.clip, self.dtype)
+            d = cfg.llm.hidden_size
+            self.mm_projector = {"0": layers.dense(d, (None, "embed"), name=None, dtype=self.dtype),
+                                 "2": layers.dense(d, ("embed", "embed"), name=None, dtype=self.dtype)}
         self.vision_model = EvaVit(v.vision, self.dtype)
         # The Q-Former runs in float32 as in HF (small, post-LN with eps 1e-12).
         self.qformer = QFormer(v.qformer, jnp.float32)
         q_init = layers.param_init(nn.initializers.normal(0.02), (None, "length", "embed"))
-        self.query_tokens = self.param("query_tokens", q_init, (1, v.num_query_tokens, v.qformer.hidden_size))
+        shape = (1, v.num_query_tokens, v.qformer.hidden_size)
+        if cfg.image_path == "qformer":   # setup params are eager: clip_mlp has no Q-Former queries
+            self.query_tokens = self.param("query_tokens", q_init, shape)
         self.language_projection = layers.dense(cfg.llm.hidden_size, (None, "embed"), name=None, dtype=self.dtype)
         if cfg.cem.enabled:
             self.cem = CorrespondenceExtraction(cfg.cem, self.dtype)
@@ -254,7 +274,6 @@ class Calico(nn.Module):
                 self.dinov2 = Dinov2(cfg.dinov2, self.dtype)
         # CAM queries start as a copy of the Q-Former's q (the init closure reads its value).
         copy_q = layers.param_init(lambda *_: jnp.asarray(self.query_tokens), (None, "length", "embed"))
-        shape = self.query_tokens.shape
         if cfg.cam.layers and cfg.cam.queries == "shared":
             self.cam_query_tokens = self.param("cam_query_tokens", copy_q, shape)
         elif cfg.cam.queries == "per_cam":
@@ -273,6 +292,9 @@ class Calico(nn.Module):
     # --- pieces (each usable alone through ``apply(..., method=...)``)
     def encode_images(self, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array]:
         """𝓘 on [n, H, W, 3] -> (X_global [n, S_C, D_C], I^0 = f_image(𝓠(q, X_global)) [n, S_I, D])."""
+        if self.config.image_path == "clip_mlp":
+            feats = self.vision_tower(pixel_values)
+            return feats, self.mm_projector["2"](layers.gelu(self.mm_projector["0"](feats)))
         x_global = self.vision_model(pixel_values)["last_hidden_state"]
         q = jnp.broadcast_to(self.query_tokens, (x_global.shape[0], *self.query_tokens.shape[1:]))
         x_embed = self.qformer(q, x_global)[:, :q.shape[1]].astype(self.dtype)
@@ -319,7 +341,7 @@ class Calico(nn.Module):
                  seg_image=None, sam_image_embeddings=None, deterministic: bool = True) -> dict[str, jax.Array]:
         cfg = self.config
         b, n = pixel_values.shape[:2]
-        nq = cfg.vision.num_query_tokens
+        nq = cfg.num_image_tokens
         rows = jnp.arange(b)[:, None]
 
         x_global, image_tokens = self.encode_images(pixel_values.reshape(b * n, *pixel_values.shape[2:]))
@@ -395,6 +417,7 @@ class Calico(nn.Module):
         ident = list(cfg.seg.identifier_ids[0]) if cfg.seg.identifier_ids else []
         ids = jnp.asarray([[cfg.llm.bos_token_id, cfg.image_token_index, cfg.seg.token_id] + ident], jnp.int32)
         p, dp, s = cfg.vision.vision.patch_size, cfg.dinov2.patch_size, cfg.sam.image_encoder.img_size
+        p = cfg.clip.image_size if cfg.image_path == "clip_mlp" else p   # CLIP: fixed position table
         return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "pixel_values": jnp.zeros((1, 1, p, p, 3)),
                 "dino_pixel_values": jnp.zeros((1, 1, dp, dp, 3)), "sam_pixel_values": jnp.zeros((1, 1, s, s, 3)),
                 "resized_hw": jnp.full((1, 1, 2), s, jnp.int32), "original_hw": jnp.full((1, 1, 2), s, jnp.int32),
