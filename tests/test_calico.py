@@ -331,3 +331,24 @@ def test_backward_step_and_overfit_one_batch(model):
     assert np.isfinite(losses).all()
     assert float(jnp.abs(state.trainable["cem"]["out_proj"]["kernel"]).max()) > 0   # CEM trains once CAMs do
     assert losses[-1] < 0.1 * losses[0], losses
+
+
+def test_linear_image_path_ablation():
+    """'Q-Former replaced by a linear projection': every EVA token X_global -> linear_projection -> LLM."""
+    cfg = CalicoConfig.tiny(image_path="linear", cam=CamConfig(layers=()))
+    m = Calico(cfg)
+    params = nn.unbox(jax.jit(m.init)(jax.random.key(1), **m.dummy_inputs())["params"])
+    assert "linear_projection" in params and not {"qformer", "query_tokens", "language_projection"} & set(params)
+    batch = make_batch(cfg)
+    x_global, tokens = m.apply({"params": params}, batch["pixel_values"][0], method=Calico.encode_images)
+    s = cfg.vision.vision.grid ** 2 + 1
+    assert cfg.num_image_tokens == s and x_global.shape[1] == s and tokens.shape == (N, s, cfg.llm.hidden_size)
+    w, bias = params["linear_projection"]["kernel"], params["linear_projection"]["bias"]
+    ref = np.asarray(x_global, np.float64) @ np.asarray(w, np.float64) + np.asarray(bias, np.float64)
+    assert rel_err(tokens, ref) <= 1e-5
+    out = jax.jit(lambda p, b: m.apply({"params": p}, **b))(params, batch)
+    assert out["logits"].shape == (2, T + N * (s - 1), cfg.llm.vocab_size)
+    image_pos, _, _ = expected_layout(PROMPTS[1], ANSWERS[1], s)
+    np.testing.assert_array_equal(out["image_positions"][1, :len(image_pos)], image_pos)
+    with pytest.raises(Exception, match="no Q-Former for CAMs"):
+        CalicoConfig.tiny(image_path="linear")

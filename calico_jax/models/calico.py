@@ -92,7 +92,9 @@ class SegConfig(Config):
 class CalicoConfig(Config):
     """Defaults: InstructBLIP-Vicuna-7B vision, DINOv2 ViT-g/14, Vicuna-7B (GLaMM vocabulary 32007,
     LoRA r=8 α=16 on q/v), SAM ViT-H, CAMs at {11, 22}. ``image_path="clip_mlp"``: the GLaMM/LLaVA image
-    path instead (``clip`` patch tokens -> ``mm_projector`` Linear-GELU-Linear; no Q-Former, no CAMs)."""
+    path instead (``clip`` patch tokens -> ``mm_projector`` Linear-GELU-Linear; no Q-Former, no CAMs).
+    ``image_path="linear"``: the paper's "Q-Former replaced by a linear projection" ablation (all EVA
+    tokens X_global -> ``linear_projection``; no CAMs, which re-query the Q-Former)."""
 
     vision: Blip2VisionConfig = Blip2VisionConfig()
     dinov2: Dinov2Config = Dinov2Config()
@@ -104,14 +106,15 @@ class CalicoConfig(Config):
     dino_image_size: int = 224
     image_token_index: int = -200
     trainable: tuple[str, ...] = PAPER_TRAINABLE          # path regexes (full match on "a/b/c")
-    image_path: str = "qformer"                           # "qformer" (CALICO, S_I = 32) | "clip_mlp" (GLaMM)
+    image_path: str = "qformer"                           # "qformer" (S_I = 32) | "clip_mlp" (GLaMM) | "linear"
     clip: ClipVisionConfig = ClipVisionConfig()           # used by image_path="clip_mlp" only
 
     def __post_init__(self):
-        if self.image_path not in ("qformer", "clip_mlp"):
-            raise ConfigError(f"CalicoConfig: image_path must be 'qformer' or 'clip_mlp', got {self.image_path!r}")
-        if self.image_path == "clip_mlp" and self.cam.layers:
-            raise ConfigError("CalicoConfig: image_path 'clip_mlp' has no Q-Former for CAMs: set cam.layers=()")
+        if self.image_path not in ("qformer", "clip_mlp", "linear"):
+            raise ConfigError(f"CalicoConfig: image_path must be 'qformer', 'clip_mlp' or 'linear', "
+                              f"got {self.image_path!r}")
+        if self.image_path != "qformer" and self.cam.layers:
+            raise ConfigError(f"CalicoConfig: image_path {self.image_path!r} has no Q-Former for CAMs: set cam.layers=()")
         if self.vision.text_hidden_size != self.llm.hidden_size:
             raise ConfigError(f"CalicoConfig: vision.text_hidden_size {self.vision.text_hidden_size} != "
                               f"llm.hidden_size {self.llm.hidden_size}")
@@ -153,6 +156,8 @@ class CalicoConfig(Config):
     @property
     def num_image_tokens(self) -> int:
         """S_I: visual tokens per image in the LLM sequence."""
+        if self.image_path == "linear":   # every EVA token at the native resolution (CLS + grid)
+            return self.vision.vision.grid ** 2 + 1
         return self.clip.num_patches if self.image_path == "clip_mlp" else self.vision.num_query_tokens
 
 
@@ -261,6 +266,8 @@ class Calico(nn.Module):
             self.mm_projector = {"0": layers.dense(d, (None, "embed"), name=None, dtype=self.dtype),
                                  "2": layers.dense(d, ("embed", "embed"), name=None, dtype=self.dtype)}
         self.vision_model = EvaVit(v.vision, self.dtype)
+        if cfg.image_path == "linear":
+            self.linear_projection = layers.dense(cfg.llm.hidden_size, (None, "embed"), name=None, dtype=self.dtype)
         # The Q-Former runs in float32 as in HF (small, post-LN with eps 1e-12).
         self.qformer = QFormer(v.qformer, jnp.float32)
         q_init = layers.param_init(nn.initializers.normal(0.02), (None, "length", "embed"))
@@ -296,6 +303,8 @@ class Calico(nn.Module):
             feats = self.vision_tower(pixel_values)
             return feats, self.mm_projector["2"](layers.gelu(self.mm_projector["0"](feats)))
         x_global = self.vision_model(pixel_values)["last_hidden_state"]
+        if self.config.image_path == "linear":
+            return x_global, self.linear_projection(x_global)
         q = jnp.broadcast_to(self.query_tokens, (x_global.shape[0], *self.query_tokens.shape[1:]))
         x_embed = self.qformer(q, x_global)[:, :q.shape[1]].astype(self.dtype)
         return x_global, self.language_projection(x_embed)
@@ -418,6 +427,7 @@ class Calico(nn.Module):
         ids = jnp.asarray([[cfg.llm.bos_token_id, cfg.image_token_index, cfg.seg.token_id] + ident], jnp.int32)
         p, dp, s = cfg.vision.vision.patch_size, cfg.dinov2.patch_size, cfg.sam.image_encoder.img_size
         p = cfg.clip.image_size if cfg.image_path == "clip_mlp" else p   # CLIP: fixed position table
+        p = cfg.vision.vision.image_size if cfg.image_path == "linear" else p   # token count = native grid
         return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "pixel_values": jnp.zeros((1, 1, p, p, 3)),
                 "dino_pixel_values": jnp.zeros((1, 1, dp, dp, 3)), "sam_pixel_values": jnp.zeros((1, 1, s, s, 3)),
                 "resized_hw": jnp.full((1, 1, 2), s, jnp.int32), "original_hw": jnp.full((1, 1, 2), s, jnp.int32),
