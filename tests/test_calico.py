@@ -9,8 +9,8 @@ import pytest
 from flax import traverse_util
 
 from calico_jax.losses import calico_loss
-from calico_jax.models.calico import (Calico, CalicoConfig, bilinear_matrix, expand_sequence, postprocess_masks,
-                                      route_segs)
+from calico_jax.models.calico import Calico, CalicoConfig
+from calico_jax.models.calico_layout import bilinear_matrix, expand_sequence, postprocess_masks, route_segs
 from calico_jax.models.cam import CamConfig
 from calico_jax.models.cem import CemConfig, CorrespondenceExtraction
 from calico_jax.train import state as st
