@@ -207,4 +207,14 @@ def load_json_arg(arg: str, presets: dict[str, dict[str, Any]], what: str) -> di
     return data
 
 
+def hf_config(ckpt: "Checkpoint", config_arg: str | None, what: str) -> dict[str, Any]:
+    """The HF config of a checkpoint: ``--config`` (a config.json path) if given, else the config.json
+    next to the weights; ``what`` names the expected config class in the error message."""
+    if config_arg is not None:
+        return load_json_arg(config_arg, {}, what)
+    if ckpt.config is None:
+        raise CheckpointError(f"{ckpt.path}: no config.json next to the weights; pass --config CONFIG.json ({what})")
+    return ckpt.config
+
+
 Loader = Callable[[Checkpoint], np.ndarray]

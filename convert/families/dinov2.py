@@ -33,7 +33,7 @@ import numpy as np
 
 from calico_jax.models.dinov2 import PRESETS, Dinov2Config
 from convert.families import Family
-from convert.io import Checkpoint, CheckpointError, load_json_arg
+from convert.io import Checkpoint, CheckpointError, hf_config, load_json_arg
 from convert.mapping import Plan, Skip, Tensor, apply_rules
 from convert.verify import compare, rng
 
@@ -89,13 +89,7 @@ def _concat0(*parts: np.ndarray) -> np.ndarray:
 
 
 def _hf_plan(ckpt: Checkpoint, config_arg: str | None) -> Plan:
-    if config_arg is not None:
-        hf_cfg = load_json_arg(config_arg, {}, "an HF Dinov2Config (config.json)")
-    elif ckpt.config is not None:
-        hf_cfg = ckpt.config
-    else:
-        raise CheckpointError(f"{ckpt.path}: no config.json next to the weights; pass --config CONFIG.json "
-                              "(the HF Dinov2Config / Dinov2WithRegistersConfig)")
+    hf_cfg = hf_config(ckpt, config_arg, "the HF Dinov2Config / Dinov2WithRegistersConfig")
     config = Dinov2Config.from_hf_config(hf_cfg)
     keys = [k.removeprefix("dinov2.") for k in ckpt.keys()]
     src = dict(zip(keys, ckpt.keys()))

@@ -15,7 +15,7 @@ import numpy as np
 
 from calico_jax.models.llama import LlamaConfig
 from convert.families import Family
-from convert.io import Checkpoint, CheckpointError, load_json_arg
+from convert.io import Checkpoint, CheckpointError, hf_config
 from convert.mapping import Plan, Skip, apply_rules, canonical_name
 from convert.verify import Comparison, compare
 
@@ -23,10 +23,7 @@ GREEDY_TOKENS = 32
 
 
 def llama_config(ckpt: Checkpoint, config_arg: str | None) -> LlamaConfig:
-    cfg = load_json_arg(config_arg, {}, "a transformers LlamaConfig") if config_arg else ckpt.config
-    if cfg is None:
-        raise CheckpointError(f"{ckpt.path}: no config.json next to the weights; pass --config CONFIG.json "
-                              "(a transformers LlamaConfig)")
+    cfg = hf_config(ckpt, config_arg, "a transformers LlamaConfig")
     model_type = cfg.get("model_type", "llama")
     if model_type != "llama":
         raise CheckpointError(f"{ckpt.path}: config model_type is {model_type!r}, expected 'llama'")

@@ -25,7 +25,7 @@ import numpy as np
 from calico_jax.config import ConfigError
 from calico_jax.models.sam import PRESETS, Sam, SamConfig
 from convert.families import Family
-from convert.io import Checkpoint, CheckpointError, load_json_arg
+from convert.io import Checkpoint, CheckpointError, hf_config, load_json_arg
 from convert.mapping import Plan, Skip, apply_rules
 from convert.verify import Comparison, compare, rng
 
@@ -146,13 +146,7 @@ def _hf_rules(config: SamConfig) -> list:
 
 
 def _hf_plan(ckpt: Checkpoint, config_arg: str | None) -> Plan:
-    if config_arg is not None:
-        cfg = load_json_arg(config_arg, {}, "an HF SamConfig (config.json)")
-    elif ckpt.config is not None:
-        cfg = ckpt.config
-    else:
-        raise CheckpointError(f"{ckpt.path}: hf-sam needs a save_pretrained directory with config.json "
-                              "(or --config pointing to one)")
+    cfg = hf_config(ckpt, config_arg, "an HF SamConfig")
     if cfg.get("model_type", "sam") != "sam":
         raise CheckpointError(f"{ckpt.path}: config.json model_type is {cfg.get('model_type')!r}, expected 'sam'")
     config = SamConfig.from_hf_config(cfg)
