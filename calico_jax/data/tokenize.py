@@ -178,7 +178,7 @@ class SampleTokenizer:
             self._idents[k] = ids[ids.index(self.seg_id) + 1:]
         return self._idents[k]
 
-    def _identifier(self, ids: list[int], p: int, n_img: int) -> tuple[int, int] | None:
+    def identifier(self, ids: list[int], p: int, n_img: int) -> tuple[int, int] | None:
         """(end position exclusive, image index) of the ``(IMAGEk)`` after the [SEG] at ``p``."""
         for k in range(n_img):   # fast path: the identifier's usual tokens
             t = self._ident_ids(k)
@@ -202,7 +202,7 @@ class SampleTokenizer:
         segs, seg_images = [p for p, t in enumerate(ids) if t == self.seg_id], []
         ends = []
         for j, p in enumerate(segs):
-            ident = self._identifier(ids, p, n_img)
+            ident = self.identifier(ids, p, n_img)
             if ident is None or not 0 <= ident[1] < n_img:
                 return None, "bad_seg_identifier", f"[SEG] #{j} is not followed by (IMAGE1..{n_img})"
             ends.append(ident[0])

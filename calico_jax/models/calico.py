@@ -243,10 +243,13 @@ class Calico(nn.Module):
         x = fcs["0"](hidden.astype(self.dtype))
         return fcs["2"](jax.nn.relu(x)) if "2" in fcs else x
 
-    # --- the full forward
-    def __call__(self, input_ids, attention_mask, pixel_values, dino_pixel_values=None, sam_pixel_values=None,
-                 resized_hw=None, original_hw=None, *, labels=None, image_valid=None, prompt_lengths=None,
-                 seg_image=None, sam_image_embeddings=None, deterministic: bool = True) -> dict[str, jax.Array]:
+    def embed_inputs(self, input_ids, attention_mask, pixel_values, dino_pixel_values=None, *, labels=None,
+                     image_valid=None, prompt_lengths=None) -> dict[str, jax.Array]:
+        """Steps 1-3: the LLM's input embeddings over the expanded sequence and what the CAMs need.
+
+        -> ``embeds`` [B, T', D], ``mask`` [B, T'], ``newpos`` [B, T] (original -> expanded position),
+        ``text_target``, ``image_positions`` [B, N, S_I], ``image_valid`` [B, N], ``last_prompt_index`` [B]
+        (expanded) and ``x_fused`` [B, N, S_C, D_C] (X'_global; ``None`` without CAMs)."""
         cfg = self.config
         b, n = pixel_values.shape[:2]
         nq = cfg.num_image_tokens
@@ -276,21 +279,51 @@ class Calico(nn.Module):
             last = last_token_index(attention_mask)
         last_prompt_index = jnp.take_along_axis(newpos, jnp.maximum(last, 0)[:, None], 1)[:, 0]
 
-        hooks = {}
+        x_fused = None
         if cfg.cam.layers:
             x_fused = self.fuse(x_global, None if dino_pixel_values is None else
                                 dino_pixel_values.reshape(b * n, *dino_pixel_values.shape[2:]))
             x_fused = x_fused.reshape(b, n, *x_fused.shape[1:])
-            for layer in cfg.cam.layers:
-                hooks[layer] = (lambda h, lpi, layer=layer:
-                                self.cam_update(layer, h, lpi, x_fused, image_positions, valid_img))
-        out = self.llm(attention_mask=mask, inputs_embeds=embeds, hooks=hooks or None,
-                       last_prompt_index=last_prompt_index, deterministic=deterministic)
+        return {"embeds": embeds, "mask": mask, "newpos": newpos, "text_target": text_target,
+                "image_positions": image_positions, "image_valid": valid_img,
+                "last_prompt_index": last_prompt_index, "x_fused": x_fused}
 
-        result = {"logits": out.logits, "attention_mask": mask, "image_positions": image_positions,
-                  "image_valid": valid_img, "last_prompt_index": last_prompt_index}
+    def cam_hooks(self, inputs: dict[str, jax.Array]) -> dict:
+        """LLaMA hooks {layer: CAM} over the ``embed_inputs`` result (empty without CAMs)."""
+        return {layer: (lambda h, lpi, layer=layer: self.cam_update(
+            layer, h, lpi, inputs["x_fused"], inputs["image_positions"], inputs["image_valid"]))
+            for layer in self.config.cam.layers}
+
+    def seg_low_res_masks(self, seg_emb: jax.Array, image_embeddings: jax.Array) -> jax.Array:
+        """Step 6 for K [SEG]s: prompt embeddings f_segmentation(h) [K, C] and each one's SAM image embedding
+        [K, h, w, C] -> low-res mask logits [K, 4h, 4w] (one mask per prompt: multimask off)."""
+        sparse, dense = self.sam.encode_prompts(text_embeds=seg_emb[:, None])
+        low_res, _ = self.sam.decode_masks(image_embeddings, self.sam.dense_pe(), sparse, dense, False)
+        return low_res[:, 0]
+
+    def sam_embeddings(self, sam_pixel_values: jax.Array) -> jax.Array:
+        """Frozen 𝓖 on [B, N, S, S, 3] -> [B, N, h, w, C]."""
+        b, n = sam_pixel_values.shape[:2]
+        flat = sam_pixel_values.reshape(b * n, *sam_pixel_values.shape[2:])
+        return self.sam.image_embeddings(flat).reshape(b, n, *sam_image_embeddings_shape(self.config))
+
+    # --- the full forward
+    def __call__(self, input_ids, attention_mask, pixel_values, dino_pixel_values=None, sam_pixel_values=None,
+                 resized_hw=None, original_hw=None, *, labels=None, image_valid=None, prompt_lengths=None,
+                 seg_image=None, sam_image_embeddings=None, deterministic: bool = True) -> dict[str, jax.Array]:
+        cfg = self.config
+        b = pixel_values.shape[0]
+        rows = jnp.arange(b)[:, None]
+        inp = self.embed_inputs(input_ids, attention_mask, pixel_values, dino_pixel_values, labels=labels,
+                                image_valid=image_valid, prompt_lengths=prompt_lengths)
+        t_exp, valid_img, newpos = inp["embeds"].shape[1], inp["image_valid"], inp["newpos"]
+        out = self.llm(attention_mask=inp["mask"], inputs_embeds=inp["embeds"], hooks=self.cam_hooks(inp) or None,
+                       last_prompt_index=inp["last_prompt_index"], deterministic=deterministic)
+
+        result = {"logits": out.logits, "attention_mask": inp["mask"], "image_positions": inp["image_positions"],
+                  "image_valid": valid_img, "last_prompt_index": inp["last_prompt_index"]}
         if labels is not None:
-            result["labels"] = jnp.full((b, t_exp), IGNORE_INDEX, jnp.int32).at[rows, text_target].set(
+            result["labels"] = jnp.full((b, t_exp), IGNORE_INDEX, jnp.int32).at[rows, inp["text_target"]].set(
                 labels.astype(jnp.int32), mode="drop")
 
         # [SEG] -> image, hidden state -> prompt -> SAM mask.
@@ -300,14 +333,12 @@ class Calico(nn.Module):
         seg_pos = jnp.clip(seg_pos, 0, t_exp - 1)
         seg_emb = self.project_seg(out.hidden_states[rows, seg_pos])                     # [B, M, C]
         if sam_image_embeddings is None:
-            sam_image_embeddings = self.sam.image_embeddings(
-                sam_pixel_values.reshape(b * n, *sam_pixel_values.shape[2:])).reshape(b, n, *sam_image_embeddings_shape(cfg))
+            sam_image_embeddings = self.sam_embeddings(sam_pixel_values)
         m = cfg.seg.max_seg
         per_seg = sam_image_embeddings[rows, route["image"]].reshape(b * m, *sam_image_embeddings.shape[2:])
-        sparse, dense = self.sam.encode_prompts(text_embeds=seg_emb.reshape(b * m, 1, -1))
-        low_res, _ = self.sam.decode_masks(per_seg, self.sam.dense_pe(), sparse, dense, False)
+        low_res = self.seg_low_res_masks(seg_emb.reshape(b * m, -1), per_seg)
         gather = lambda x: jnp.asarray(x)[rows, route["image"]].reshape(b * m, 2)  # noqa: E731
-        masks = postprocess_masks(low_res[:, 0], cfg.sam.image_encoder.img_size, gather(resized_hw),
+        masks = postprocess_masks(low_res, cfg.sam.image_encoder.img_size, gather(resized_hw),
                                   gather(original_hw), cfg.seg.mask_size)
         if self.is_initializing():   # create the prompt-encoder tables CALICO never calls (points, boxes, masks)
             h, w = cfg.sam.prompt_encoder.image_embedding_size

@@ -1,0 +1,266 @@
+"""CALICO inference: one jit-compiled prefill + KV-cache decode per batch, masks from the kept hidden states.
+
+:class:`Predictor` takes images (RGB uint8 arrays) and a question and returns the answer with one binary mask per
+routed ``[SEG]`` at the image's original resolution:
+
+1. Host: the ``llava_v1`` prompt (the training format, :class:`~calico_jax.data.tokenize.SampleTokenizer`), left
+   aligned and padded to a length bucket; the processors of the training pipeline (BLIP, DINOv2, SAM).
+2. One jitted program: :meth:`Calico.embed_inputs` (image tokens spliced in, X'_global for the CAMs), then
+   :func:`calico_jax.generate.decode` on the LLM with the CAMs as prefill hooks (the KV cache carries their effect
+   into decoding), keeping every generated token's final hidden state; the frozen SAM image embeddings.
+3. Host: each ``[SEG]`` is routed to the image its identifier ``(IMAGEk)`` names and labelled with the phrase of
+   the last ``<p> ... </p>`` before it. The hidden state "before" a [SEG] generated at step j is the one whose
+   logits produced it (``hidden[:, j]``); "at" the [SEG] is ``hidden[:, j + 1]``. No second LLM pass.
+4. One jitted program per padded [SEG] count: f_segmentation -> SAM mask decoder -> low-res logits, then GLaMM's
+   post-processing to the original size (:func:`~calico_jax.models.calico_layout.postprocess_masks`, sizes padded
+   to a bucket so few programs compile). Mask = logits > ``mask_threshold``; score = mean foreground probability.
+
+A batch holds samples with the same number of images (so every row's prompt ends at the same expanded slot);
+:meth:`Predictor.predict` groups and pads batches itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from calico_jax.config import Config
+from calico_jax.data.processors import BlipProcessor, Dinov2Processor, SamProcessor
+from calico_jax.data.tokenize import IMAGE_TOKEN_INDEX, LLAVA_V1_SYSTEM, SEG_TOKEN, SampleTokenizer
+from calico_jax.generate import decode, left_align
+from calico_jax.models.calico import Calico, CalicoConfig
+from calico_jax.models.calico_layout import postprocess_masks
+from calico_jax.models.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+INFERENCE_FILE = "inference.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceConfig(Config):
+    """Pre-processing (must match training) and decoding settings; stored as ``inference.json`` next to the
+    weights. ``0`` sizes mean "from the model config" (see :meth:`resolve`)."""
+    blip_size: int = 0
+    dinov2_size: int = 0                 # shortest side before the centre crop
+    dinov2_crop: int = 0
+    sam_size: int = 0
+    use_im_start_end: bool = True
+    system: str = LLAVA_V1_SYSTEM
+    max_new_tokens: int = 128
+    mask_threshold: float = 0.0          # on the mask logits (SAM's convention)
+    prompt_bucket: int = 32              # prompts are padded to a multiple of this many tokens
+
+    def resolve(self, model: CalicoConfig) -> "InferenceConfig":
+        dino = self.dinov2_size or model.dino_image_size
+        return self.replace(blip_size=self.blip_size or model.vision.vision.image_size, dinov2_size=dino,
+                            dinov2_crop=self.dinov2_crop or dino,
+                            sam_size=self.sam_size or model.sam.image_encoder.img_size)
+
+
+@dataclasses.dataclass
+class PredictedMask:
+    label: str
+    image: int                           # 0-based image index
+    mask: np.ndarray                     # bool [H, W] at the image's original size
+    score: float
+
+
+@dataclasses.dataclass
+class Prediction:
+    answer: str
+    masks: list[PredictedMask]
+    num_tokens: int
+    num_unrouted: int = 0                # [SEG] without a valid (IMAGEk) -> no mask
+    num_unlabeled: int = 0               # [SEG] without a preceding <p> ... </p> -> label ""
+    truncated: bool = False              # max_new_tokens reached before </s>
+
+
+# ------------------------------------------------------------------------------------ jitted programs
+@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "eos", "pad"))
+def _generate(params, input_ids, attention_mask, pixels, dino, sam_pixels, *, module: Calico, max_new_tokens: int,
+              eos: int, pad: int):
+    variables = {"params": params}
+    inp = module.apply(variables, input_ids, attention_mask, pixels, dino, method="embed_inputs")
+
+    def cam(layer):
+        return lambda h, lpi: module.apply(variables, layer, h, lpi, inp["x_fused"], inp["image_positions"],
+                                           inp["image_valid"], method="cam_update")
+
+    hooks = {layer: cam(layer) for layer in module.config.cam.layers}
+    llm = LlamaForCausalLM(module.config.llm, module.dtype)
+    out = decode(llm, params["llm"], inputs_embeds=inp["embeds"], attention_mask=inp["mask"],
+                 max_new_tokens=max_new_tokens, stop_token_ids=(eos,), pad_token_id=pad, hooks=hooks or None,
+                 return_hidden=True)
+    sam_embeddings = module.apply(variables, sam_pixels, method="sam_embeddings")
+    return out.tokens, out.lengths, out.hidden_states, sam_embeddings
+
+
+@functools.partial(jax.jit, static_argnames=("module", "mask_size"))
+def _masks(params, seg_hidden, image_embeddings, resized_hw, original_hw, *, module: Calico,
+           mask_size: tuple[int, int]):
+    low_res = module.apply({"params": params}, seg_hidden, image_embeddings,
+                           method=lambda m, h, e: m.seg_low_res_masks(m.project_seg(h), e))
+    return postprocess_masks(low_res, module.config.sam.image_encoder.img_size, resized_hw, original_hw, mask_size)
+
+
+def _bucket(n: int, size: int) -> int:
+    return max(size, -(-n // size) * size)
+
+
+# ---------------------------------------------------------------------------------------- predictor
+class Predictor:
+    def __init__(self, module: Calico, params: Any, tokenizer, config: InferenceConfig = InferenceConfig()):
+        self.module, self.params, self.tokenizer = module, params, tokenizer
+        self.config = config.resolve(module.config)
+        c = self.config
+        self.prompter = SampleTokenizer(tokenizer, max_len=1 << 20, use_im_start_end=c.use_im_start_end,
+                                        system=c.system)
+        self.seg_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
+        if self.seg_id != module.config.seg.token_id:
+            raise ValueError(f"tokenizer [SEG] id {self.seg_id} != model seg.token_id {module.config.seg.token_id}")
+        self.p_open, self.p_close = (tokenizer.convert_tokens_to_ids(t) for t in ("<p>", "</p>"))
+        self.blip = BlipProcessor(c.blip_size)
+        self.dino = Dinov2Processor(c.dinov2_size, c.dinov2_crop)
+        self.sam = SamProcessor(c.sam_size)
+
+    # --- host-side pieces
+    def prompt_ids(self, question: str, num_images: int) -> list[int]:
+        ids = self.prompter.prompt_ids(question)
+        if ids.count(IMAGE_TOKEN_INDEX) != num_images:
+            raise ValueError(f"the prompt has {ids.count(IMAGE_TOKEN_INDEX)} <image> slots for {num_images} images")
+        return ids
+
+    def _pixels(self, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        sam = [self.sam(im) for im in images]
+        return {"pixels": np.stack([self.blip(im) for im in images]),
+                "dino": np.stack([self.dino(im) for im in images]),
+                "sam": np.stack([s["pixel_values"] for s in sam]),
+                "resized": np.asarray([s["reshaped_input_size"] for s in sam], np.int32),
+                "original": np.asarray([im.shape[:2] for im in images], np.int32)}
+
+    def _parse(self, ids: list[int], num_images: int) -> tuple[list[tuple[int, int, str]], int, int]:
+        """Generated ids -> [(hidden index, image, label)] per routed [SEG], unrouted and unlabeled counts."""
+        shift = 0 if self.module.config.seg.hidden_position == "before" else 1
+        out, unrouted, unlabeled, phrase, opened = [], 0, 0, None, None
+        for j, t in enumerate(ids):
+            if t == self.p_open:
+                opened = j
+            elif t == self.p_close and opened is not None:
+                phrase, opened = self.tokenizer.decode(ids[opened + 1:j]).strip(), None
+            elif t == self.seg_id:
+                ident = self.prompter.identifier(ids, j, num_images)
+                if ident is None or not 0 <= ident[1] < num_images or j + shift >= len(ids):
+                    unrouted += 1
+                    continue
+                unlabeled += phrase is None
+                out.append((j + shift, ident[1], phrase or ""))
+        return out, unrouted, unlabeled
+
+    # --- batch inference
+    def predict(self, samples: Sequence[tuple[Sequence[np.ndarray], str]], batch_size: int = 1,
+                progress: bool = False) -> list[Prediction]:
+        """``samples``: (images as RGB uint8 [H, W, 3], question with one ``<image>`` per image) -> predictions
+        in order. Rows of a batch share the image count; a short batch is padded with copies of its first row."""
+        from tqdm import tqdm
+
+        results: list[Prediction | None] = [None] * len(samples)
+        groups: dict[int, list[int]] = {}
+        for i, (images, _) in enumerate(samples):
+            if not images:
+                raise ValueError(f"sample {i} has no images")
+            groups.setdefault(len(images), []).append(i)
+        bar = tqdm(total=len(samples), disable=not progress, desc="predict", unit="sample")
+        for n, idx in sorted(groups.items()):
+            for start in range(0, len(idx), batch_size):
+                rows = idx[start:start + batch_size]
+                for i, pred in zip(rows, self._predict_batch([samples[i] for i in rows], n, batch_size)):
+                    results[i] = pred
+                bar.update(len(rows))
+        bar.close()
+        return results  # type: ignore[return-value]
+
+    def _predict_batch(self, batch, n: int, batch_size: int) -> list[Prediction]:
+        c, tok = self.config, self.tokenizer
+        rows = list(batch) + [batch[0]] * (batch_size - len(batch))
+        prompts = [self.prompt_ids(q, n) for _, q in rows]
+        width = max(len(p) for p in prompts)
+        raw = np.full((len(rows), width), tok.pad_token_id, np.int64)
+        mask = np.zeros((len(rows), width), bool)
+        for r, p in enumerate(prompts):
+            raw[r, :len(p)], mask[r, :len(p)] = p, True
+        ids, mask = left_align(raw, mask, tok.pad_token_id, c.prompt_bucket)
+        px = [self._pixels(images) for images, _ in rows]
+        stack = lambda k: jnp.asarray(np.stack([p[k] for p in px]))  # noqa: E731
+        tokens, lengths, hidden, sam_emb = _generate(
+            self.params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), stack("pixels"), stack("dino"),
+            stack("sam"), module=self.module, max_new_tokens=c.max_new_tokens, eos=int(tok.eos_token_id),
+            pad=int(tok.pad_token_id))
+        tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+
+        preds, segs = [], []   # segs: (row, hidden index, image, label)
+        for r in range(len(batch)):
+            gen = tokens[r, :lengths[r]].tolist()
+            truncated = not gen or gen[-1] != tok.eos_token_id
+            text_ids = gen if truncated else gen[:-1]
+            parsed, unrouted, unlabeled = self._parse(text_ids, n)
+            segs += [(r, *p) for p in parsed]
+            preds.append(Prediction(tok.decode(text_ids).strip(), [], len(gen), unrouted, unlabeled, truncated))
+        if segs:
+            self._decode_masks(segs, hidden, sam_emb, px, preds)
+        return preds
+
+    def _decode_masks(self, segs, hidden, sam_emb, px, preds) -> None:
+        k = _bucket(len(segs), 8)
+        pick = lambda f: np.asarray([f(s) for s in segs] + [f(segs[0])] * (k - len(segs)))  # noqa: E731
+        r_idx, h_idx, i_idx = pick(lambda s: s[0]), pick(lambda s: s[1]), pick(lambda s: s[2])
+        original = np.stack([px[r]["original"][i] for r, i in zip(r_idx, i_idx)])
+        resized = np.stack([px[r]["resized"][i] for r, i in zip(r_idx, i_idx)])
+        size = (_bucket(int(original[:, 0].max()), 64), _bucket(int(original[:, 1].max()), 64))
+        logits = _masks(self.params, hidden[r_idx, h_idx], sam_emb[r_idx, i_idx], jnp.asarray(resized),
+                        jnp.asarray(original), module=self.module, mask_size=size)
+        logits = np.asarray(logits)
+        for j, (r, _, image, label) in enumerate(segs):
+            h, w = original[j]
+            lg = logits[j, :h, :w]
+            m = lg > self.config.mask_threshold
+            prob = 1.0 / (1.0 + np.exp(-lg[m].astype(np.float64)))
+            preds[r].masks.append(PredictedMask(label, int(image), m, float(prob.mean()) if m.any() else 0.0))
+
+
+# ------------------------------------------------------------------------------------------ loading
+def load_predictor(path: str | Path, **overrides: Any) -> Predictor:
+    """A :class:`Predictor` from an exported checkpoint (``python -m calico_jax.export``; also any ``calico``
+    checkpoint from ``python -m convert calico-assemble`` with its tokenizer) or a training workdir (its newest
+    checkpoint + frozen weights). ``overrides``: InferenceConfig fields (e.g. ``max_new_tokens``)."""
+    from calico_jax import pretrained
+    from calico_jax.data.tokenize import load_tokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--ckpt {path}: no such directory")
+    meta = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    if meta.get("format") == pretrained.FORMAT:
+        if meta.get("model") != "calico":
+            raise ValueError(f"{path}: a {meta.get('model')!r} checkpoint, not a calico one")
+        module, params, _ = pretrained.load(path)
+        tok_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else path
+        icfg = InferenceConfig.from_dict(json.loads((path / INFERENCE_FILE).read_text()), where=str(path / INFERENCE_FILE)) if (path / INFERENCE_FILE).is_file() \
+            else InferenceConfig()
+    elif (path / "checkpoints").is_dir():
+        from calico_jax.export import from_workdir
+        module, params, tok_dir, icfg = from_workdir(path)
+    else:
+        raise ValueError(f"{path}: neither a calico_jax checkpoint (config.json with format {pretrained.FORMAT!r}) "
+                         "nor a training workdir (checkpoints/)")
+    try:
+        tokenizer = load_tokenizer(tok_dir)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: no usable tokenizer in {tok_dir} ({e})") from None
+    return Predictor(module, params, tokenizer, icfg.replace(**overrides))
