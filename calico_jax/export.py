@@ -21,7 +21,6 @@ def from_workdir(workdir: str | Path) -> tuple[Any, Any, Path, Any]:
     """-> (Calico module, full params, tokenizer dir, InferenceConfig) from a training workdir."""
     import jax
 
-    from calico_jax.infer import InferenceConfig
     from calico_jax.train import loop, state as state_lib, tasks
     from calico_jax.train.checkpoint import Checkpointer
     from calico_jax.train.config import ExperimentConfig
@@ -49,25 +48,37 @@ def from_workdir(workdir: str | Path) -> tuple[Any, Any, Path, Any]:
     state, meta = restored
     (_, frozen), _ = loop.load_frozen(tr, meta.get("frozen_source"))
     params = state_lib.combine(state["params"], frozen)
+    return (task.module, params, *inference_setup(cfg, workdir))
+
+
+def inference_setup(cfg: Any, workdir: str | Path) -> tuple[Path, Any]:
+    """(tokenizer dir, InferenceConfig) of a training run: the pipeline's processor sizes."""
+    from calico_jax.infer import InferenceConfig
+
     d = cfg.data
     icfg = InferenceConfig(blip_size=d.blip_size, dinov2_size=d.dinov2_size, dinov2_crop=d.dinov2_size,
                            sam_size=d.sam_size)
-    tok_dir = Path(d.tokenizer) if d.tokenizer else workdir / "data" / "tokenizer"
-    return task.module, params, tok_dir, icfg
+    return (Path(d.tokenizer) if d.tokenizer else Path(workdir) / "data" / "tokenizer"), icfg
 
 
-def export(workdir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+def save(out: str | Path, module: Any, params: Any, tok_dir: Path, icfg: Any, source: dict | None = None,
+         overwrite: bool = False) -> Path:
+    """Writes the inference checkpoint (params, config, tokenizer/, inference.json) atomically."""
     from calico_jax import pretrained
     from calico_jax.infer import INFERENCE_FILE
 
-    module, params, tok_dir, icfg = from_workdir(workdir)
-    if not tok_dir.is_dir():
+    if not Path(tok_dir).is_dir():
         raise FileNotFoundError(f"tokenizer directory {tok_dir} is missing")
     with pretrained.atomic_directory(out, overwrite=overwrite) as tmp:
-        pretrained.write(tmp, "calico", module.config, params, source={"workdir": str(Path(workdir).absolute())})
+        pretrained.write(tmp, "calico", module.config, params, source=source)
         shutil.copytree(tok_dir, tmp / "tokenizer")
         (tmp / INFERENCE_FILE).write_text(json.dumps(icfg.to_dict(), indent=2) + "\n")
     return Path(out)
+
+
+def export(workdir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    module, params, tok_dir, icfg = from_workdir(workdir)
+    return save(out, module, params, tok_dir, icfg, {"workdir": str(Path(workdir).absolute())}, overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:

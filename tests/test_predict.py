@@ -225,3 +225,55 @@ def test_predict_cli_bad_input(ckpt, tmp_path, capsys, case, needle):
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
     assert nothing_at(out)
+
+
+# -------------------------------------------------------------------------------------- evaluate CLI
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    from calico_jax.data import pairs, synthetic
+    root = tmp_path_factory.mktemp("heldout")
+    ann = synthetic.generate(root, 8, seed=3, progress=False)
+    assert pairs.main(["--coco", str(ann), "--images", str(root / "images"), "--out", str(root / "pairs.json"),
+                       "--check_images", "none"]) == 0
+    return root / "pairs.json"
+
+
+def test_evaluate_cli_and_rescoring_saved_predictions(ckpt, heldout, tmp_path, capsys):
+    from calico_jax.evaluate import main as evaluate_main
+    data = json.loads(heldout.read_text())
+    n = min(6, len(data["samples"]))
+    report, saved = tmp_path / "report.json", tmp_path / "pred.json"
+    assert evaluate_main(["--ckpt", str(ckpt), "--pairs", str(heldout), "--limit", str(n), "--out", str(report),
+                          "--save_predictions", str(saved), "--batch_size", "4", "--overlays",
+                          str(tmp_path / "ov"), "--num_overlays", "1", "--no_progress"]) == 0
+    table = capsys.readouterr().out
+    rep = json.loads(report.read_text())
+    assert rep["num_samples"] == n
+    assert set(rep["mean"]) == {"AP50", "mIoU", "Recall", "SS", "S-IoU"}
+    assert "AP50" in table and "Mean" in table
+    for task, metrics in rep["per_task"].items():   # SS is a raw cosine: it may be slightly negative
+        assert all(v is None or -100.0 <= v <= 100.0 for v in metrics.values()), (task, metrics)
+    preds = json.loads(saved.read_text())["samples"]
+    assert len(preds) == n
+    for p in preds:   # the crafted model: one "wheel" mask on image 2, at that image's size
+        s = next(s for s in data["samples"] if s["id"] == p["id"])
+        im = data["images"][s["images"][1]]
+        assert [(m["label"], m["image"], m["rle"]["size"]) for m in p["masks"]] == [
+            ("wheel", 1, [im["height"], im["width"]])]
+    first = data["samples"][0]["id"]
+    assert (tmp_path / "ov" / f"{first}_image2.png").is_file()
+    # Scoring the saved predictions without a model gives the same report.
+    again = tmp_path / "again.json"
+    assert evaluate_main(["--predictions", str(saved), "--pairs", str(heldout), "--limit", str(n),
+                          "--out", str(again)]) == 0
+    assert json.loads(again.read_text())["per_task"] == rep["per_task"]
+
+
+def test_evaluate_cli_bad_predictions_file(heldout, tmp_path, capsys):
+    from calico_jax.evaluate import main as evaluate_main
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "calico_jax.predictions", "samples": [{"id": "x", "masks": [{"label": "a"}]}]}))
+    out = tmp_path / "r.json"
+    assert evaluate_main(["--predictions", str(bad), "--pairs", str(heldout), "--out", str(out)]) == 2
+    assert "samples[0].masks[0] misses ['image', 'rle']" in capsys.readouterr().err
+    assert not out.exists()

@@ -1,0 +1,194 @@
+"""Score a CALICO checkpoint on MixedParts-style pairs in the paper's table layout.
+
+    python -m calico_jax.evaluate --ckpt DIR --pairs PAIRS.json --images DIR [--limit N] --out report.json
+    python -m calico_jax.evaluate --predictions PRED.json --pairs PAIRS.json --out report.json   # no model
+
+Runs batched, jit-compiled inference (:class:`calico_jax.infer.Predictor`) over the pairs file's samples (their
+own prompts), then AP50 / mIoU / Recall / SS / S-IoU per task and their unweighted mean
+(:mod:`calico_jax.eval.metrics`; the protocol choices are switches below, defaults documented there). Writes
+``report.json`` (metrics in percent) and prints the table; ``--save_predictions`` keeps the predictions (masks as
+COCO RLE at the original size) so they can be re-scored with other switches via ``--predictions``;
+``--overlays DIR`` draws the first ``--num_overlays`` samples.
+
+Predictions file: ``{"format": "calico_jax.predictions", "version": 1, "pairs": path, "samples": [{"id", "task",
+"answer", "masks": [{"label", "image", "score", "rle"}]}]}`` (``image`` = 0-based position in the sample).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+PRED_FORMAT = "calico_jax.predictions"
+
+
+def gt_results(pairs, samples: list[dict], predictions: dict[str, dict]):
+    """Pairs samples + {sample id: prediction record} -> SampleResults (a sample without a prediction has none)."""
+    from calico_jax.eval.metrics import Mask, SampleResult
+
+    out = []
+    for s in samples:
+        gt = [Mask(image=g["image"], label=g["label"], rle=pairs.data["masks"][g["mask"]]["rle"]) for g in s["segs"]]
+        rec = predictions.get(s["id"], {"masks": []})
+        pred = [Mask(image=m["image"], label=m["label"], rle=m["rle"], score=float(m.get("score", 1.0)))
+                for m in rec["masks"]]
+        out.append(SampleResult(id=s["id"], task=s["task"], num_images=len(s["images"]), gt=gt, pred=pred))
+    return out
+
+
+def predict_samples(args, pairs, samples: list[dict]) -> dict[str, dict]:
+    """Runs the model over ``samples`` -> {id: prediction record}; overlays for the first few."""
+    from calico_jax.data.processors import load_image
+    from calico_jax.data.rle import encode
+    from calico_jax.infer import load_predictor
+
+    overrides = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
+    predictor = load_predictor(args.ckpt, **overrides)
+    records: dict[str, dict] = {}
+    chunk = max(args.batch_size * 8, 1)   # load images chunk by chunk: bounded memory on large sets
+    from tqdm import tqdm
+    bar = tqdm(total=len(samples), desc="evaluate", unit="sample", disable=not args.progress)
+    for start in range(0, len(samples), chunk):
+        part = samples[start:start + chunk]
+        inputs = []
+        for s in part:
+            ims = []
+            for k, i in enumerate(s["images"]):
+                info = pairs.data["images"][i]
+                ims.append(load_image(pairs.image_path(s, k), (info["height"], info["width"])))
+            inputs.append((ims, s["prompt"]))
+        preds = predictor.predict(inputs, batch_size=args.batch_size)
+        for j, (s, (ims, _), p) in enumerate(zip(part, inputs, preds)):
+            records[s["id"]] = {"id": s["id"], "task": s["task"], "answer": p.answer, "truncated": p.truncated,
+                                "num_unrouted_seg": p.num_unrouted,
+                                "masks": [{"label": m.label, "image": m.image, "score": round(m.score, 6),
+                                           "rle": encode(m.mask)} for m in p.masks]}
+            if args.overlays and start + j < args.num_overlays:
+                _draw(Path(args.overlays), s, ims, p, pairs)
+        bar.update(len(part))
+    bar.close()
+    return records
+
+
+def _draw(root: Path, sample: dict, images, pred, pairs) -> None:
+    """Prediction | ground truth side by side, one PNG per image of the sample."""
+    from PIL import Image
+
+    from calico_jax.data.rle import decode
+    from calico_jax.viz import overlay
+
+    root.mkdir(parents=True, exist_ok=True)
+    for k, im in enumerate(images):
+        p = overlay(im, [(m.mask, m.label) for m in pred.masks if m.image == k])
+        g = overlay(im, [(decode(pairs.data["masks"][s["mask"]]["rle"]), s["label"])
+                         for s in sample["segs"] if s["image"] == k])
+        both = Image.new("RGB", (p.width + g.width + 8, max(p.height, g.height)), "white")
+        both.paste(p, (0, 0))
+        both.paste(g, (p.width + 8, 0))
+        both.save(root / f"{sample['id']}_image{k + 1}.png")
+    (root / f"{sample['id']}.txt").write_text(f"prompt: {sample['prompt']}\npredicted: {pred.answer}\n"
+                                              f"ground truth: {sample['answer']}\n", encoding="utf-8")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def read_predictions(path: Path) -> dict[str, dict]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--predictions {path}: cannot read ({e})") from None
+    if data.get("format") != PRED_FORMAT:
+        raise ValueError(f"--predictions {path}: format is {data.get('format')!r}, expected {PRED_FORMAT!r}")
+    out = {}
+    for n, rec in enumerate(data.get("samples", [])):
+        for key in ("id", "masks"):
+            if key not in rec:
+                raise ValueError(f"--predictions {path}: samples[{n}] has no {key!r}")
+        for j, m in enumerate(rec["masks"]):
+            missing = [k for k in ("label", "image", "rle") if k not in m]
+            if missing:
+                raise ValueError(f"--predictions {path}: samples[{n}].masks[{j}] misses {missing}")
+        out[rec["id"]] = rec
+    return out
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from calico_jax.eval.metrics import MetricConfig
+
+    ap = argparse.ArgumentParser(prog="python -m calico_jax.evaluate", description=__doc__.split("\n\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="exported checkpoint or training workdir")
+    src.add_argument("--predictions", help="score a saved predictions file instead of running a model")
+    ap.add_argument("--pairs", required=True, help="pairs file (python -m calico_jax.data.pairs)")
+    ap.add_argument("--images", default=None, help="images root (default: the pairs file's sources)")
+    ap.add_argument("--limit", type=int, default=0, help="first N samples only (0 = all)")
+    ap.add_argument("--out", required=True, help="report.json")
+    ap.add_argument("--save_predictions", default=None, help="also write the predictions file here")
+    ap.add_argument("--batch_size", type=int, default=4)
+    ap.add_argument("--max_new_tokens", type=int, default=None)
+    ap.add_argument("--overlays", default=None, help="directory for prediction|ground-truth overlays")
+    ap.add_argument("--num_overlays", type=int, default=4)
+    ap.add_argument("--no_progress", dest="progress", action="store_false")
+    for f in dataclasses.fields(MetricConfig):
+        kind = _bool if isinstance(f.default, bool) else type(f.default)
+        ap.add_argument(f"--{f.name}", type=kind, default=f.default, help=f"metric switch (default {f.default})")
+    args = ap.parse_args(argv)
+    from calico_jax.data.pairs_io import read_pairs
+    from calico_jax.eval.metrics import evaluate
+    from calico_jax.eval.report import format_table, write_report
+    from calico_jax.eval.sentence import SentenceEncoder, SentenceModelError
+
+    try:
+        metric_cfg = MetricConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(MetricConfig)})
+        pairs = read_pairs(args.pairs, images_root=args.images)
+        samples = pairs.samples[:args.limit] if args.limit > 0 else pairs.samples
+        if not samples:
+            raise ValueError(f"{args.pairs}: no samples to evaluate")
+        if args.predictions:
+            preds = read_predictions(Path(args.predictions))
+            unknown = sorted(set(preds) - {s["id"] for s in pairs.samples})
+            if unknown:
+                raise ValueError(f"--predictions: {len(unknown)} sample ids not in {args.pairs}, e.g. {unknown[:3]}")
+            missing = sum(s["id"] not in preds for s in samples)
+            if missing:
+                print(f"warning: {missing} of {len(samples)} samples have no prediction (scored as empty)",
+                      file=sys.stderr)
+        else:
+            preds = predict_samples(args, pairs, samples)
+            if args.save_predictions:
+                _write_json(Path(args.save_predictions), {"format": PRED_FORMAT, "version": 1,
+                                                          "pairs": str(Path(args.pairs).absolute()),
+                                                          "samples": list(preds.values())})
+        encoder = SentenceEncoder()
+        report = evaluate(gt_results(pairs, samples, preds), metric_cfg, encoder.similarity)
+        report["source"] = {"ckpt": args.ckpt, "predictions": args.predictions, "pairs": str(args.pairs)}
+        report["generation"] = {"truncated": int(sum(bool(p.get("truncated")) for p in preds.values())),
+                                "unrouted_seg": int(sum(p.get("num_unrouted_seg", 0) for p in preds.values())),
+                                "predicted_masks": int(sum(len(p["masks"]) for p in preds.values())),
+                                "gt_masks": int(sum(len(s["segs"]) for s in samples))}
+        write_report(Path(args.out), report)
+    except (FileNotFoundError, ValueError, SentenceModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
