@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -237,8 +238,12 @@ def run(args: argparse.Namespace) -> int:
                           params)
     source = {"family": "calico-assemble", **{role: str(Path(getattr(args, role)).absolute())
                                               for role in parts}}
-    pretrained.save(out, "calico", config, params, dtype=args.dtype, source=source, overwrite=args.overwrite)
-    print(f"wrote {out}")
+    tok = Path(args.llm) / "tokenizer"   # glamm copies its tokenizer there; predict/evaluate read it from OUT
+    with pretrained.atomic_directory(out, overwrite=args.overwrite) as tmp:
+        pretrained.write(tmp, "calico", config, params, dtype=args.dtype, source=source)
+        if tok.is_dir():
+            shutil.copytree(tok, tmp / "tokenizer")
+    print(f"wrote {out}" + ("" if tok.is_dir() else f" (no tokenizer: {tok} is missing; add OUT/tokenizer/ for predict)"))
     return 0
 
 

@@ -65,6 +65,9 @@ def test_assemble_load_forward(parts, tmp_path):
     assert "skipped 2 tensor(s): Q-Former instruction embeddings" in out
     module, params, cfg = calico_jax.load(tmp_path / "calico")
     assert isinstance(module, Calico) and cfg.cam.layers == (0, 1) and cfg.cem.num_heads == 4
+    # the LLM part's tokenizer travels along (predict/evaluate read OUT/tokenizer)
+    assert sorted(p.name for p in (tmp_path / "calico" / "tokenizer").iterdir()) == sorted(
+        p.name for p in (parts / "glamm" / "tokenizer").iterdir())
     ours = flat(params)
 
     # every part tensor carried over bit for bit
