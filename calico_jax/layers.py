@@ -16,6 +16,7 @@ attention logits and softmax in float32.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -121,3 +122,31 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None =
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Activation sharding hint by logical names; a no-op outside a mesh + rules context."""
     return nn.with_logical_constraint(x, tuple(axes))
+
+
+# Rematerialisation policies of a transformer block (``remat`` field of each tower's config):
+# "none" keeps every activation the backward pass needs; "full" saves only the block's inputs and
+# recomputes the rest; "dots" saves matmul outputs (recomputes norms, activations, softmax);
+# "dots_no_batch" saves only matmuls without batch dimensions (the projections, not attention's
+# q·k / p·v einsums, whose [B, H, T, T] outputs dominate at long sequences).
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def remat_block(cls: type[nn.Module], policy: str, static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
+    """``cls`` wrapped in ``nn.remat`` with a named policy (``cls`` itself for "none").
+
+    Lifted transforms add no scope, so parameter paths are unchanged. ``static_argnums`` count
+    ``self`` as 0 and must cover every non-array argument (Python ints/bools); call the block with
+    positional arguments only (``jax.checkpoint`` traces keyword arguments).
+    """
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {policy!r} for {cls.__name__} unknown; known: {sorted(REMAT_POLICIES)}")
+    if policy == "none":
+        return cls
+    return nn.remat(cls, policy=REMAT_POLICIES[policy], static_argnums=static_argnums)

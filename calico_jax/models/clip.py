@@ -48,6 +48,7 @@ class ClipVisionConfig(Config):
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     select_layer: int = -2                 # index into hidden_states (LLaVA mm_vision_select_layer)
+    remat: str = "none"                    # block rematerialisation policy (layers.REMAT_POLICIES)
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -132,7 +133,7 @@ class _Encoder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for i in range(self.config.layers_used):
-            x = ClipBlock(self.config, self.dtype, name=f"layers_{i}")(x)
+            x = layers.remat_block(ClipBlock, self.config.remat)(self.config, self.dtype, name=f"layers_{i}")(x)
         return x
 
 

@@ -99,6 +99,7 @@ class Dinov2Config(Config):
     interpolation: str = "original"    # "hf" | "original" (see module docstring)
     interpolate_antialias: bool = False
     interpolate_offset: float = 0.1    # "original" only
+    remat: str = "none"                 # block rematerialisation policy (layers.REMAT_POLICIES)
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -331,7 +332,8 @@ class Dinov2Encoder(nn.Module):
         """All hidden states: the embeddings, then each layer's output (pre-``layernorm``), as HF."""
         states = [x]
         for i in range(self.config.num_hidden_layers):
-            states.append(Dinov2Layer(self.config, self.dtype, name=f"layer_{i}")(states[-1]))
+            block = layers.remat_block(Dinov2Layer, self.config.remat)
+            states.append(block(self.config, self.dtype, name=f"layer_{i}")(states[-1]))
         return states
 
 

@@ -47,6 +47,7 @@ class EvaVitConfig(Config):
     qkv_bias: bool = True
     layer_norm_eps: float = 1e-6
     post_layernorm_eps: float = 1e-6
+    remat: str = "none"    # block rematerialisation policy (layers.REMAT_POLICIES)
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -172,7 +173,7 @@ class EvaEncoder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for i in range(self.config.num_hidden_layers):
-            x = EvaBlock(self.config, self.dtype, name=f"layers_{i}")(x)
+            x = layers.remat_block(EvaBlock, self.config.remat)(self.config, self.dtype, name=f"layers_{i}")(x)
         return x
 
 

@@ -43,6 +43,7 @@ class QFormerConfig(Config):
     text_ffn: bool = False          # per-layer intermediate/output for the text tokens
     vocab_size: int = 30523
     max_position_embeddings: int = 512
+    remat: str = "none"             # layer rematerialisation policy (layers.REMAT_POLICIES)
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -194,8 +195,9 @@ class QFormerEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, h, image, num_query, self_mask, image_mask):
+        block = layers.remat_block(QFormerLayer, self.config.remat, static_argnums=(3,))   # num_query: an int
         for i in range(self.config.num_hidden_layers):
-            h = QFormerLayer(self.config, i, self.dtype, name=f"layer_{i}")(h, image, num_query, self_mask, image_mask)
+            h = block(self.config, i, self.dtype, name=f"layer_{i}")(h, image, num_query, self_mask, image_mask)
         return h
 
 

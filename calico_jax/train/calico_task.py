@@ -6,44 +6,68 @@ once under ``WORKDIR/data`` (atomically; deterministic given ``seed``), so ``con
 with nothing downloaded. The model's vocabulary and ``[SEG]`` id follow the tokenizer; [SEG] routing
 uses the pipeline's ``seg_image`` (host side), and predicted masks come out on the pipeline's mask
 frame (``original_hw`` = ``mask_sizes``), so they line up with ``batch["masks"]``.
+
+Several processes: process 0 builds the synthetic data and tokenizer, the others wait at a barrier;
+each process then reads its own shard (``Pipeline(..., process_index, process_count)``).
+
+Periodic evaluation (``eval_every``): teacher-forced on ``data.eval_pairs`` (or the synthetic held-out
+set), ``data.eval_batches`` fixed batches, no augmentation, deterministic forward: ``loss``, ``ce_loss``,
+``mask_iou`` (mean IoU of ``logit > 0`` vs the ground truth over the valid [SEG]s) and
+``token_accuracy`` (answer tokens).
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from calico_jax.losses import LossConfig, calico_loss
+from calico_jax.losses import LossConfig, calico_loss, pixel_mask
 from calico_jax.train.config import ExperimentConfig
-from calico_jax.train.tasks import Task
+from calico_jax.train.tasks import Task, eval_rows
+
+log = logging.getLogger(__name__)
 
 
-def _prepare_data(cfg: ExperimentConfig, workdir: Path) -> tuple[Path, Path]:
-    """-> (pairs file, tokenizer dir); builds the synthetic set on first use."""
+def _synthetic_pairs(root: Path, num_images: int, seed: int) -> None:
+    """A synthetic part dataset and its pairs file under ``root`` (atomically)."""
     from calico_jax.data import pairs, synthetic
+    from calico_jax.pretrained import atomic_directory
+    with atomic_directory(root) as tmp:
+        ann = synthetic.generate(tmp / "syn", num_images, seed=seed, progress=False)
+        rc = pairs.main(["--coco", str(ann), "--images", str(root / "syn" / "images"),
+                         "--out", str(tmp / "pairs.json"), "--seed", str(seed), "--check_images", "none"])
+        if rc != 0:
+            raise RuntimeError(f"building the synthetic pairs file under {root} failed")
+
+
+def _prepare_data(cfg: ExperimentConfig, workdir: Path) -> tuple[Path, Path, Path | None]:
+    """-> (pairs file, tokenizer dir, held-out pairs file or None); builds the synthetic sets on first use
+    (process 0; every process waits for it)."""
+    from calico_jax.data import pairs
     from calico_jax.data.tokenize import build_tiny_tokenizer
     from calico_jax.pretrained import atomic_directory
 
-    root = workdir / "data"
-    if cfg.data.pairs:
-        pairs_path = Path(cfg.data.pairs)
-    else:
-        pairs_path = root / "pairs.json"
-        if not root.exists() and jax.process_index() == 0:
-            with atomic_directory(root) as tmp:
-                ann = synthetic.generate(tmp / "syn", cfg.data.synthetic_images, seed=cfg.seed, progress=False)
-                rc = pairs.main(["--coco", str(ann), "--images", str(root / "syn" / "images"),
-                                 "--out", str(tmp / "pairs.json"), "--seed", str(cfg.seed), "--check_images", "none"])
-                if rc != 0:
-                    raise RuntimeError("building the synthetic pairs file failed")
-    tok = Path(cfg.data.tokenizer) if cfg.data.tokenizer else root / "tokenizer"
-    if not cfg.data.tokenizer and not tok.exists() and jax.process_index() == 0:
+    root, d, first = workdir / "data", cfg.data, jax.process_index() == 0
+    pairs_path = Path(d.pairs) if d.pairs else root / "pairs.json"
+    if not d.pairs and not root.exists() and first:
+        _synthetic_pairs(root, d.synthetic_images, cfg.seed)
+    eval_path = Path(d.eval_pairs) if d.eval_pairs else None
+    if eval_path is None and not d.pairs and cfg.eval_every > 0:
+        eval_path = root / "eval" / "pairs.json"   # held-out: other images (seed + 1), same generator
+        if not eval_path.parent.exists() and first:
+            _synthetic_pairs(eval_path.parent, max(8, d.synthetic_images // 3), cfg.seed + 1)
+    tok = Path(d.tokenizer) if d.tokenizer else root / "tokenizer"
+    if not d.tokenizer and not tok.exists() and first:
         p = pairs.read_pairs(pairs_path, validate=False)
         with atomic_directory(tok) as tmp:
             build_tiny_tokenizer(tmp, [s["prompt"] + " " + s["answer"] for s in p.samples], vocab_size=400)
-    return pairs_path, tok
+    if jax.process_count() > 1:   # the others read what process 0 just wrote
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("calico_prepare_data")
+    return pairs_path, tok, eval_path
 
 
 def _merge(base: dict, changes: dict) -> dict:
@@ -69,7 +93,19 @@ def model_config(cfg: ExperimentConfig, vocab_size: int | None = None, seg_id: i
             base = base.replace(llm=base.llm.replace(vocab_size=vocab_size))
     seg = base.seg.replace(identifier_ids=(), max_seg=d.max_segs, mask_size=(d.mask_size, d.mask_size),
                            **({"token_id": seg_id} if seg_id is not None else {}))
-    return CalicoConfig.from_dict(_merge(base.replace(seg=seg).to_dict(), cfg.model.options))
+    mcfg = CalicoConfig.from_dict(_merge(base.replace(seg=seg).to_dict(), cfg.model.options))
+    return with_remat(mcfg, cfg.model.remat_policy)
+
+
+def with_remat(mcfg, policy):
+    """Each tower's block ``remat`` field set from ``policy(tower)`` (``ModelConfig.remat_policy``)."""
+    v = mcfg.vision
+    return mcfg.replace(
+        vision=v.replace(vision=v.vision.replace(remat=policy("vision")),
+                         qformer=v.qformer.replace(remat=policy("qformer"))),
+        clip=mcfg.clip.replace(remat=policy("vision")), dinov2=mcfg.dinov2.replace(remat=policy("dinov2")),
+        llm=mcfg.llm.replace(remat=policy("llm")),
+        sam=mcfg.sam.replace(image_encoder=mcfg.sam.image_encoder.replace(remat=policy("sam"))))
 
 
 def batch_spec(cfg: ExperimentConfig, batch: int) -> dict:
@@ -97,7 +133,7 @@ def calico_task(cfg: ExperimentConfig, workdir: Path | None = None, plan_only: b
     if plan_only:
         tokenizer, mcfg = None, model_config(cfg)
     else:
-        pairs_path, tok_dir = _prepare_data(cfg, Path(workdir or "."))
+        pairs_path, tok_dir, eval_path = _prepare_data(cfg, Path(workdir or "."))
         tokenizer = load_tokenizer(tok_dir)
         mcfg = model_config(cfg, len(tokenizer), tokenizer.convert_tokens_to_ids(SEG_TOKEN))
     module = Calico(mcfg, jnp.dtype(cfg.model.dtype))
@@ -110,14 +146,17 @@ def calico_task(cfg: ExperimentConfig, workdir: Path | None = None, plan_only: b
     pairs = None if plan_only else read_pairs(pairs_path)
     loss_cfg = LossConfig()
 
+    def forward(params, batch, deterministic, rngs=None):
+        return module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], batch["images_blip"],
+                            batch.get("images_dinov2"), batch["images_sam"], batch["sam_sizes"], batch["mask_sizes"],
+                            labels=batch["labels"], image_valid=batch["image_valid"], seg_image=batch["seg_image"],
+                            deterministic=deterministic, rngs=rngs)
+
     def init_variables(rng):
         return module.init(rng, **module.dummy_inputs())
 
     def loss_fn(params, batch, rng):
-        out = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], batch["images_blip"],
-                           batch.get("images_dinov2"), batch["images_sam"], batch["sam_sizes"], batch["mask_sizes"],
-                           labels=batch["labels"], image_valid=batch["image_valid"], seg_image=batch["seg_image"],
-                           deterministic=False, rngs={"dropout": rng})
+        out = forward(params, batch, False, {"dropout": rng})
         total, parts = calico_loss(out, batch["masks"], batch["mask_valid"], loss_cfg)
         return total, {"ce_loss": parts["ce"], "mask_bce_loss": parts["pixel"], "mask_dice_loss": parts["dice"],
                        "num_masks": parts["num_masks"].astype(jnp.float32), "token_accuracy": parts["token_accuracy"]}
@@ -126,6 +165,45 @@ def calico_task(cfg: ExperimentConfig, workdir: Path | None = None, plan_only: b
         per_process = dataclasses.replace(pcfg, batch_size=cfg.batch_size // process_count)
         return Pipeline(pairs, tokenizer, per_process, process_index, process_count).dataset()
 
+    eval_pipeline = None
+    if cfg.eval_every > 0 and not plan_only:
+        if eval_path is None:
+            log.warning("eval_every=%d but no held-out data: set data.eval_pairs (the synthetic held-out set "
+                        "exists only when training on synthetic data); periodic evaluation is off", cfg.eval_every)
+        else:
+            ecfg = dataclasses.replace(pcfg, hflip=0.0, color_jitter=0.0, num_epochs=1, worker_count=0, seed=cfg.seed)
+            eval_pipeline = (read_pairs(eval_path), ecfg)
+
+    def eval_dataset(process_index: int, process_count: int):
+        """The first ``eval_batches`` batches of the held-out set (same order every time)."""
+        held_out, ecfg = eval_pipeline
+        ecfg = dataclasses.replace(ecfg, batch_size=eval_rows(cfg, process_count))
+        it = iter(Pipeline(held_out, tokenizer, ecfg, process_index, process_count).dataset())
+        try:
+            for _ in range(d.eval_batches):
+                yield next(it)
+        except StopIteration:
+            return
+        finally:
+            if hasattr(it, "close"):
+                it.close()
+
+    def eval_metrics(params, batch):
+        out = forward(params, batch, True)
+        total, parts = calico_loss(out, batch["masks"], batch["mask_valid"], loss_cfg)
+        valid = out["seg_valid"] & batch["mask_valid"].astype(bool)
+        region = pixel_mask(out["mask_hw"], batch["masks"].shape[-2:])
+        pred, gt = (out["mask_logits"] > 0) & region, batch["masks"].astype(bool) & region
+        inter = jnp.sum(pred & gt, axis=(-2, -1)).astype(jnp.float32)
+        union = jnp.sum(pred | gt, axis=(-2, -1)).astype(jnp.float32)
+        iou = jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 1.0)   # both empty: a perfect match
+        rows = jnp.asarray(batch["input_ids"].shape[0], jnp.float32)
+        n_tok = parts["num_tokens"].astype(jnp.float32)
+        return {"loss": (total * rows, rows), "ce_loss": (parts["ce"] * rows, rows),
+                "mask_iou": (jnp.sum(jnp.where(valid, iou, 0.0)), jnp.sum(valid).astype(jnp.float32)),
+                "token_accuracy": (parts["token_accuracy"] * n_tok, n_tok)}
+
     return Task(module, init_variables, loss_fn, trainable=tuple(mcfg.trainable), dataset=dataset,
                 tokens_per_example=d.max_tokens, images_per_example=d.max_images, model_name="calico",
-                batch_spec=lambda b: batch_spec(cfg, b))
+                batch_spec=lambda b: batch_spec(cfg, b),
+                eval_dataset=eval_dataset if eval_pipeline else None, eval_metrics=eval_metrics)

@@ -20,6 +20,17 @@ from calico_jax.config import Config, ConfigError
 C = typing.TypeVar("C", bound=Config)
 
 
+# model.remat towers: "vision" = EVA ViT blocks (and CLIP blocks with image_path="clip_mlp"), "dinov2",
+# "qformer", "llm" = LLaMA decoder layers, "sam" = SAM image-encoder blocks.
+REMAT_TOWERS = ("vision", "dinov2", "qformer", "llm", "sam")
+# Default "none" everywhere, from the calico_7b AOT plan (--compile_only, CPU compiler; per_device_memory_gb):
+#   1 device, batch 2, no accumulation:  llm none 62.8 | full 63.5 | dots 63.5 | dots_no_batch 63.5
+#   8 devices (fsdp 8), the recipe:      llm none 46.7 | full 82.2 | dots 82.0
+# LLM remat does not lower that plan's peak (the LoRA backward is not what sets it) and raises it under
+# FSDP; measure again on the target backend before turning it on (--config.model.remat='{"llm": "full"}').
+REMAT_DEFAULT: dict[str, str] = {}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(Config):
     task: str = "toy"                     # "toy" (stand-in) | "calico"
@@ -29,11 +40,30 @@ class ModelConfig(Config):
     frozen_dtype: str = "float32"         # storage dtype of the frozen weights (bfloat16 halves them)
     trainable: tuple[str, ...] = ()       # path regexes; () = the task's default (paper recipe for calico)
     options: dict = dataclasses.field(default_factory=dict)   # task-specific (e.g. toy widths)
+    # Rematerialisation policy per tower (calico): tower -> "none" | "full" | "dots" | "dots_no_batch"
+    # (calico_jax.layers.REMAT_POLICIES); towers absent here use REMAT_DEFAULT. Only towers the backward
+    # pass goes through (the LLM for LoRA, the Q-Former for the CAMs) save anything to rematerialise:
+    # the frozen vision/DINOv2/SAM encoders see no gradient, so a policy there changes nothing.
+    remat: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        from calico_jax.layers import REMAT_POLICIES
+        for tower, policy in self.remat.items():
+            if tower not in REMAT_TOWERS:
+                raise ConfigError(f"model.remat: unknown tower {tower!r}; known: {list(REMAT_TOWERS)}")
+            if policy not in REMAT_POLICIES:
+                raise ConfigError(f"model.remat.{tower}: unknown policy {policy!r}; known: {list(REMAT_POLICIES)}")
+
+    def remat_policy(self, tower: str) -> str:
+        return self.remat.get(tower, REMAT_DEFAULT.get(tower, "none"))
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig(Config):
     pairs: str = ""                       # pairs file (calico); "" = a synthetic set under WORKDIR/data
+    eval_pairs: str = ""                  # held-out pairs (calico eval_every); "" = with synthetic training data
+                                          # a synthetic held-out set (seed + 1) under WORKDIR/data/eval, else none
+    eval_batches: int = 2                 # batches (of batch_size / grad_accum rows) per periodic evaluation
     tokenizer: str = ""                   # tokenizer dir; "" = a tiny one trained on the pairs
     synthetic_images: int = 24
     max_images: int = 2

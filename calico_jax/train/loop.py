@@ -314,6 +314,8 @@ def train(cfg: ExperimentConfig, workdir: str | Path, task: Task | None = None,
     mesh = make_mesh(cfg.mesh, devices)
     task = task or tasks_lib.build(cfg, workdir)
     tr = build(cfg, task, mesh)
+    if eval_fn is None and cfg.eval_every > 0:
+        eval_fn = tasks_lib.make_evaluator(tr)   # None when the task does not evaluate
     ckpt = Checkpointer(cfg.checkpoint.directory or workdir / "checkpoints", cfg.checkpoint)
     data_it = iter(task.dataset(jax.process_index(), jax.process_count()))
     with tr.context():

@@ -8,7 +8,10 @@ The loop (:mod:`calico_jax.train.loop`) is model-agnostic; it needs a :class:`Ta
 * ``trainable``: path regexes (full match on ``a/b/c``) of the leaves the optimizer updates;
 * ``dataset(process_index, process_count)``: a grain ``IterDataset`` of numpy batch dicts of
   ``batch_size // process_count`` rows whose iterator supports ``get_state``/``set_state``;
-* ``tokens_per_example`` / ``images_per_example`` for throughput.
+* ``tokens_per_example`` / ``images_per_example`` for throughput;
+* optionally ``eval_dataset(process_index, process_count)`` (a finite, fixed iterable of numpy batches of
+  this process's rows: held-out, no augmentation) and ``eval_metrics(params, batch) -> {name: (sum, count)}``;
+  :func:`make_evaluator` turns them into the loop's ``eval_fn`` (each metric = total sum / total count).
 
 Tasks: ``toy`` (a small stand-in with CE + mask losses, for fast tests) and ``calico``
 (:mod:`calico_jax.models.calico` + :func:`calico_jax.losses.calico_loss` on the grain pipeline).
@@ -17,16 +20,18 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from calico_jax import layers
 from calico_jax.losses import LossConfig, causal_lm_loss, mask_losses
+from calico_jax.train import state as state_lib
 from calico_jax.train.config import ExperimentConfig
 
 
@@ -41,6 +46,39 @@ class Task:
     images_per_example: int = 0
     model_name: str = ""
     batch_spec: Callable[[int], dict] | None = None   # rows -> {name: (shape, dtype)} (AOT planning)
+    eval_dataset: Callable[[int, int], Iterable[dict]] | None = None   # None: no periodic evaluation
+    eval_metrics: Callable[[Any, dict], dict] | None = None
+
+
+def eval_rows(cfg: ExperimentConfig, process_count: int) -> int:
+    """Rows of one evaluation batch on this process: a micro-batch (fits like a training micro-step)."""
+    return cfg.batch_size // cfg.optim.grad_accum // process_count
+
+
+def make_evaluator(tr) -> Callable[[Any, Any, int], dict] | None:
+    """The loop's ``eval_fn(state, frozen, step) -> {name: float}`` for a :class:`~.loop.Trainer` whose
+    task evaluates, else None. One jitted program (same shardings as the train step, compiled on the
+    first call); batches are sharded over data x fsdp like training batches."""
+    task = tr.task
+    if task.eval_dataset is None or task.eval_metrics is None:
+        return None
+    fn = jax.jit(lambda train, frozen, batch: task.eval_metrics(state_lib.combine(train, frozen), batch),
+                 in_shardings=(tr.state_sh["params"], tr.frozen_sh, tr.batch_sh),
+                 out_shardings=NamedSharding(tr.mesh, P()))
+
+    def evaluate(state, frozen, step):
+        sums: dict[str, list[float]] = {}
+        with tr.context():
+            for batch in task.eval_dataset(jax.process_index(), jax.process_count()):
+                dev = {k: jax.make_array_from_process_local_data(tr.batch_sh, np.asarray(v)) for k, v in batch.items()}
+                for k, (s, n) in jax.device_get(fn(state["params"], frozen, dev)).items():
+                    acc = sums.setdefault(k, [0.0, 0.0])
+                    acc[0], acc[1] = acc[0] + float(s), acc[1] + float(n)
+        if not sums:
+            raise ValueError("evaluation: the held-out set gave no batch (fewer examples than one batch?)")
+        return {k: s / n for k, (s, n) in sums.items() if n > 0}
+
+    return evaluate
 
 
 # ------------------------------------------------------------------------------------------- toy
@@ -118,8 +156,23 @@ def toy_task(cfg: ExperimentConfig, workdir: Path | None = None) -> Task:
 
     spec = lambda b: {"x": ((b, module.width), jnp.float32), "labels": ((b, module.seq), jnp.int32),  # noqa: E731
                       "masks": ((b, 1, module.mask_hw, module.mask_hw), jnp.float32)}
+
+    def eval_dataset(process_index: int, process_count: int):
+        """Held-out: examples of seed + 1, the same ones at every evaluation, this process's rows."""
+        make = ToyExample(module.width, module.vocab, module.seq, module.mask_hw, cfg.seed + 1, frozenset())
+        rows = eval_rows(cfg, 1)
+        for b in range(cfg.data.eval_batches):
+            items = [make.map(i) for i in range(b * rows + process_index, (b + 1) * rows, process_count)]
+            yield {k: np.stack([x[k] for x in items]) for k in items[0]}
+
+    def eval_metrics(params, batch):   # no noise (rng None); batch means weighted by rows
+        loss, m = loss_fn(params, batch, None)
+        n = jnp.asarray(batch["x"].shape[0], jnp.float32)
+        return {k: (v * n, n) for k, v in {"loss": loss, **m}.items()}
+
     return Task(module, init_variables, loss_fn, trainable=(r"lora_.*", r"head_.*"), dataset=dataset,
-                tokens_per_example=module.seq, images_per_example=1, model_name="toy", batch_spec=spec)
+                tokens_per_example=module.seq, images_per_example=1, model_name="toy", batch_spec=spec,
+                eval_dataset=eval_dataset, eval_metrics=eval_metrics)
 
 
 TASKS: dict[str, Callable[[ExperimentConfig, Path | None], Task]] = {"toy": toy_task}

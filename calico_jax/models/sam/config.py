@@ -34,6 +34,12 @@ class ImageEncoderConfig(Config):
     norm_eps: float = 1e-6            # block norm1/norm2 (build_sam passes LayerNorm(eps=1e-6))
     neck_norm_eps: float = 1e-6       # LayerNorm2d in the neck
     act: str = "gelu"                 # exact erf GELU
+    remat: str = "none"               # block rematerialisation policy (calico_jax.layers.REMAT_POLICIES)
+    # How attention adds the decomposed relative positions: "blocked" never materialises the
+    # [B*heads, T, T] bias (logits built tile by tile, each <= attention_block_bytes of float32; 2.5-4x
+    # faster on CPU, see bench/results/sam_opt.md); "dense" adds the full bias like segment-anything.
+    rel_pos_attention: str = "blocked"
+    attention_block_bytes: int = 2**21
 
     @property
     def grid(self) -> int:
@@ -155,6 +161,9 @@ class SamConfig(Config):
         if (t.embedding_dim // t.attention_downsample_rate) % t.num_heads:
             raise ConfigError(f"SAM config: transformer.num_heads {t.num_heads} must divide "
                               f"embedding_dim // attention_downsample_rate")
+        if ie.rel_pos_attention not in ("blocked", "dense"):
+            raise ConfigError(f"SAM config: image_encoder.rel_pos_attention {ie.rel_pos_attention!r} "
+                              f"must be 'blocked' or 'dense'")
         bad = [i for i in ie.global_attn_indexes if not 0 <= i < ie.depth]
         if bad:
             raise ConfigError(f"SAM config: global_attn_indexes {bad} outside 0..{ie.depth - 1}")

@@ -32,12 +32,9 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
     return rel_pos[rel.astype(np.int64)]
 
 
-def decomposed_rel_pos(q: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array, q_size: tuple[int, int],
-                       k_size: tuple[int, int]) -> jax.Array:
-    """``add_decomposed_rel_pos`` as an additive logit bias [B, heads, q_h*q_w, k_h*k_w] (MViTv2).
-
-    ``q`` is the *unscaled* query [B, q_h*q_w, heads, D]: bias[(y,x),(ky,kx)] = q·Rh[y,ky] + q·Rw[x,kx].
-    """
+def _rel_terms(q: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array, q_size: tuple[int, int],
+               k_size: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+    """The two factors of the decomposed bias: q·Rh [B, heads, q_h, q_w, k_h] and q·Rw [B, heads, q_h, q_w, k_w]."""
     (qh, qw), (kh, kw) = q_size, k_size
     rh = get_rel_pos(qh, kh, rel_pos_h)
     rw = get_rel_pos(qw, kw, rel_pos_w)
@@ -46,7 +43,69 @@ def decomposed_rel_pos(q: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array,
     hp = jax.lax.Precision.HIGHEST
     rel_h = jnp.einsum("byxnd,ykd->bnyxk", r_q, rh, precision=hp, preferred_element_type=jnp.float32)
     rel_w = jnp.einsum("byxnd,xkd->bnyxk", r_q, rw, precision=hp, preferred_element_type=jnp.float32)
+    return rel_h, rel_w
+
+
+def decomposed_rel_pos(q: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array, q_size: tuple[int, int],
+                       k_size: tuple[int, int]) -> jax.Array:
+    """``add_decomposed_rel_pos`` as an additive logit bias [B, heads, q_h*q_w, k_h*k_w] (MViTv2).
+
+    ``q`` is the *unscaled* query [B, q_h*q_w, heads, D]: bias[(y,x),(ky,kx)] = q·Rh[y,ky] + q·Rw[x,kx].
+    """
+    (qh, qw), (kh, kw) = q_size, k_size
+    rel_h, rel_w = _rel_terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
+    b, n = rel_h.shape[:2]
     return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, n, qh * qw, kh * kw)
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, max(limit, 1)) + 1) if n % d == 0)
+
+
+def blocked_rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_h: jax.Array,
+                              rel_pos_w: jax.Array, q_size: tuple[int, int], k_size: tuple[int, int], *,
+                              scale: float, block_bytes: int) -> jax.Array:
+    """Softmax attention with the decomposed relative-position bias, [B, T, heads, D] in and out.
+
+    Same maths as :func:`decomposed_rel_pos` + ``layers.attention``, but the bias is never
+    materialised: logits are built one tile (some (batch, head) rows x some queries x all keys, at most
+    ``block_bytes`` of float32) at a time, the two factors broadcast-added in place, and the softmax
+    normalised after the value product. On CPU the dense [B*heads, T, T] logits/bias/probabilities
+    are fresh multi-GB buffers whose page faults cost more than the exps; tiles stay in cache.
+    """
+    (qh, qw), (kh, kw) = q_size, k_size
+    b, tq, n, d = q.shape
+    tk = k.shape[1]
+    rel_h, rel_w = _rel_terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
+    row_bytes = tk * 4  # one query's float32 logits
+    c = _largest_divisor(tq, block_bytes // row_bytes)  # queries per tile
+    g = _largest_divisor(b * n, block_bytes // (row_bytes * c)) if c == tq else 1  # (batch, head) rows per tile
+
+    def tiles(x: jax.Array) -> jax.Array:  # [B*heads, tq, F] -> [groups, chunks, g, c, F]
+        return x.reshape(b * n // g, g, tq // c, c, x.shape[-1]).transpose(0, 2, 1, 3, 4)
+
+    def heads_first(x: jax.Array) -> jax.Array:  # [B, T, heads, F] -> [B*heads, T, F]
+        return x.transpose(0, 2, 1, 3).reshape(b * n, x.shape[1], x.shape[-1])
+
+    qs = tiles(heads_first(q * jnp.asarray(scale, q.dtype)))
+    rhs, rws = tiles(rel_h.reshape(b * n, tq, kh)), tiles(rel_w.reshape(b * n, tq, kw))
+    ks = heads_first(k).reshape(b * n // g, g, tk, d)
+    vs = heads_first(v).reshape(b * n // g, g, tk, d)
+
+    def tile(qt, rht, rwt, kt, vt):
+        logits = jnp.einsum("gqd,gkd->gqk", qt, kt, preferred_element_type=jnp.float32)
+        logits = logits.reshape(g, c, kh, kw) + rht[..., :, None] + rwt[..., None, :]
+        logits = logits.reshape(g, c, tk)
+        p = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+        out = jnp.einsum("gqk,gkd->gqd", p.astype(v.dtype), vt, preferred_element_type=jnp.float32)
+        return (out / p.sum(-1, keepdims=True)).astype(v.dtype)
+
+    def group(args):
+        qg, rhg, rwg, kg, vg = args
+        return jax.lax.map(lambda a: tile(*a, kg, vg), (qg, rhg, rwg))
+
+    out = jax.lax.map(group, (qs, rhs, rws, ks, vs))  # [groups, chunks, g, c, D]
+    return out.transpose(0, 2, 1, 3, 4).reshape(b, n, tq, d).transpose(0, 2, 1, 3)
 
 
 def window_partition(x: jax.Array, window: int) -> tuple[jax.Array, tuple[int, int]]:
@@ -84,14 +143,18 @@ class Attention(nn.Module):
         qkv = layers.dense(3 * c, ("embed", "heads"), name="qkv", use_bias=cfg.qkv_bias, dtype=self.dtype)(x)
         qkv = qkv.reshape(b, h * w, 3, cfg.num_heads, head_dim)  # torch order: q|k|v, then heads
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        bias = None
+        scale = head_dim ** -0.5
         if cfg.use_rel_pos:
             init = layers.param_init(nn.initializers.zeros_init(), (None, None))
             rel_pos_h = self.param("rel_pos_h", init, (2 * self.input_size[0] - 1, head_dim))
             rel_pos_w = self.param("rel_pos_w", init, (2 * self.input_size[1] - 1, head_dim))
-            bias = decomposed_rel_pos(q, rel_pos_h, rel_pos_w, (h, w), (h, w))
-        out = layers.attention(q, k, v, scale=head_dim ** -0.5, bias=bias).reshape(b, h, w, c)
-        return layers.dense(c, ("heads", "embed"), name="proj", dtype=self.dtype)(out)
+        if cfg.use_rel_pos and cfg.rel_pos_attention == "blocked":
+            out = blocked_rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, (h, w), (h, w), scale=scale,
+                                            block_bytes=cfg.attention_block_bytes)
+        else:
+            bias = decomposed_rel_pos(q, rel_pos_h, rel_pos_w, (h, w), (h, w)) if cfg.use_rel_pos else None
+            out = layers.attention(q, k, v, scale=scale, bias=bias)
+        return layers.dense(c, ("heads", "embed"), name="proj", dtype=self.dtype)(out.reshape(b, h, w, c))
 
 
 class Block(nn.Module):
@@ -144,7 +207,7 @@ class ImageEncoderViT(nn.Module):
                              (1, cfg.grid, cfg.grid, cfg.embed_dim))
             x = x + pos.astype(x.dtype)
         for i in range(cfg.depth):
-            x = Block(cfg, cfg.block_window(i), dtype=self.dtype, name=f"blocks_{i}")(x)
+            x = layers.remat_block(Block, cfg.remat)(cfg, cfg.block_window(i), dtype=self.dtype, name=f"blocks_{i}")(x)
         x = layers.conv(cfg.out_chans, 1, use_bias=False, name="neck_0", dtype=self.dtype)(x)
         x = layer_norm_2d(cfg.neck_norm_eps, name="neck_1", dtype=self.dtype)(x)
         x = layers.conv(cfg.out_chans, 3, padding=1, use_bias=False, name="neck_2", dtype=self.dtype)(x)
