@@ -89,3 +89,34 @@ def test_cli(tmp_path, capsys):
     assert synthetic.main(["--out", str(tmp_path), "--num_images", "4", "--seed", "1"]) == 0
     assert "wrote 4 images" in capsys.readouterr().out
     assert len(list((tmp_path / "images").glob("*.jpg"))) == 4
+
+
+def test_easy_set_options_single_object_class_hue_no_clutter():
+    """``make demo``'s set: one object, its class's hue (nearest palette entry by direction in RGB), and
+    with no clutter every pixel off the object follows the smooth background (no shapes drawn there)."""
+    names = list(synthetic.CLASSES)
+    pal = np.asarray(synthetic.CLASS_PALETTE, np.float64)
+    pal /= np.linalg.norm(pal, axis=1, keepdims=True)
+    for i in range(12):
+        img, objects = synthetic.render(7, i, max_objects=1, object_scale=(0.25, 0.4), clutter=False,
+                                        class_colors=True)
+        assert len(objects) == 1
+        cls, parts = objects[0]
+        on = np.logical_or.reduce(list(parts.values()))
+        rgb = np.median(img[on].astype(np.float64), axis=0)
+        assert names[int(np.argmax(pal @ (rgb / np.linalg.norm(rgb))))] == cls
+        # background: neighbouring off-object pixels differ only by the gradient + noise (sigma 6)
+        assert _off_object_edges(img, on) < 60
+    # the default set does draw shapes off the objects
+    edges = []
+    for i in range(4):
+        img, objects = synthetic.render(7, i)
+        edges.append(_off_object_edges(img, np.logical_or.reduce([m for _, ps in objects for m in ps.values()])))
+    assert max(edges) > 60
+
+
+def _off_object_edges(img, on):
+    """99.9th percentile of horizontal neighbour differences between two off-object pixels."""
+    off = ~on
+    both = off[:, 1:] & off[:, :-1]
+    return np.percentile(np.abs(np.diff(img.astype(np.float64), axis=1)).max(-1)[both], 99.9)

@@ -99,6 +99,11 @@ CLASSES: dict[str, tuple[str, list[tuple[str, list]]]] = {
 }
 
 
+# ``class_colors``: one hue per class (in CLASSES order), far apart in RGB.
+CLASS_PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+                 (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40))
+
+
 def _color(rng) -> tuple[int, int, int]:
     return tuple(int(v) for v in rng.integers(0, 256, 3))
 
@@ -122,9 +127,25 @@ def _random_shape(rng, w, h, cx=None, cy=None, scale=None):
     return _place([tuple(rng.uniform(-1, 1, 2)) for _ in range(3)], r, 0.0, False, cx, cy)
 
 
-def render(seed: int, index: int):
+def _class_color(rng, cls: str, part_index: int) -> tuple[int, int, int]:
+    """``class_colors``: the class's hue from a fixed table, each part a different shade, slight jitter."""
+    base = np.asarray(CLASS_PALETTE[list(CLASSES).index(cls) % len(CLASS_PALETTE)], np.float64)
+    shade = 0.55 + 0.2 * (part_index % 4)
+    return tuple(int(v) for v in np.clip(base * shade + rng.normal(0, 8, 3), 0, 255))
+
+
+def render(seed: int, index: int, max_objects: int = 3, object_scale: tuple[float, float] = (0.16, 0.3),
+           clutter: bool = True, class_colors: bool = False):
     """Draws image ``index`` of the set ``seed``: returns (RGB uint8 [H,W,3], objects) where each
-    object is ``(class, {part: bool mask})`` of visible pixels."""
+    object is ``(class, {part: bool mask})`` of visible pixels. ``max_objects``: 1..max_objects objects;
+    ``object_scale``: object half-size range as a fraction of the shorter image side (the defaults give
+    the original set; 1 object makes part questions unambiguous, as the demo needs). ``clutter=False``:
+    no background shapes or occluders; ``class_colors``: each class in its own hue (parts in shades of
+    it) instead of random colours -- together an easy set a model trained from scratch on a CPU for a
+    few minutes can learn (``make demo``)."""
+    if not 1 <= max_objects or not 0 < object_scale[0] <= object_scale[1] < 0.5:
+        raise ValueError(f"render: need max_objects >= 1 and 0 < object_scale lo <= hi < 0.5, "
+                         f"got {max_objects}, {object_scale}")
     rng = np.random.default_rng([seed, index])
     w, h = (int(v) for v in rng.integers(6, 11, 2) * 32)
     yy, xx = np.mgrid[0:h, 0:w]
@@ -134,13 +155,13 @@ def render(seed: int, index: int):
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
     label = Image.new("L", (w, h), 0)
     draw, ldraw = ImageDraw.Draw(img), ImageDraw.Draw(label)
-    for _ in range(rng.integers(3, 9)):                               # background clutter
+    for _ in range(rng.integers(3, 9) if clutter else 0):            # background clutter
         draw.polygon(_random_shape(rng, w, h), fill=_color(rng))
     names = list(CLASSES)
     objects, value, centres = [], 1, []
-    for _ in range(rng.integers(1, 4)):
+    for _ in range(rng.integers(1, max_objects + 1)):
         cls = names[rng.integers(len(names))]
-        s = rng.uniform(0.16, 0.3) * min(w, h)
+        s = rng.uniform(*object_scale) * min(w, h)
         for _try in range(8):   # keep objects mostly apart: overlaps still happen, full hiding rarely
             tx, ty = rng.uniform(s, w - s), rng.uniform(s, h - s)
             if all(math.hypot(tx - a, ty - b) > 0.9 * (s + r) for a, b, r in centres):
@@ -148,8 +169,8 @@ def render(seed: int, index: int):
         centres.append((tx, ty, s))
         theta, flip = rng.uniform(-0.6, 0.6), bool(rng.integers(2))
         parts = {}
-        for part, polys in CLASSES[cls][1]:
-            fill = _color(rng)
+        for k, (part, polys) in enumerate(CLASSES[cls][1]):
+            fill = _class_color(rng, cls, k) if class_colors else _color(rng)
             for poly in polys:
                 xy = _place(poly, s, theta, flip, tx, ty)
                 draw.polygon(xy, fill=fill)
@@ -157,7 +178,7 @@ def render(seed: int, index: int):
             parts[part] = value
             value += 1
         objects.append((cls, parts))
-    for _ in range(rng.integers(0, 3)):                               # occluders in front
+    for _ in range(rng.integers(0, 3) if clutter else 0):            # occluders in front
         tx, ty, s = centres[rng.integers(len(centres))]
         xy = _random_shape(rng, w, h, tx + rng.uniform(-s, s), ty + rng.uniform(-s, s), rng.uniform(0.2, 0.5) * s)
         draw.polygon(xy, fill=_color(rng))
@@ -192,14 +213,15 @@ def _ann(ann_id, image_id, cat, mask, obj_ann_id):
 
 
 def generate(out, num_images: int, seed: int = 0, *, quality: int = 90, min_part_pixels: int = 4,
-             progress: bool = True) -> Path:
+             progress: bool = True, max_objects: int = 3, object_scale: tuple[float, float] = (0.16, 0.3),
+             clutter: bool = True, class_colors: bool = False) -> Path:
     """Writes the dataset under ``out``; returns the annotation file path."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     cats, part_cats, cat_ids = categories()
     images, anns = [], []
     for idx in tqdm(range(num_images), desc="synthetic", disable=not progress):
-        img, objects = render(seed, idx)
+        img, objects = render(seed, idx, max_objects, tuple(object_scale), clutter, class_colors)
         name = f"{idx:06d}.jpg"
         Image.fromarray(img).save(out / "images" / name, quality=quality)
         images.append({"id": idx + 1, "file_name": name, "height": int(img.shape[0]), "width": int(img.shape[1])})
@@ -213,7 +235,8 @@ def generate(out, num_images: int, seed: int = 0, *, quality: int = 90, min_part
             for p, m in visible.items():
                 anns.append(_ann(len(anns) + 1, idx + 1, cat_ids[(cls, p)], m, obj_id))
     data = {"info": {"description": "calico_jax synthetic part dataset", "version": 1, "seed": seed,
-                     "num_images": num_images},
+                     "num_images": num_images, "max_objects": max_objects, "object_scale": list(object_scale),
+                     "clutter": clutter, "class_colors": class_colors},
             "images": images, "annotations": anns, "categories": cats, "part_categories": part_cats}
     path = out / "annotations.json"
     path.write_text(json.dumps(data, separators=(",", ":")), encoding="utf-8")
@@ -226,11 +249,25 @@ def main(argv=None) -> int:
     ap.add_argument("--num_images", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    ap.add_argument("--max_objects", type=int, default=3, help="objects per image: 1..max_objects")
+    ap.add_argument("--object_scale", default="0.16,0.3",
+                    help="LO,HI: object half-size as a fraction of the shorter image side")
+    ap.add_argument("--no_clutter", dest="clutter", action="store_false", help="no background shapes/occluders")
+    ap.add_argument("--class_colors", action="store_true", help="each class in its own hue (an easy set)")
     a = ap.parse_args(argv)
     if a.num_images < 1:
         ap.error("--num_images must be >= 1")
+    if a.max_objects < 1:
+        ap.error("--max_objects must be >= 1")
+    try:
+        scale = tuple(float(v) for v in a.object_scale.split(","))
+    except ValueError:
+        scale = ()
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] < 0.5:
+        ap.error(f"--object_scale must be LO,HI with 0 < LO <= HI < 0.5, got {a.object_scale!r}")
     t0 = time.perf_counter()
-    path = generate(a.out, a.num_images, a.seed, quality=a.quality)
+    path = generate(a.out, a.num_images, a.seed, quality=a.quality, max_objects=a.max_objects, object_scale=scale,
+                    clutter=a.clutter, class_colors=a.class_colors)
     data = json.loads(path.read_text())
     print(f"wrote {len(data['images'])} images, {len(data['annotations'])} annotations to {path} "
           f"in {time.perf_counter() - t0:.1f}s")

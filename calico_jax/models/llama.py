@@ -53,6 +53,7 @@ class LlamaConfig(Config):
     eos_token_ids: tuple[int, ...] = (2,)
     pad_token_id: int = 0
     lora: LoraConfig | None = None
+    remat: str = "none"   # decoder-layer rematerialisation policy (layers.REMAT_POLICIES)
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -108,18 +109,24 @@ class LlamaConfig(Config):
 
 
 class KVCache(NamedTuple):
-    """Preallocated keys/values of every layer (post-RoPE) plus which slots hold real tokens."""
+    """Preallocated keys/values of every layer (post-RoPE) plus which slots hold real tokens.
 
-    k: jax.Array      # [L, B, S, KV, D]
-    v: jax.Array      # [L, B, S, KV, D]
+    Head-major, with v's slot axis last: one layer's ``k[l, b, h]`` [S, D] and ``v[l, b, h]`` [D, S]
+    are the row-major operands of the two attention matrix-vector products of a decode step, so XLA
+    reads them in place instead of transposing the whole cache every layer and step (which cost a
+    quarter of the decode step with a [L, B, S, KV, D] layout).
+    """
+
+    k: jax.Array      # [L, B, KV, S, D]
+    v: jax.Array      # [L, B, KV, D, S]
     valid: jax.Array  # [B, S] bool: slot written and not padding
     index: jax.Array  # [] int32: next slot to write
 
     @classmethod
     def init(cls, config: LlamaConfig, batch: int, length: int, dtype: Any = jnp.float32) -> "KVCache":
-        shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), bool),
-                   jnp.zeros((), jnp.int32))
+        n, kv, d = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+        return cls(jnp.zeros((n, batch, kv, length, d), dtype), jnp.zeros((n, batch, kv, d, length), dtype),
+                   jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
 
 
 class LlamaOutput(NamedTuple):
@@ -159,18 +166,28 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None] + rotated * sin[:, :, None]
 
 
-def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """q [B,T,H,D], k/v [B,S,KV,D], mask [B,T,S] (True = attend) -> [B,T,H*D]; softmax in fp32.
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+                      cache_layout: bool = False) -> jax.Array:
+    """q [B,T,H,D], k/v [B,S,KV,D] (``cache_layout``: k [B,KV,S,D], v [B,KV,D,S] as :class:`KVCache`
+    stores them), mask [B,T,S] (True = attend) -> [B,T,H*D]; softmax in fp32.
 
     Query head h reads k/v head h // (H/KV), as HF's ``repeat_kv``, without materialising the repeat.
     """
     b, t, h, d = q.shape
-    kv = k.shape[2]
+    kv = k.shape[1 if cache_layout else 2]
+    k_spec, v_spec = ("bksd", "bkds") if cache_layout else ("bskd", "bskd")
     q = q.reshape(b, t, kv, h // kv, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * d ** -0.5
+    logits = jnp.einsum(f"btkgd,{k_spec}->bkgts", q, k, preferred_element_type=jnp.float32) * d ** -0.5
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h * d)
+    return jnp.einsum(f"bkgts,{v_spec}->btkgd", probs, v).reshape(b, t, h * d)
+
+
+def _tokens_2d(x: jax.Array) -> jax.Array:
+    """[B, T, F] -> [B*T, F] for the projections. With two token axes, XLA:CPU feeds each weight-gradient
+    GEMM (contracting over B and T) from a transposed copy that recomputes the activation's backward at
+    a stride of F (13-14 % of a training step). With one token axis it reads the operands as they are."""
+    return x.reshape(-1, x.shape[-1])
 
 
 def _lora_for(config: LlamaConfig, name: str) -> LoraConfig | None:
@@ -191,21 +208,26 @@ class LlamaAttention(nn.Module):
         self.o_proj = proj("o_proj", c.hidden_size, ("heads", "embed"))
 
     def __call__(self, x, cos, sin, mask, cache: tuple | None, deterministic: bool = True):
-        """``cache=(k_all [L,B,S,KV,D], v_all, layer, index)``: writes this step's k/v at ``index`` and
-        attends over all S slots; without a cache attends over the T current tokens."""
+        """``cache=(k_all [L,B,KV,S,D], v_all [L,B,KV,D,S], layer, index)``: writes this step's k/v at
+        ``index`` and attends over all S slots; without a cache attends over the T current tokens."""
         c = self.config
-        q = layers.split_heads(self.q_proj(x, deterministic), c.num_attention_heads)
-        k = layers.split_heads(self.k_proj(x, deterministic), c.num_key_value_heads)
-        v = layers.split_heads(self.v_proj(x, deterministic), c.num_key_value_heads)
+        b, t = x.shape[:2]
+        x = _tokens_2d(x)
+        q = self.q_proj(x, deterministic).reshape(b, t, c.num_attention_heads, c.head_dim)
+        k = self.k_proj(x, deterministic).reshape(b, t, c.num_key_value_heads, c.head_dim)
+        v = self.v_proj(x, deterministic).reshape(b, t, c.num_key_value_heads, c.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o_proj = lambda out: self.o_proj(_tokens_2d(out), deterministic).reshape(b, t, -1)  # noqa: E731
         if cache is not None:
             k_all, v_all, layer, index = cache
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (layer, 0, index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (layer, 0, index, 0, 0))
-            k, v = k_all[layer].astype(self.dtype), v_all[layer].astype(self.dtype)
-            cache = (k_all, v_all)
-        out = grouped_attention(q, k, v, mask)
-        return self.o_proj(out, deterministic), cache
+            k_new = k.transpose(0, 2, 1, 3)[None].astype(k_all.dtype)   # [1, B, KV, T, D]
+            v_new = v.transpose(0, 2, 3, 1)[None].astype(v_all.dtype)   # [1, B, KV, D, T]
+            k_all = jax.lax.dynamic_update_slice(k_all, k_new, (layer, 0, 0, index, 0))
+            v_all = jax.lax.dynamic_update_slice(v_all, v_new, (layer, 0, 0, 0, index))
+            out = grouped_attention(q, k_all[layer].astype(self.dtype), v_all[layer].astype(self.dtype), mask,
+                                    cache_layout=True)
+            return o_proj(out), (k_all, v_all)
+        return o_proj(grouped_attention(q, k, v, mask)), cache
 
 
 class LlamaMLP(nn.Module):
@@ -217,10 +239,11 @@ class LlamaMLP(nn.Module):
         c = self.config
         dense = lambda name, feats, axes: LoraDense(feats, axes, use_bias=c.mlp_bias,  # noqa: E731
                                                     lora=_lora_for(c, name), dtype=self.dtype, name=name)
+        shape, x = x.shape, _tokens_2d(x)
         gate = dense("gate_proj", c.intermediate_size, ("embed", "mlp"))(x, deterministic)
         up = dense("up_proj", c.intermediate_size, ("embed", "mlp"))(x, deterministic)
         h = layers.activation(c.hidden_act)(gate) * up
-        return dense("down_proj", c.hidden_size, ("mlp", "embed"))(h, deterministic)
+        return dense("down_proj", c.hidden_size, ("mlp", "embed"))(h, deterministic).reshape(shape)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -258,7 +281,8 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embed(
             c.vocab_size, c.hidden_size, dtype=self.dtype,
             embedding_init=layers.param_init(nn.initializers.normal(0.02), ("vocab", "embed")))
-        self.layers = [LlamaDecoderLayer(c, self.dtype) for _ in range(c.num_hidden_layers)]  # layers_0..
+        block = layers.remat_block(LlamaDecoderLayer, c.remat, static_argnums=(6,))   # 6: deterministic
+        self.layers = [block(c, self.dtype) for _ in range(c.num_hidden_layers)]  # layers_0..
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
 
     def __call__(self, input_ids=None, attention_mask=None, positions=None, *, inputs_embeds=None,
