@@ -5,7 +5,7 @@
 Writes into the workdir: ``data/{train,heldout}/`` (synthetic images, annotations, pairs), the training run
 (``config.json``, ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``), ``training_curve.png``, ``model/`` (the
 exported checkpoint, usable with ``python -m calico_jax.predict --ckpt``), ``report.json`` + ``predictions.json``
-(held-out evaluation), ``overlays/`` (prediction | ground truth for a few pairs) and ``demo_summary.json``
+(held-out evaluation), ``overlays/`` (prediction | ground truth for a few pairs per task) and ``demo_summary.json``
 (timings, the thresholds and whether they were met). Rerunning resumes/reuses what is already there.
 
 The config file may define ``SYNTHETIC = {"train": {...}, "heldout": {...}}``: keyword arguments of
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m calico_jax.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default="runs/demo")
     ap.add_argument("--config", default="configs/demo.py")
-    ap.add_argument("--num_overlays", type=int, default=4)
+    ap.add_argument("--num_overlays", type=int, default=2, help="overlay samples per task")
     args = ap.parse_args(rest)
 
     from calico_jax import evaluate, export

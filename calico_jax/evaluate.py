@@ -8,7 +8,7 @@ own prompts), then AP50 / mIoU / Recall / SS / S-IoU per task and their unweight
 (:mod:`calico_jax.eval.metrics`; the protocol choices are switches below, defaults documented there). Writes
 ``report.json`` (metrics in percent) and prints the table; ``--save_predictions`` keeps the predictions (masks as
 COCO RLE at the original size) so they can be re-scored with other switches via ``--predictions``;
-``--overlays DIR`` draws the first ``--num_overlays`` samples.
+``--overlays DIR`` draws the first ``--num_overlays`` samples of each task.
 
 Predictions file: ``{"format": "calico_jax.predictions", "version": 1, "pairs": path, "samples": [{"id", "task",
 "answer", "masks": [{"label", "image", "score", "rle"}]}]}`` (``image`` = 0-based position in the sample).
@@ -47,6 +47,7 @@ def predict_samples(args, pairs, samples: list[dict]) -> dict[str, dict]:
     overrides = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
     predictor = load_predictor(args.ckpt, **overrides)
     records: dict[str, dict] = {}
+    drawn: dict[str, int] = {}   # overlays per task
     chunk = max(args.batch_size * 8, 1)   # load images chunk by chunk: bounded memory on large sets
     from tqdm import tqdm
     bar = tqdm(total=len(samples), desc="evaluate", unit="sample", disable=not args.progress)
@@ -65,7 +66,8 @@ def predict_samples(args, pairs, samples: list[dict]) -> dict[str, dict]:
                                 "num_unrouted_seg": p.num_unrouted,
                                 "masks": [{"label": m.label, "image": m.image, "score": round(m.score, 6),
                                            "rle": encode(m.mask)} for m in p.masks]}
-            if args.overlays and start + j < args.num_overlays:
+            if args.overlays and drawn.get(s["task"], 0) < args.num_overlays:
+                drawn[s["task"]] = drawn.get(s["task"], 0) + 1
                 _draw(Path(args.overlays), s, ims, p, pairs)
         bar.update(len(part))
     bar.close()
@@ -73,8 +75,8 @@ def predict_samples(args, pairs, samples: list[dict]) -> dict[str, dict]:
 
 
 def _draw(root: Path, sample: dict, images, pred, pairs) -> None:
-    """Prediction | ground truth side by side, one PNG per image of the sample."""
-    from PIL import Image
+    """Prediction | ground truth side by side (captioned), one PNG per image of the sample."""
+    from PIL import Image, ImageDraw
 
     from calico_jax.data.rle import decode
     from calico_jax.viz import overlay
@@ -84,9 +86,12 @@ def _draw(root: Path, sample: dict, images, pred, pairs) -> None:
         p = overlay(im, [(m.mask, m.label) for m in pred.masks if m.image == k])
         g = overlay(im, [(decode(pairs.data["masks"][s["mask"]]["rle"]), s["label"])
                          for s in sample["segs"] if s["image"] == k])
-        both = Image.new("RGB", (p.width + g.width + 8, max(p.height, g.height)), "white")
-        both.paste(p, (0, 0))
-        both.paste(g, (p.width + 8, 0))
+        both = Image.new("RGB", (p.width + g.width + 8, max(p.height, g.height) + 20), "white")
+        both.paste(p, (0, 20))
+        both.paste(g, (p.width + 8, 20))
+        draw = ImageDraw.Draw(both)
+        draw.text((4, 4), "prediction", fill="black")
+        draw.text((p.width + 12, 4), "ground truth", fill="black")
         both.save(root / f"{sample['id']}_image{k + 1}.png")
     (root / f"{sample['id']}.txt").write_text(f"prompt: {sample['prompt']}\npredicted: {pred.answer}\n"
                                               f"ground truth: {sample['answer']}\n", encoding="utf-8")
@@ -142,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch_size", type=int, default=4)
     ap.add_argument("--max_new_tokens", type=int, default=None)
     ap.add_argument("--overlays", default=None, help="directory for prediction|ground-truth overlays")
-    ap.add_argument("--num_overlays", type=int, default=4)
+    ap.add_argument("--num_overlays", type=int, default=4, help="samples drawn per task")
     ap.add_argument("--no_progress", dest="progress", action="store_false")
     for f in dataclasses.fields(MetricConfig):
         kind = _bool if isinstance(f.default, bool) else type(f.default)
