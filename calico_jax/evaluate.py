@@ -30,7 +30,7 @@ def gt_results(pairs, samples: list[dict], predictions: dict[str, dict]):
 
     out = []
     for s in samples:
-        gt = [Mask(image=g["image"], label=g["label"], rle=pairs.data["masks"][g["mask"]]["rle"]) for g in s["segs"]]
+        gt = [Mask(image=g["image"], label=g["label"], rle=pairs.masks[g["mask"]]["rle"]) for g in s["segs"]]
         rec = predictions.get(s["id"], {"masks": []})
         pred = [Mask(image=m["image"], label=m["label"], rle=m["rle"], score=float(m.get("score", 1.0)))
                 for m in rec["masks"]]
@@ -57,7 +57,7 @@ def predict_samples(args, pairs, samples: list[dict]) -> dict[str, dict]:
         for s in part:
             ims = []
             for k, i in enumerate(s["images"]):
-                info = pairs.data["images"][i]
+                info = pairs.images[i]
                 ims.append(load_image(pairs.image_path(s, k), (info["height"], info["width"])))
             inputs.append((ims, s["prompt"]))
         preds = predictor.predict(inputs, batch_size=args.batch_size)
@@ -78,13 +78,12 @@ def _draw(root: Path, sample: dict, images, pred, pairs) -> None:
     """Prediction | ground truth side by side (captioned), one PNG per image of the sample."""
     from PIL import Image, ImageDraw
 
-    from calico_jax.data.rle import decode
     from calico_jax.viz import overlay
 
     root.mkdir(parents=True, exist_ok=True)
     for k, im in enumerate(images):
         p = overlay(im, [(m.mask, m.label) for m in pred.masks if m.image == k])
-        g = overlay(im, [(decode(pairs.data["masks"][s["mask"]]["rle"]), s["label"])
+        g = overlay(im, [(pairs.mask(s), s["label"])
                          for s in sample["segs"] if s["image"] == k])
         both = Image.new("RGB", (p.width + g.width + 8, max(p.height, g.height) + 20), "white")
         both.paste(p, (0, 20))
@@ -95,13 +94,6 @@ def _draw(root: Path, sample: dict, images, pred, pairs) -> None:
         both.save(root / f"{sample['id']}_image{k + 1}.png")
     (root / f"{sample['id']}.txt").write_text(f"prompt: {sample['prompt']}\npredicted: {pred.answer}\n"
                                               f"ground truth: {sample['answer']}\n", encoding="utf-8")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 def read_predictions(path: Path) -> dict[str, dict]:
@@ -176,9 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             preds = predict_samples(args, pairs, samples)
             if args.save_predictions:
-                _write_json(Path(args.save_predictions), {"format": PRED_FORMAT, "version": 1,
-                                                          "pairs": str(Path(args.pairs).absolute()),
-                                                          "samples": list(preds.values())})
+                from calico_jax.train.config import write_atomic
+                out = Path(args.save_predictions)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                data = {"format": PRED_FORMAT, "version": 1, "pairs": str(Path(args.pairs).absolute()),
+                        "samples": list(preds.values())}
+                write_atomic(out, json.dumps(data, ensure_ascii=False) + "\n")
         encoder = SentenceEncoder()
         report = evaluate(gt_results(pairs, samples, preds), metric_cfg, encoder.similarity)
         report["source"] = {"ckpt": args.ckpt, "predictions": args.predictions, "pairs": str(args.pairs)}
