@@ -1,4 +1,5 @@
-# make test: create .venv if missing, install calico-jax with its test extra (CI pins), run pytest.
+# make test: create .venv if missing, install calico-jax with its test extra (CI pins), lint (ruff), run pytest.
+# make lint: ruff only (rules in pyproject.toml [tool.ruff]).
 # make demo: same venv; synthetic data -> train a small CALICO on CPU -> evaluate held-out pairs (runs/demo/).
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +8,7 @@ CONSTRAINTS := .ci/constraints.txt
 PYTEST_ARGS ?= -n 2 --dist loadfile
 DEMO_ARGS ?=
 
-.PHONY: test demo install clean
+.PHONY: test lint demo install clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,11 +18,15 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 
 install: $(VENV)/.installed
 
+lint: install
+	$(PY) -m ruff check .
+
 test: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: install
 	$(PY) -m calico_jax.demo --workdir runs/demo $(DEMO_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -26,7 +26,8 @@ import os
 import sys
 
 
-def main(argv=None) -> int:
+def main(argv=None, on_step=None) -> int:
+    """``on_step(step)``: called after every training step (tests inject faults with it)."""
     from calico_jax.train.config import ConfigError, load, split_overrides
     overrides, rest = split_overrides(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
         ap.error("--workdir is required (unless --compile_only)")
     from calico_jax.train.loop import NonFiniteError, train
     try:
-        out = train(cfg, args.workdir)
+        out = train(cfg, args.workdir, on_step=on_step)
     except NonFiniteError as e:
         print(f"train.py: stopped: {e}", file=sys.stderr)
         return 3

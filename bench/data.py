@@ -25,14 +25,15 @@ def data_pipeline(ctx) -> Result:
     from calico_jax.data.pairs import read_pairs
     from calico_jax.data.pipeline import Pipeline, PipelineConfig, measure_throughput
     from calico_jax.data.tokenize import build_tiny_tokenizer, load_tokenizer
+    from calico_jax.preprocess import Preprocess
 
     tok_dir = tempfile.mkdtemp()
     build_tiny_tokenizer(tok_dir, vocab_size=400)
     tok, pairs = load_tokenizer(tok_dir), read_pairs(_pairs())
     rates = {}
     for name, sam, dino in (("tiny", 128, None), ("7b", 1024, 256)):
-        cfg = PipelineConfig(batch_size=4, worker_count=0, sam_size=sam, dinov2_size=dino, max_tokens=512,
-                             num_epochs=None)
+        pre = Preprocess(sam_size=sam, mask_size=sam, dinov2_size=dino or 0, dinov2_crop=224 if dino else 0)
+        cfg = PipelineConfig(batch_size=4, worker_count=0, preprocess=pre, max_tokens=512, num_epochs=None)
         rates[name] = measure_throughput(Pipeline(pairs, tok, cfg, 0, 1), num_batches=10)["samples_per_s"]
     ms_per_batch = 4 / rates["7b"] * 1e3
     return Result(name="data_pipeline", jax_ms=ms_per_batch, torch_ms=None, ratio=None, gflops=0.0,

@@ -184,7 +184,8 @@ def train_step(ctx) -> Result:
     return Result(name="train_step", jax_ms=j.median_ms, torch_ms=t.median_ms, ratio=t.median_ms / j.median_ms,
                   gflops=gflops, limit_fraction=gflops / ctx.peak_gflops, compile_s=compile_s, flops=flops,
                   jax_range_ms=(j.min_ms, j.max_ms), torch_range_ms=(t.min_ms, t.max_ms),
-                  note=f"torch fused AdamW: {f.median_ms:.0f} ms (speed-up of JAX over it: {f.median_ms / j.median_ms:.2f}×)")
+                  note=f"torch fused AdamW: {f.median_ms:.0f} ms "
+                       f"(speed-up of JAX over it: {f.median_ms / j.median_ms:.2f}×)")
 
 
 ITEMS = {"llama_prefill": llama_prefill, "llama_decode": llama_decode, "llama_generate": llama_generate,

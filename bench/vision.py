@@ -136,7 +136,8 @@ def calico_tiny_inference(ctx) -> Result:
     inputs.update(input_ids=jnp.asarray(prompt[None]), attention_mask=jnp.ones((1, len(prompt)), jnp.int32),
                   pixel_values=pixels(dummy["pixel_values"]), dino_pixel_values=pixels(dummy["dino_pixel_values"]),
                   sam_pixel_values=pixels(dummy["sam_pixel_values"]),
-                  resized_hw=jnp.tile(dummy["resized_hw"], (1, n, 1)), original_hw=jnp.tile(dummy["original_hw"], (1, n, 1)))
+                  resized_hw=jnp.tile(dummy["resized_hw"], (1, n, 1)),
+                  original_hw=jnp.tile(dummy["original_hw"], (1, n, 1)))
     assert (prompt == img).sum() == n
     if "seg_image" in inputs:
         inputs["seg_image"] = jnp.zeros((1, cfg.seg.max_seg), jnp.int32)

@@ -26,7 +26,7 @@ PRED_FORMAT = "calico_jax.predictions"
 
 def gt_results(pairs, samples: list[dict], predictions: dict[str, dict]):
     """Pairs samples + {sample id: prediction record} -> SampleResults (a sample without a prediction has none)."""
-    from calico_jax.eval.metrics import Mask, SampleResult
+    from calico_jax.eval.masks import Mask, SampleResult
 
     out = []
     for s in samples:
@@ -61,7 +61,7 @@ def predict_samples(args, pairs, samples: list[dict]) -> dict[str, dict]:
                 ims.append(load_image(pairs.image_path(s, k), (info["height"], info["width"])))
             inputs.append((ims, s["prompt"]))
         preds = predictor.predict(inputs, batch_size=args.batch_size)
-        for j, (s, (ims, _), p) in enumerate(zip(part, inputs, preds)):
+        for s, (ims, _), p in zip(part, inputs, preds):
             records[s["id"]] = {"id": s["id"], "task": s["task"], "answer": p.answer, "truncated": p.truncated,
                                 "num_unrouted_seg": p.num_unrouted,
                                 "masks": [{"label": m.label, "image": m.image, "score": round(m.score, 6),
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             preds = predict_samples(args, pairs, samples)
             if args.save_predictions:
-                from calico_jax.train.config import write_atomic
+                from calico_jax.checkpoints import write_atomic
                 out = Path(args.save_predictions)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 data = {"format": PRED_FORMAT, "version": 1, "pairs": str(Path(args.pairs).absolute()),

@@ -7,20 +7,22 @@ EOS/stop token or ``max_new_tokens`` are done. Greedy (``temperature=0``) or tem
 sampling from a seeded key.
 
 :func:`decode` is traceable (call it inside your own ``jax.jit``, e.g. with CAM hooks that close
-over traced image features); :func:`generate` is the convenience wrapper that left-aligns the
+over traced image features); :func:`decode_loop` is its loop alone, for a model with its own prefill
+(CALICO: ``Calico.prefill`` / ``Calico.decode_step``); :func:`generate` is the convenience wrapper that left-aligns the
 prompt on the host, pads its length to a bucket (so prompts of similar length share one compiled
 program) and jits :func:`decode`.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calico_jax.models.llama import Hook, KVCache
+from calico_jax.models.llama import Hook, KVCache, LlamaOutput
 
 
 class GenerateOutput(NamedTuple):
@@ -51,18 +53,37 @@ def decode(module, params, input_ids=None, attention_mask=None, *, inputs_embeds
            stop_token_ids: tuple[int, ...] = (), pad_token_id: int = 0, temperature: float = 0.0,
            top_p: float = 1.0, rng: jax.Array | None = None, hooks: Mapping[int, Hook] | None = None,
            return_hidden: bool = False, cache_dtype: Any = None) -> GenerateOutput:
-    """Prefill + while_loop decode. The prompt must be LEFT-padded (all rows end at slot T-1);
-    ``hooks`` run on the prefill only."""
+    """Prefill + while_loop decode of a :class:`~calico_jax.models.llama.LlamaForCausalLM`. The prompt
+    must be LEFT-padded (all rows end at slot T-1); ``hooks`` run on the prefill only."""
     x = input_ids if inputs_embeds is None else inputs_embeds
     b, t = x.shape[:2]
     mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-    if temperature > 0.0 and rng is None:
-        raise ValueError("sampling (temperature > 0) needs rng=jax.random.key(seed)")
-    rng = jax.random.key(0) if rng is None else rng
+    _check_sampling(temperature, rng)
     cache = KVCache.init(module.config, b, t + max_new_tokens, cache_dtype or module.dtype)
     apply = functools.partial(module.apply, {"params": params}, last_logits_only=True)
-    out = apply(input_ids, mask, inputs_embeds=inputs_embeds, cache=cache, hooks=hooks,
-                last_prompt_index=jnp.full((b,), t - 1, jnp.int32))
+    first = apply(input_ids, mask, inputs_embeds=inputs_embeds, cache=cache, hooks=hooks,
+                  last_prompt_index=jnp.full((b,), t - 1, jnp.int32))
+    return decode_loop(first, lambda tok, cache: apply(tok[:, None], jnp.ones((b, 1), bool), cache=cache),
+                       max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
+                       temperature=temperature, top_p=top_p, rng=rng, return_hidden=return_hidden)
+
+
+def _check_sampling(temperature: float, rng: jax.Array | None) -> None:
+    if temperature > 0.0 and rng is None:
+        raise ValueError("sampling (temperature > 0) needs rng=jax.random.key(seed)")
+
+
+def decode_loop(first: LlamaOutput, step: Callable[[jax.Array, KVCache], LlamaOutput], *, max_new_tokens: int,
+                stop_token_ids: tuple[int, ...] = (), pad_token_id: int = 0, temperature: float = 0.0,
+                top_p: float = 1.0, rng: jax.Array | None = None, return_hidden: bool = False) -> GenerateOutput:
+    """The decode loop of any model with a KV cache (the LLM alone, or CALICO's ``prefill``/``decode_step``).
+
+    ``first``: the prefill's output (last-position logits [B, 1, V], hidden states [B, T, H], the cache
+    with room for ``max_new_tokens`` more slots); ``step(tokens [B], cache)`` feeds one token per row and
+    returns the same for it. Traceable: one ``lax.while_loop``."""
+    _check_sampling(temperature, rng)
+    b = first.logits.shape[0]
+    rng = jax.random.key(0) if rng is None else rng
     stop = jnp.asarray(stop_token_ids, jnp.int32)
 
     def pick(logits, key, done):
@@ -71,12 +92,12 @@ def decode(module, params, input_ids=None, attention_mask=None, *, inputs_embeds
         return tok, done | jnp.isin(tok, stop)
 
     rng, key = jax.random.split(rng)
-    tok, done = pick(out.logits[:, -1], key, jnp.zeros((b,), bool))
+    tok, done = pick(first.logits[:, -1], key, jnp.zeros((b,), bool))
     tokens = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(tok)
     hidden = None
     if return_hidden:
-        hidden = jnp.zeros((b, max_new_tokens, out.hidden_states.shape[-1]), out.hidden_states.dtype)
-        hidden = hidden.at[:, 0].set(out.hidden_states[:, -1])
+        hidden = jnp.zeros((b, max_new_tokens, first.hidden_states.shape[-1]), first.hidden_states.dtype)
+        hidden = hidden.at[:, 0].set(first.hidden_states[:, -1])
     lengths = jnp.ones((b,), jnp.int32)
 
     def cond(state):
@@ -85,16 +106,16 @@ def decode(module, params, input_ids=None, attention_mask=None, *, inputs_embeds
 
     def body(state):
         i, tok, done, cache, tokens, hidden, lengths, rng = state
-        step = apply(tok[:, None], jnp.ones((b, 1), bool), cache=cache)
+        out = step(tok, cache)
         rng, key = jax.random.split(rng)
         lengths = lengths + (~done).astype(jnp.int32)
-        tok, done = pick(step.logits[:, -1], key, done)
+        tok, done = pick(out.logits[:, -1], key, done)
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
         if hidden is not None:
-            hidden = jax.lax.dynamic_update_slice(hidden, step.hidden_states[:, -1:], (0, i, 0))
-        return i + 1, tok, done, step.cache, tokens, hidden, lengths, rng
+            hidden = jax.lax.dynamic_update_slice(hidden, out.hidden_states[:, -1:], (0, i, 0))
+        return i + 1, tok, done, out.cache, tokens, hidden, lengths, rng
 
-    state = (jnp.asarray(1, jnp.int32), tok, done, out.cache, tokens, hidden, lengths, rng)
+    state = (jnp.asarray(1, jnp.int32), tok, done, first.cache, tokens, hidden, lengths, rng)
     _, _, _, _, tokens, hidden, lengths, _ = jax.lax.while_loop(cond, body, state)
     return GenerateOutput(tokens, lengths, hidden)
 

@@ -5,12 +5,14 @@ routed ``[SEG]`` at the image's original resolution:
 
 1. Host: the ``llava_v1`` prompt (the training format, :class:`~calico_jax.data.tokenize.SampleTokenizer`), left
    aligned and padded to a length bucket; the processors of the training pipeline (BLIP, DINOv2, SAM).
-2. One jitted program: :meth:`Calico.embed_inputs` (image tokens spliced in, X'_global for the CAMs), then
-   :func:`calico_jax.generate.decode` on the LLM with the CAMs as prefill hooks (the KV cache carries their effect
-   into decoding), keeping every generated token's final hidden state; the frozen SAM image embeddings.
-3. Host: each ``[SEG]`` is routed to the image its identifier ``(IMAGEk)`` names and labelled with the phrase of
-   the last ``<p> ... </p>`` before it. The hidden state "before" a [SEG] generated at step j is the one whose
-   logits produced it (``hidden[:, j]``); "at" the [SEG] is ``hidden[:, j + 1]``. No second LLM pass.
+2. One jitted program: :meth:`Calico.prefill` (image tokens spliced in, the CAMs as LLM hooks, into a KV cache that
+   carries their effect into decoding), then :func:`calico_jax.generate.decode_loop` over :meth:`Calico.decode_step`,
+   keeping every generated token's final hidden state; the frozen SAM image embeddings.
+3. Host: each ``[SEG]`` is routed to the image its identifier ``(IMAGEk)`` names
+   (:func:`~calico_jax.models.seg_routing.parse_identifier`) and labelled with the phrase of the last
+   ``<p> ... </p>`` before it. Its hidden state is
+   :func:`~calico_jax.models.seg_routing.seg_hidden_index` of a generated sequence ("before" the [SEG] generated
+   at step j: ``hidden[:, j]``, whose logits produced it; "at" it: ``hidden[:, j + 1]``). No second LLM pass.
 4. One jitted program per padded [SEG] count: f_segmentation -> SAM mask decoder -> low-res logits, then GLaMM's
    post-processing to the original size (:func:`~calico_jax.models.calico_layout.postprocess_masks`, sizes padded
    to a bucket so few programs compile). Mask = logits > ``mask_threshold``; score = mean foreground probability.
@@ -24,44 +26,39 @@ import dataclasses
 import functools
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from calico_jax.config import Config
-from calico_jax.data.processors import BlipProcessor, Dinov2Processor, SamProcessor
+from calico_jax.data.processors import from_preprocess
 from calico_jax.data.tokenize import IMAGE_TOKEN_INDEX, LLAVA_V1_SYSTEM, SEG_TOKEN, SampleTokenizer
-from calico_jax.generate import decode, left_align
-from calico_jax.models.calico import Calico, CalicoConfig
+from calico_jax.generate import decode_loop, left_align
+from calico_jax.models.calico import Calico
 from calico_jax.models.calico_layout import postprocess_masks
-from calico_jax.models.llama import LlamaForCausalLM
+from calico_jax.models.seg_routing import seg_hidden_index
+from calico_jax.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
-INFERENCE_FILE = "inference.json"
+
+
+INFERENCE_FILE = "inference.json"     # optional, next to an exported model: its InferenceConfig defaults
 
 
 @dataclasses.dataclass(frozen=True)
 class InferenceConfig(Config):
-    """Pre-processing (must match training) and decoding settings; stored as ``inference.json`` next to the
-    weights. ``0`` sizes mean "from the model config" (see :meth:`resolve`)."""
-    blip_size: int = 0
-    dinov2_size: int = 0                 # shortest side before the centre crop
-    dinov2_crop: int = 0
-    sam_size: int = 0
+    """Prompt and decoding settings (optionally stored as ``inference.json`` next to the weights). The image
+    pre-processing is not here: it is the model's own (``CalicoConfig.preprocess``, stored with the weights), so
+    it cannot disagree with training."""
     use_im_start_end: bool = True
     system: str = LLAVA_V1_SYSTEM
     max_new_tokens: int = 128
     mask_threshold: float = 0.0          # on the mask logits (SAM's convention)
     prompt_bucket: int = 32              # prompts are padded to a multiple of this many tokens
-
-    def resolve(self, model: CalicoConfig) -> "InferenceConfig":
-        dino = self.dinov2_size or model.dino_image_size
-        return self.replace(blip_size=self.blip_size or model.vision.vision.image_size, dinov2_size=dino,
-                            dinov2_crop=self.dinov2_crop or dino,
-                            sam_size=self.sam_size or model.sam.image_encoder.img_size)
 
 
 @dataclasses.dataclass
@@ -86,19 +83,11 @@ class Prediction:
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "eos", "pad"))
 def _generate(params, input_ids, attention_mask, pixels, dino, sam_pixels, *, module: Calico, max_new_tokens: int,
               eos: int, pad: int):
-    variables = {"params": params}
-    inp = module.apply(variables, input_ids, attention_mask, pixels, dino, method="embed_inputs")
-
-    def cam(layer):
-        return lambda h, lpi: module.apply(variables, layer, h, lpi, inp["x_fused"], inp["image_positions"],
-                                           inp["image_valid"], method="cam_update")
-
-    hooks = {layer: cam(layer) for layer in module.config.cam.layers}
-    llm = LlamaForCausalLM(module.config.llm, module.dtype)
-    out = decode(llm, params["llm"], inputs_embeds=inp["embeds"], attention_mask=inp["mask"],
-                 max_new_tokens=max_new_tokens, stop_token_ids=(eos,), pad_token_id=pad, hooks=hooks or None,
-                 return_hidden=True)
-    sam_embeddings = module.apply(variables, sam_pixels, method="sam_embeddings")
+    apply = functools.partial(module.apply, {"params": params})
+    first = apply(input_ids, attention_mask, pixels, dino, max_new_tokens=max_new_tokens, method="prefill")
+    out = decode_loop(first, lambda tok, cache: apply(tok, cache, method="decode_step"),
+                      max_new_tokens=max_new_tokens, stop_token_ids=(eos,), pad_token_id=pad, return_hidden=True)
+    sam_embeddings = apply(sam_pixels, method="sam_embeddings")
     return out.tokens, out.lengths, out.hidden_states, sam_embeddings
 
 
@@ -118,17 +107,14 @@ def _bucket(n: int, size: int) -> int:
 class Predictor:
     def __init__(self, module: Calico, params: Any, tokenizer, config: InferenceConfig = InferenceConfig()):
         self.module, self.params, self.tokenizer = module, params, tokenizer
-        self.config = config.resolve(module.config)
-        c = self.config
+        self.config = c = config
         self.prompter = SampleTokenizer(tokenizer, max_len=1 << 20, use_im_start_end=c.use_im_start_end,
                                         system=c.system)
         self.seg_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
         if self.seg_id != module.config.seg.token_id:
             raise ValueError(f"tokenizer [SEG] id {self.seg_id} != model seg.token_id {module.config.seg.token_id}")
         self.p_open, self.p_close = (tokenizer.convert_tokens_to_ids(t) for t in ("<p>", "</p>"))
-        self.blip = BlipProcessor(c.blip_size)
-        self.dino = Dinov2Processor(c.dinov2_size, c.dinov2_crop)
-        self.sam = SamProcessor(c.sam_size)
+        self.blip, self.dino, self.sam = from_preprocess(module.config.preprocess)
 
     # --- host-side pieces
     def prompt_ids(self, question: str, num_images: int) -> list[int]:
@@ -140,14 +126,14 @@ class Predictor:
     def _pixels(self, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         sam = [self.sam(im) for im in images]
         return {"pixels": np.stack([self.blip(im) for im in images]),
-                "dino": np.stack([self.dino(im) for im in images]),
+                "dino": np.stack([self.dino(im) for im in images]) if self.dino is not None else None,
                 "sam": np.stack([s["pixel_values"] for s in sam]),
                 "resized": np.asarray([s["reshaped_input_size"] for s in sam], np.int32),
                 "original": np.asarray([im.shape[:2] for im in images], np.int32)}
 
     def _parse(self, ids: list[int], num_images: int) -> tuple[list[tuple[int, int, str]], int, int]:
         """Generated ids -> [(hidden index, image, label)] per routed [SEG], unrouted and unlabeled counts."""
-        shift = 0 if self.module.config.seg.hidden_position == "before" else 1
+        position = self.module.config.seg.hidden_position
         out, unrouted, unlabeled, phrase, opened = [], 0, 0, None, None
         for j, t in enumerate(ids):
             if t == self.p_open:
@@ -156,11 +142,12 @@ class Predictor:
                 phrase, opened = self.tokenizer.decode(ids[opened + 1:j]).strip(), None
             elif t == self.seg_id:
                 ident = self.prompter.identifier(ids, j, num_images)
-                if ident is None or not 0 <= ident[1] < num_images or j + shift >= len(ids):
+                h = seg_hidden_index(j, position, generated=True)   # hidden[:, j] produced token j
+                if ident is None or not 0 <= ident[1] < num_images or h >= len(ids):
                     unrouted += 1
                     continue
                 unlabeled += phrase is None
-                out.append((j + shift, ident[1], phrase or ""))
+                out.append((h, ident[1], phrase or ""))
         return out, unrouted, unlabeled
 
     # --- batch inference
@@ -197,7 +184,7 @@ class Predictor:
             raw[r, :len(p)], mask[r, :len(p)] = p, True
         ids, mask = left_align(raw, mask, tok.pad_token_id, c.prompt_bucket)
         px = [self._pixels(images) for images, _ in rows]
-        stack = lambda k: jnp.asarray(np.stack([p[k] for p in px]))  # noqa: E731
+        stack = lambda k: None if px[0][k] is None else jnp.asarray(np.stack([p[k] for p in px]))  # noqa: E731
         tokens, lengths, hidden, sam_emb = _generate(
             self.params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), stack("pixels"), stack("dino"),
             stack("sam"), module=self.module, max_new_tokens=c.max_new_tokens, eos=int(tok.eos_token_id),
@@ -235,11 +222,13 @@ class Predictor:
 
 
 # ------------------------------------------------------------------------------------------ loading
-def load_predictor(path: str | Path, **overrides: Any) -> Predictor:
+def load_predictor(path: str | Path, preprocess: Preprocess | None = None, **overrides: Any) -> Predictor:
     """A :class:`Predictor` from an exported checkpoint (``python -m calico_jax.export``; also any ``calico``
     checkpoint from ``python -m convert calico-assemble`` with its tokenizer) or a training workdir (its newest
-    checkpoint + frozen weights). ``overrides``: InferenceConfig fields (e.g. ``max_new_tokens``)."""
-    from calico_jax import pretrained
+    checkpoint + frozen weights, :func:`calico_jax.checkpoints.restore_workdir`). ``preprocess``: what the caller
+    means to feed; a difference from the checkpoint's is an error naming the fields. ``overrides``:
+    :class:`InferenceConfig` fields (e.g. ``max_new_tokens``)."""
+    from calico_jax import checkpoints, pretrained
     from calico_jax.data.tokenize import load_tokenizer
 
     path = Path(path)
@@ -251,16 +240,19 @@ def load_predictor(path: str | Path, **overrides: Any) -> Predictor:
             raise ValueError(f"{path}: a {meta.get('model')!r} checkpoint, not a calico one")
         module, params, _ = pretrained.load(path)
         tok_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else path
-        icfg = InferenceConfig.from_dict(json.loads((path / INFERENCE_FILE).read_text()), where=str(path / INFERENCE_FILE)) if (path / INFERENCE_FILE).is_file() \
-            else InferenceConfig()
-    elif (path / "checkpoints").is_dir():
-        from calico_jax.export import from_workdir
-        module, params, tok_dir, icfg = from_workdir(path)
+        if (path / INFERENCE_FILE).is_file():
+            stored = json.loads((path / INFERENCE_FILE).read_text())
+            overrides = {**InferenceConfig.from_dict(stored, where=str(path / INFERENCE_FILE)).to_dict(), **overrides}
+    elif meta:
+        run = checkpoints.restore_workdir(path)
+        module, params, tok_dir = run.module, run.params, run.tokenizer_dir
     else:
         raise ValueError(f"{path}: neither a calico_jax checkpoint (config.json with format {pretrained.FORMAT!r}) "
-                         "nor a training workdir (checkpoints/)")
+                         "nor a training workdir (config.json + checkpoints)")
+    if preprocess is not None:
+        module.config.preprocess.check_same(preprocess, str(path))
     try:
         tokenizer = load_tokenizer(tok_dir)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: no usable tokenizer in {tok_dir} ({e})") from None
-    return Predictor(module, params, tokenizer, icfg.replace(**overrides))
+    return Predictor(module, params, tokenizer, InferenceConfig(**overrides))

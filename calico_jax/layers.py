@@ -1,7 +1,7 @@
 """Shared Linen building blocks with logical axis names.
 
 Every parameter is created through :func:`param_init` so it carries logical axis names; the one
-rules table in ``calico_jax.sharding`` maps them to mesh axes. Names used across the package:
+rules table in :mod:`calico_jax.train.sharding` maps them to mesh axes. Names used across the package:
 
 ``embed``   model width of a tower (the contracting dim of most kernels)
 ``heads``   attention projection output (num_heads * head_dim)
@@ -17,7 +17,8 @@ attention logits and softmax in float32.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -137,7 +138,7 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def remat_block(cls: type[nn.Module], policy: str, static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
     """``cls`` wrapped in ``nn.remat`` with a named policy (``cls`` itself for "none").
 

@@ -1,4 +1,4 @@
-"""CALICO's training loss (paper Eqs. 10-11), with GLaMM's normalisation (reference-numerics §1.7).
+"""CALICO's training loss (paper Eqs. 10-11), with GLaMM's normalisation (``model/GLaMM.py``; LISA's is identical).
 
 𝓛 = λ_text·CE + λ_pix·𝓛_pix + λ_dice·𝓛_Dice, defaults 1.0 / 2.0 / 0.5 (GLaMM's ce/bce/dice weights).
 
@@ -17,14 +17,14 @@ region; ``mask_valid`` marks which [SEG] slots carry a prediction *and* a ground
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from calico_jax.config import Config, ConfigError
-
-IGNORE_INDEX = -100
+from calico_jax.data.tokenize import IGNORE_INDEX
 
 
 @dataclasses.dataclass(frozen=True)

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max_new_tokens", type=int, default=None)
     ap.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="per image; 0 = no limit")
     args = ap.parse_args(argv)
-    from calico_jax.pretrained import atomic_directory
+    from calico_jax.checkpoints import atomic_directory
 
     try:
         if not args.image:

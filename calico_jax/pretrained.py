@@ -11,13 +11,11 @@ so an interrupted or failed write never leaves a partial OUT.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -25,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from calico_jax import models
+from calico_jax.checkpoints import atomic_directory
 
 FORMAT = "calico_jax"
 FORMAT_VERSION = 1
@@ -39,28 +38,6 @@ def abstract_params(module: nn.Module) -> Any:
 def init_params(module: nn.Module, seed: int = 0) -> Any:
     """Random, unboxed params (used by tests and demos)."""
     return nn.unbox(module.init(jax.random.key(seed), **module.dummy_inputs())["params"])
-
-
-@contextlib.contextmanager
-def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temporary directory that replaces ``out`` only if the block finishes without error."""
-    out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "x")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write(directory: str | os.PathLike, model: str, config: Any, params: Any, *, dtype: str = "float32",

@@ -5,6 +5,9 @@ Keys a=-0.5 (torch's plain bicubic uses a=-0.75), it anti-aliases when downsampl
 and it cannot reproduce torch's ``scale_factor`` coordinate mapping (used by the original DINOv2).
 Shapes are static under jit, so we build each axis's interpolation matrix on the host in float64,
 exactly as ATen computes its taps, and apply the separable resize as two einsums.
+
+Where a size is only known at run time (CALICO's per-image mask post-processing), :func:`bilinear_matrix`
+builds the same bilinear rule (:func:`bilinear_weights`) from traced sizes in float32.
 """
 from __future__ import annotations
 
@@ -60,22 +63,49 @@ def interp_matrix(in_size: int, out_size: int, mode: str = "bicubic", *, antiali
             total = taps.sum()
             w[i, lo:hi] = taps / total if total != 0 else taps
         return w
+    if mode == "bilinear":
+        return bilinear_weights(np, in_size, scale, out_size, in_size, np.float64, align_corners=align_corners)
     for i in range(out_size):
         src = scale * i if align_corners else scale * (i + 0.5) - 0.5
-        if mode == "bilinear":
-            src = max(src, 0.0)
-            i0 = min(int(math.floor(src)), in_size - 1)
-            i1 = min(i0 + 1, in_size - 1)
-            lam = src - i0
-            w[i, i0] += 1.0 - lam
-            w[i, i1] += lam
-        else:
-            i0 = int(math.floor(src))
-            t = src - i0
-            taps = _cubic_a(np.array([t + 1, t, 1 - t, 2 - t]), -0.75)
-            for off, tap in zip(range(-1, 3), taps):
-                w[i, min(max(i0 + off, 0), in_size - 1)] += tap  # border replicate (clamped reads)
+        i0 = int(math.floor(src))
+        t = src - i0
+        taps = _cubic_a(np.array([t + 1, t, 1 - t, 2 - t]), -0.75)
+        for off, tap in zip(range(-1, 3), taps):
+            w[i, min(max(i0 + off, 0), in_size - 1)] += tap  # border replicate (clamped reads)
     return w
+
+
+def bilinear_weights(xp, in_size, scale, out_len: int, src_len: int, dtype, *, align_corners: bool = False):
+    """Torch's two-tap bilinear rule (``F.interpolate(mode="bilinear")`` without anti-aliasing): the
+    [..., out_len, src_len] weights of outputs 0..out_len-1 over the first ``in_size`` of ``src_len``
+    source pixels, ``scale`` source pixels per output (ATen ``area_pixel_compute_scale``).
+
+    The one definition of the rule: ``xp=numpy`` with static sizes in float64 (:func:`interp_matrix`)
+    or ``xp=jax.numpy`` with traced ``in_size``/``scale`` [..., 1] in float32 (:func:`bilinear_matrix`).
+    The two precisions are kept on purpose (each caller's numerics are pinned by its tests), so the
+    callers share the formula rather than one matrix."""
+    i = xp.arange(out_len, dtype=dtype)
+    src = i * scale if align_corners else (i + 0.5) * scale - 0.5
+    src = xp.maximum(src, 0.0)
+    i0 = xp.minimum(xp.floor(src).astype(xp.int32), in_size - 1)
+    i1 = xp.minimum(i0 + 1, in_size - 1)
+    lam = src - i0.astype(dtype)
+    cols = xp.arange(src_len)
+    # One-hot columns: products with exact 0/1 and sums with exact 0, so i0 == i1 (the clamped border)
+    # accumulates (1 - lam) + lam exactly like a scatter-add would.
+    return ((1.0 - lam)[..., None] * (i0[..., None] == cols).astype(dtype)
+            + lam[..., None] * (i1[..., None] == cols).astype(dtype))
+
+
+def bilinear_matrix(in_size: jax.Array, out_size: jax.Array, out_len: int, src_len: int) -> jax.Array:
+    """Rows of torch's ``F.interpolate(bilinear, align_corners=False)`` from ``in_size`` source pixels
+    (the first ``in_size`` of ``src_len``) to ``out_size`` outputs, padded with zero rows to ``out_len``.
+    Sizes may be traced arrays [...] -> [..., out_len, src_len] (float32, under jit with static shapes)."""
+    in_size = jnp.asarray(in_size, jnp.int32)[..., None]
+    out_size = jnp.asarray(out_size, jnp.int32)[..., None]
+    scale = in_size.astype(jnp.float32) / out_size.astype(jnp.float32)
+    w = bilinear_weights(jnp, in_size, scale, out_len, src_len, jnp.float32)
+    return jnp.where((jnp.arange(out_len) < out_size)[..., None], w, 0.0)
 
 
 def resize_2d(x: jax.Array, out_hw: tuple[int, int], *, mode: str = "bicubic", antialias: bool = False,
@@ -84,8 +114,10 @@ def resize_2d(x: jax.Array, out_hw: tuple[int, int], *, mode: str = "bicubic", a
     """``F.interpolate`` over two spatial ``axes`` of ``x`` (NHWC by default), computed in float32."""
     h_ax, w_ax = (a % x.ndim for a in axes)
     sh, sw = scale_factor if scale_factor is not None else (None, None)
-    mh = interp_matrix(x.shape[h_ax], out_hw[0], mode, antialias=antialias, align_corners=align_corners, scale_factor=sh)
-    mw = interp_matrix(x.shape[w_ax], out_hw[1], mode, antialias=antialias, align_corners=align_corners, scale_factor=sw)
+    mh = interp_matrix(x.shape[h_ax], out_hw[0], mode, antialias=antialias, align_corners=align_corners,
+                       scale_factor=sh)
+    mw = interp_matrix(x.shape[w_ax], out_hw[1], mode, antialias=antialias, align_corners=align_corners,
+                       scale_factor=sw)
     dtype = x.dtype
     x = x.astype(jnp.float32)
     hp = jax.lax.Precision.HIGHEST

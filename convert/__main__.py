@@ -26,7 +26,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                "(python -m convert calico-assemble --help)")
     p = argparse.ArgumentParser(prog="python -m convert", epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="Convert a PyTorch checkpoint into a calico_jax checkpoint (orbax params + config.json).")
+                                description="Convert a PyTorch checkpoint into a calico_jax checkpoint "
+                                            "(orbax params + config.json).")
     p.add_argument("family", choices=sorted(families.FAMILIES), help="checkpoint family / naming")
     p.add_argument("--src", required=True, help="save_pretrained directory or a single checkpoint file")
     p.add_argument("--out", required=True, help="output directory (orbax params + config.json)")
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     import ml_dtypes
     import numpy as np
 
-    from calico_jax import pretrained
+    from calico_jax import checkpoints, pretrained
     from convert import verify
     from convert.io import CheckpointError, open_checkpoint
     from convert.mapping import build_params
@@ -66,10 +67,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"  skipped {count} key(s): {reason}")
     for note in plan.notes:
         print(f"  note: {note}")
-    with pretrained.atomic_directory(out, overwrite=args.overwrite) as tmp:
+    with checkpoints.atomic_directory(out, overwrite=args.overwrite) as tmp:
         if args.verify:
-            verify.setup()
-            comparisons = family.verify(ckpt, plan, params)
+            comparisons = verify.run(family, ckpt, plan, params)
             if not verify.report(comparisons, args.tol if args.tol is not None else verify.DEFAULT_TOL):
                 raise VerifyFailed()
         stored = params if args.dtype == "float32" else jax.tree.map(

@@ -118,7 +118,11 @@ def build_config(parts: dict[str, tuple], overrides: dict) -> Any:
         seg["projection"] = llm_cfg.seg_projection
         if llm_cfg.seg_token_id is not None:
             seg["token_id"] = llm_cfg.seg_token_id
-    merged = merge(merge(base, {**given, "seg": {**base["seg"], **seg}}), overrides)
+    # Input sizes the parts' position tables are made for (overridable; SAM's must match, CalicoConfig checks it).
+    native = {"blip_size": given["vision"]["vision"]["image_size"],
+              "sam_size": given["sam"]["image_encoder"]["img_size"]}
+    merged = merge(merge(base, {**given, "seg": {**base["seg"], **seg},
+                                "preprocess": {**base["preprocess"], **native}}), overrides)
     conflicts = []
     for name, cfg in given.items():
         for field, value in cfg.items():
@@ -206,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     import ml_dtypes
     import numpy as np
 
-    from calico_jax import pretrained
+    from calico_jax import checkpoints, pretrained
     from convert.io import CheckpointError, load_json_arg
 
     out = Path(args.out)
@@ -239,11 +243,12 @@ def run(args: argparse.Namespace) -> int:
     source = {"family": "calico-assemble", **{role: str(Path(getattr(args, role)).absolute())
                                               for role in parts}}
     tok = Path(args.llm) / "tokenizer"   # glamm copies its tokenizer there; predict/evaluate read it from OUT
-    with pretrained.atomic_directory(out, overwrite=args.overwrite) as tmp:
+    with checkpoints.atomic_directory(out, overwrite=args.overwrite) as tmp:
         pretrained.write(tmp, "calico", config, params, dtype=args.dtype, source=source)
         if tok.is_dir():
             shutil.copytree(tok, tmp / "tokenizer")
-    print(f"wrote {out}" + ("" if tok.is_dir() else f" (no tokenizer: {tok} is missing; add OUT/tokenizer/ for predict)"))
+    print(f"wrote {out}"
+          + ("" if tok.is_dir() else f" (no tokenizer: {tok} is missing; add OUT/tokenizer/ for predict)"))
     return 0
 
 

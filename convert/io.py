@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -207,7 +208,7 @@ def load_json_arg(arg: str, presets: dict[str, dict[str, Any]], what: str) -> di
     return data
 
 
-def hf_config(ckpt: "Checkpoint", config_arg: str | None, what: str) -> dict[str, Any]:
+def hf_config(ckpt: Checkpoint, config_arg: str | None, what: str) -> dict[str, Any]:
     """The HF config of a checkpoint: ``--config`` (a config.json path) if given, else the config.json
     next to the weights; ``what`` names the expected config class in the error message."""
     if config_arg is not None:

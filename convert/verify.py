@@ -1,13 +1,20 @@
 """``--verify``: run the converted JAX model and its PyTorch reference on the same random inputs.
 
 Each family builds its reference and returns a list of :class:`Comparison`; this module holds the
-shared pieces: fp32/highest precision setup, error metrics and the report whose last line is
-``verify: max_rel_err=<x> (tol <t>) PASS|FAIL``.
+shared pieces: :func:`run` (a family's comparisons under :func:`setup`), error metrics and the report
+whose last line is ``verify: max_rel_err=<x> (tol <t>) PASS|FAIL``.
+
+:func:`setup` is a context manager: exact (``"highest"``) JAX matmuls, torch seeded and without
+autograd, for the ``with`` block only. The process-wide ``jax_default_matmul_precision``, torch's RNG
+state and grad mode are what they were once the block ends, so verifying a conversion inside a larger program
+(a notebook, a test session, a training job) changes nothing around it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -22,13 +29,31 @@ class Comparison:
     shape: tuple[int, ...]
 
 
-def setup() -> None:
-    """fp32 everywhere, exact matmuls, deterministic torch."""
+@contextlib.contextmanager
+def setup() -> Iterator[None]:
+    """``with setup():`` exact matmuls and deterministic torch inside the block; nothing global changes.
+
+    The JAX precision is scoped with ``jax.default_matmul_precision`` (a thread-local setting that also keys
+    the jit cache, so functions compiled inside run at "highest"); torch's CPU RNG state and grad mode are
+    restored on exit.
+    """
     import jax
     import torch
-    jax.config.update("jax_default_matmul_precision", "highest")
-    torch.manual_seed(0)
-    torch.set_grad_enabled(False)
+
+    grad = torch.is_grad_enabled()
+    try:
+        with jax.default_matmul_precision("highest"), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            torch.set_grad_enabled(False)
+            yield
+    finally:
+        torch.set_grad_enabled(grad)
+
+
+def run(family: Any, ckpt: Any, plan: Any, params: Any) -> list[Comparison]:
+    """``family.verify(ckpt, plan, params)`` under :func:`setup`: the comparisons of one conversion."""
+    with setup():
+        return family.verify(ckpt, plan, params)
 
 
 def to_numpy(x: Any) -> np.ndarray:

@@ -23,8 +23,9 @@ from tests.test_convert_glamm import glamm_checkpoint  # noqa: E402
 from tests.test_dinov2 import hf_model as dinov2_model  # noqa: E402
 
 # InstructBLIP vision B is 40 wide (CEM heads must divide it), the GLaMM "glamm" LLM has 2 layers.
-OVERRIDES = {"cem": {"num_heads": 4}, "cam": {"layers": [0, 1]}, "dino_image_size": 40,
-             "seg": {"identifier_ids": [[61, 62], [61, 63]], "max_seg": 2, "mask_size": [40, 40]}}
+OVERRIDES = {"cem": {"num_heads": 4}, "cam": {"layers": [0, 1]},
+             "preprocess": {"dinov2_size": 40, "dinov2_crop": 40, "mask_size": 40},
+             "seg": {"identifier_ids": [[61, 62], [61, 63]], "max_seg": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -194,22 +195,26 @@ def official_state(params, cam_layers) -> dict[str, np.ndarray]:
                 [v, np.zeros_like(v), v_bias])
         elif not path.endswith("self_attn/v_bias"):
             out[root + "model.blip2." + _torch_name(path)] = _torch_value(path, v)
-    out[root + "model.cem.attn.in_proj_bias"] = np.concatenate([f[f"cem/{p}/bias"] for p in ("q_proj", "k_proj", "v_proj")])
+    out[root + "model.cem.attn.in_proj_bias"] = np.concatenate([f[f"cem/{p}/bias"]
+                                                                for p in ("q_proj", "k_proj", "v_proj")])
     out[root + "model.mm_projector.0.weight"] = np.ones((4, 4), np.float32)
     return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
 
 
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
-    from calico_jax.models.cam import CamConfig
+    from safetensors.numpy import save_file
+
     from calico_jax.models.calico import CalicoConfig
+    from calico_jax.models.cam import CamConfig
     from calico_jax.models.cem import CemConfig
     from calico_jax.models.sam import SamConfig
-    from safetensors.numpy import save_file
     from tests.test_sam import CONFIG_A
 
-    cfg = CalicoConfig.tiny(sam=SamConfig.from_original(CONFIG_A), cem=CemConfig(num_heads=4, zero_init_output=False),
-                            cam=CamConfig(layers=(3, 1), zero_init=False))
+    sam = SamConfig.from_original(CONFIG_A)
+    cfg = CalicoConfig.tiny(sam=sam, cem=CemConfig(num_heads=4, zero_init_output=False),
+                            cam=CamConfig(layers=(3, 1), zero_init=False),
+                            preprocess=CalicoConfig.tiny().preprocess.replace(sam_size=sam.image_encoder.img_size))
     module = Calico(cfg)   # jitted init: op-by-op init of the whole model is slow on CPU
     params = jax.jit(lambda k: flax.linen.unbox(module.init(k, **module.dummy_inputs())["params"]))(jax.random.key(3))
     params = jax.tree.map(np.asarray, params)

@@ -8,12 +8,15 @@ import optax
 import pytest
 from flax import traverse_util
 
+from calico_jax import params as st
 from calico_jax.losses import calico_loss
 from calico_jax.models.calico import Calico, CalicoConfig
-from calico_jax.models.calico_layout import bilinear_matrix, expand_sequence, postprocess_masks, route_segs
+from calico_jax.models.calico_layout import expand_sequence, postprocess_masks
 from calico_jax.models.cam import CamConfig
 from calico_jax.models.cem import CemConfig, CorrespondenceExtraction
-from calico_jax.train import state as st
+from calico_jax.models.seg_routing import route_segs, seg_hidden_index
+from calico_jax.resize import bilinear_matrix
+from calico_jax.train.step import value_and_grad_trainable
 from tests.helpers import rel_err
 
 IMG, SEG = -200, 60
@@ -34,7 +37,7 @@ def make_batch(cfg, prompts=PROMPTS, answers=ANSWERS, seed=0, sizes=None):
         seq = p + a
         ids[i, :len(seq)], mask[i, :len(seq)] = seq, 1
         labels[i, len(p):len(seq)] = a
-    ev, dv, s = cfg.vision.vision.image_size, cfg.dino_image_size, cfg.sam.image_encoder.img_size
+    ev, dv, s = cfg.vision.vision.image_size, cfg.preprocess.dinov2_side, cfg.sam.image_encoder.img_size
     sizes = np.asarray(sizes if sizes is not None else [[[40, 30], [20, 36], [33, 33]]] * b, np.int32)
     scale = s / sizes.max(-1, keepdims=True)
     resized = np.floor(sizes * scale + 0.5).astype(np.int32)
@@ -64,7 +67,7 @@ def model():
 def expected_layout(prompt, answer, q, hidden_shift=1):
     """Expanded positions by building the expanded list in Python."""
     seq, image_pos, seg_pos, newpos = [], [], [], []
-    for j, tok in enumerate(prompt + answer):
+    for tok in prompt + answer:
         newpos.append(len(seq))
         if tok == IMG:
             image_pos.append(list(range(len(seq), len(seq) + q)))
@@ -104,7 +107,7 @@ def test_forward_mixed_image_counts_routing_and_positions(model):
     q = cfg.vision.num_query_tokens
     t_exp = T + N * (q - 1)
     assert out["logits"].shape == (2, t_exp, cfg.llm.vocab_size)
-    assert out["mask_logits"].shape == (2, cfg.seg.max_seg, *cfg.seg.mask_size)
+    assert out["mask_logits"].shape == (2, cfg.seg.max_seg, *cfg.mask_size)
     np.testing.assert_array_equal(out["image_valid"], [[1, 0, 0], [1, 1, 1]])
     for i in range(2):
         image_pos, seg_pos, last = expected_layout(PROMPTS[i], ANSWERS[i], q)
@@ -137,7 +140,8 @@ def test_swapping_images_and_identifiers_swaps_masks(model):
     # encoder, identifiers) swapped -> the two masks swap exactly.
     p = jax.tree.map(lambda x: x, params)
     p["text_hidden_fcs_0_2"] = {"kernel": jnp.zeros_like(params["text_hidden_fcs_0_2"]["kernel"]),
-                                "bias": jax.random.normal(jax.random.key(3), params["text_hidden_fcs_0_2"]["bias"].shape)}
+                                "bias": jax.random.normal(jax.random.key(3),
+                                                          params["text_hidden_fcs_0_2"]["bias"].shape)}
     out = fwd(p, swapped)
     ml = np.asarray(out["mask_logits"])
     np.testing.assert_array_equal(out["seg_image"][:, :2], [[0, 1], [1, 0]])
@@ -191,6 +195,21 @@ def test_route_segs_rules_and_counts():
     np.testing.assert_array_equal(host["valid"], [[1, 1, 1, 0], [1, 0, 0, 0]])
 
 
+def test_seg_hidden_index_teacher_forced_and_generated_agree():
+    """One sequence ``... x [SEG]`` seen both ways: teacher-forced hidden[i] is token i's state; generated
+    hidden[:, j] produced token j (so it is the teacher-forced state of the token before it)."""
+    p = 7                                     # [SEG] position in the teacher-forced sequence
+    j = 3                                     # the same [SEG] among the generated tokens, prompt ends at p - j - 1
+    to_tf = lambda g: g + (p - j) - 1         # noqa: E731  generated hidden index -> teacher-forced position
+    for position in ("before", "at"):
+        tf = seg_hidden_index(p, position)
+        assert tf == {"before": p - 1, "at": p}[position]
+        assert to_tf(seg_hidden_index(j, position, generated=True)) == tf
+    np.testing.assert_array_equal(seg_hidden_index(jnp.asarray([4, 9]), "before"), [3, 8])
+    with pytest.raises(ValueError, match="hidden_position"):
+        seg_hidden_index(1, "after")
+
+
 def test_expand_sequence_static_shapes():
     ids = jnp.asarray([[1, IMG, 5, IMG, 6], [1, 2, IMG, 0, 0]])
     newpos, target, pos, has, t_exp = expand_sequence(ids, IMG, 3, 4)
@@ -221,8 +240,8 @@ def test_cem_and_cam_match_pytorch_reference(variant, tmp_path):
     hidden[image i] += W_r X'_embed[i] + b_r -- in PyTorch (HF Q-Former) vs Flax."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from tests.test_qformer import convert
     from tests.helpers import randomize as torch_randomize
+    from tests.test_qformer import convert
     base = CalicoConfig.tiny()
     qc = base.vision.qformer
     hf = transformers.InstructBlipQFormerModel(transformers.InstructBlipQFormerConfig(
@@ -280,7 +299,8 @@ def test_cem_and_cam_match_pytorch_reference(variant, tmp_path):
             for k in range(n):
                 if not valid[i, k]:
                     continue
-                x_embed = hf(input_ids=None, query_embeds=q_guided[None], encoder_hidden_states=torch.from_numpy(x_fused[i, k])[None]
+                x_embed = hf(input_ids=None, query_embeds=q_guided[None],
+                             encoder_hidden_states=torch.from_numpy(x_fused[i, k])[None]
                              ).last_hidden_state[0, :q]                                                     # Eq. 8
                 ref[i, positions[i, k]] += x_embed @ cam["f_reintegration"]["kernel"] + cam["f_reintegration"]["bias"]
         assert rel_err(got, ref) <= 1e-5, layer
@@ -292,7 +312,7 @@ def test_backward_step_and_overfit_one_batch(model):
     cfg, m, params, _ = model
     batch = make_batch(cfg, seed=2)
     r = np.random.default_rng(3)
-    gt = np.zeros((2, cfg.seg.max_seg, *cfg.seg.mask_size), np.float32)
+    gt = np.zeros((2, cfg.seg.max_seg, *cfg.mask_size), np.float32)
     for i in range(2):
         for k in range(cfg.seg.max_seg):
             y0, x0 = r.integers(0, 15, 2)
@@ -306,30 +326,32 @@ def test_backward_step_and_overfit_one_batch(model):
     # lm_head the CE alone has a floor near 1.1 (all tokens right, small logit margins).
     patterns = cfg.trainable + (r"llm/lm_head/.*", r"llm/model/norm/.*", r"text_hidden_fcs.*")
     tx = optax.adamw(1e-2, b1=0.9, b2=0.95, weight_decay=0.0)
-    state = st.TrainState.create(params, tx, patterns, strict=True)
-    n_train = len(jax.tree.leaves(state.trainable))
-    assert len(jax.tree.leaves(state.opt_state)) == 2 * n_train + 1      # adam mu + nu (+ count): trainable only
-    vg = st.value_and_grad_trainable(loss_fn, has_aux=True)
+    trainable, frozen = st.partition(params, patterns, strict=True)
+    state = {"trainable": trainable, "opt_state": tx.init(trainable)}
+    n_train = len(jax.tree.leaves(trainable))
+    assert len(jax.tree.leaves(state["opt_state"])) == 2 * n_train + 1   # adam mu + nu (+ count): trainable only
+    vg = value_and_grad_trainable(loss_fn, has_aux=True)
 
     @jax.jit
-    def step(s):
-        (loss, parts), grads = vg(s.trainable, s.frozen)
-        return s.apply_gradients(grads), parts, grads
+    def step(s, frozen):
+        (loss, parts), grads = vg(s["trainable"], frozen)
+        updates, opt_state = tx.update(grads, s["opt_state"], s["trainable"])
+        return {"trainable": optax.apply_updates(s["trainable"], updates), "opt_state": opt_state}, parts, grads
 
-    frozen_before = jax.tree.map(np.asarray, state.frozen)
+    frozen_before = jax.tree.map(np.asarray, frozen)
     losses = []
     for i in range(70):
-        state, parts, grads = step(state)
+        state, parts, grads = step(state, frozen)
         losses.append(float(parts["loss"]))
         if i == 0:
-            assert jax.tree.structure(grads) == jax.tree.structure(state.trainable)
+            assert jax.tree.structure(grads) == jax.tree.structure(state["trainable"])
             # Zero-initialised f_reintegration: it gets a gradient, what feeds it (f_adaptation, CEM) not yet.
             assert float(jnp.abs(grads["cam_1"]["f_reintegration"]["kernel"]).max()) > 0
             assert float(jnp.abs(grads["cem"]["out_proj"]["kernel"]).max()) == 0
             assert int(parts["num_masks"]) == 5
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.frozen), frozen_before)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, frozen), frozen_before)   # untouched
     assert np.isfinite(losses).all()
-    assert float(jnp.abs(state.trainable["cem"]["out_proj"]["kernel"]).max()) > 0   # CEM trains once CAMs do
+    assert float(jnp.abs(state["trainable"]["cem"]["out_proj"]["kernel"]).max()) > 0   # CEM trains once CAMs do
     assert losses[-1] < 0.1 * losses[0], losses
 
 

@@ -110,7 +110,8 @@ def test_ade20k_part_maps_and_json_parts(tmp_path):
     (tmp_path / "names.txt").write_text("chair's back\nchair's leg\nsofa's arm\n")
     data = {"images": [{"id": 1, "file_name": "ADE_train_1.jpg", "height": h, "width": w}],
             "categories": [{"id": 8, "name": "chair"}, {"id": 300, "name": "chair's seat"}],
-            "annotations": [{"id": 1, "image_id": 1, "category_id": 8, "segmentation": encode(box_mask(h, w, 0, 0, 15, 20)),
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 8,
+                             "segmentation": encode(box_mask(h, w, 0, 0, 15, 20)),
                              "part_category_id": [0, 1]},
                             {"id": 2, "image_id": 1, "category_id": 300, "segmentation": rect(10, 5, 14, 9)}]}
     path = write(tmp_path / "ade20k_instance_train.json", data)

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from safetensors.torch import save_file  # noqa: E402
 
-from calico_jax import models, pretrained  # noqa: E402
+from calico_jax import checkpoints, models, pretrained  # noqa: E402
 from calico_jax.config import ConfigError  # noqa: E402
 from convert.io import CheckpointError, open_checkpoint  # noqa: E402
 from convert.mapping import Plan, Skip, apply_rules, build_params, flax_path  # noqa: E402
@@ -142,16 +142,16 @@ def test_missing_and_empty_sources(tmp_path):
 def test_atomic_directory(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(RuntimeError):
-        with pretrained.atomic_directory(out) as tmp:
+        with checkpoints.atomic_directory(out) as tmp:
             (tmp / "partial").write_text("x")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
-    with pretrained.atomic_directory(out) as tmp:
+    with checkpoints.atomic_directory(out) as tmp:
         (tmp / "a").write_text("1")
     with pytest.raises(FileExistsError, match="--overwrite"):
-        with pretrained.atomic_directory(out):
+        with checkpoints.atomic_directory(out):
             pass
-    with pretrained.atomic_directory(out, overwrite=True) as tmp:
+    with checkpoints.atomic_directory(out, overwrite=True) as tmp:
         (tmp / "b").write_text("2")
     assert sorted(p.name for p in out.iterdir()) == ["b"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -196,3 +196,47 @@ def test_cli_user_error_is_one_line_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'missing'}: no such file or directory"
     assert not out.exists()
+
+
+@pytest.fixture
+def matmul_precision():
+    """Sets the process-wide JAX matmul precision for one test and puts the previous value back."""
+    import jax
+    before = jax.config.jax_default_matmul_precision
+
+    def set_to(value):
+        jax.config.update("jax_default_matmul_precision", value)
+
+    yield set_to
+    set_to(before)
+
+
+def test_verify_scopes_its_precision(matmul_precision):
+    """verify.run: exact matmuls and no autograd inside, the caller's precision / grad mode / torch RNG after."""
+    import jax
+
+    from convert import verify
+
+    seen = {}
+
+    class Family:
+        @staticmethod
+        def verify(ckpt, plan, params):
+            seen.update(precision=jax.config.jax_default_matmul_precision, grad=torch.is_grad_enabled(),
+                        draw=torch.rand(()).item())
+            x = np.arange(6, dtype=np.float32).reshape(2, 3)
+            return [verify.compare("y", jax.jit(lambda a: a @ a.T)(x), torch.from_numpy(x) @ torch.from_numpy(x).T)]
+
+    matmul_precision("bfloat16")
+    torch.manual_seed(123)
+    expected_next = torch.rand(()).item()
+    torch.manual_seed(123)
+    with torch.enable_grad():
+        comparisons = verify.run(Family, None, None, None)
+        assert torch.is_grad_enabled()
+    assert jax.config.jax_default_matmul_precision == "bfloat16"
+    assert torch.rand(()).item() == expected_next   # the seed inside did not reset the caller's stream
+    assert seen["precision"] == "highest" and seen["grad"] is False
+    torch.manual_seed(0)
+    assert seen["draw"] == torch.rand(()).item()    # seeded with 0 inside
+    assert [c.name for c in comparisons] == ["y"] and comparisons[0].max_rel == 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -34,7 +35,13 @@ def check_reload(out, model):
 def test_hf_llama_cli_verify(name, tmp_path):
     model = hf_llama(**HF_CONFIGS[name])
     model.save_pretrained(tmp_path / "hf")
-    rc, out, err = run_convert("hf-llama", "--src", tmp_path / "hf", "--out", tmp_path / "out", "--verify")
+    before = jax.config.jax_default_matmul_precision
+    jax.config.update("jax_default_matmul_precision", "float32")   # same numerics as "highest", another name
+    try:
+        rc, out, err = run_convert("hf-llama", "--src", tmp_path / "hf", "--out", tmp_path / "out", "--verify")
+        assert jax.config.jax_default_matmul_precision == "float32"   # --verify scopes its own precision
+    finally:
+        jax.config.update("jax_default_matmul_precision", before)
     assert rc == 0, err
     assert "verify: greedy_match=32/32" in out
     assert out.strip().splitlines()[-2].startswith("verify: max_rel_err=") and "PASS" in out.splitlines()[-2]
@@ -155,7 +162,8 @@ def test_peft_lora_errors(lora_setup, tmp_path):
     d = tmp_path / "bad"
     d.mkdir()
     (d / "adapter_config.json").write_text((tmp / "adapter" / "adapter_config.json").read_text())
-    save_file({k: (v[:3].contiguous() if k == bad_key else v) for k, v in saved.items()}, d / "adapter_model.safetensors")
+    bad = {k: (v[:3].contiguous() if k == bad_key else v) for k, v in saved.items()}
+    save_file(bad, d / "adapter_model.safetensors")
     rc, _, err = run_convert("peft-lora", "--src", d, "--base", tmp / "base", "--out", tmp_path / "o2")
     assert rc == 2 and bad_key in err and "(3, 32)" in err and nothing_at(tmp_path / "o2")
     cfg = json.loads((tmp / "adapter" / "adapter_config.json").read_text())

@@ -9,10 +9,12 @@ import flax.linen as nn
 import jax
 import pytest
 
-from calico_jax.train.calico_task import model_config
+from calico_jax.models.cam import CamConfig
+from calico_jax.models.cem import CemConfig
+from calico_jax.models.clip import ClipVisionConfig
+from calico_jax.params import count_params
 from calico_jax.train.config import load
 from calico_jax.train.dryrun import PAPER_SHAPES, dry_run
-from calico_jax.train.state import count_params
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CLIP = {"image_size": 28, "patch_size": 7, "hidden_size": 20, "intermediate_size": 40, "num_hidden_layers": 2,
@@ -21,11 +23,12 @@ LINE = re.compile(r"^(params_total|params_trainable|trainable_fraction|forward_t
 
 
 def tiny_glamm():
-    """configs/glamm_like.py on the tiny model (model.size tiny, tiny data sizes, a tiny CLIP)."""
+    """configs/glamm_like.py's switches on the tiny model (tiny sizes, a tiny CLIP, no DINOv2 input)."""
     cfg, tiny = load(ROOT / "configs/glamm_like.py"), load(ROOT / "configs/tiny.py")
-    opts = dict(cfg.model.options, clip=TINY_CLIP)
-    return cfg.replace(model=cfg.model.replace(size="tiny", dtype="float32", frozen_dtype="float32", options=opts),
-                       data=tiny.data.replace(dinov2_size=0))
+    model = tiny.model.replace(image_path="clip_mlp", cam=CamConfig(layers=()), cem=CemConfig(enabled=False),
+                               clip=ClipVisionConfig().replace(**TINY_CLIP), trainable=cfg.model.trainable,
+                               preprocess=tiny.model.preprocess.replace(dinov2_size=0, dinov2_crop=0))
+    return cfg.replace(model=model, dtype="float32", frozen_dtype="float32", data=tiny.data)
 
 
 def test_cli_format_tiny():
@@ -44,7 +47,7 @@ def test_cli_format_tiny():
     # the counts are those of a real init of the same model with the paper's trainable patterns
     cfg = load(ROOT / "configs/tiny.py")
     from calico_jax.models.calico import PAPER_TRAINABLE, Calico
-    module = Calico(model_config(cfg))
+    module = Calico(cfg.model)
     params = module.init(jax.random.key(1), **module.dummy_inputs())["params"]
     assert count_params(params, PAPER_TRAINABLE) == (total, trainable)
 
@@ -59,7 +62,7 @@ def test_flops_follow_shapes():
 
 def test_glamm_like_tiny(capsys):
     cfg = tiny_glamm()
-    mcfg = model_config(cfg)
+    mcfg = cfg.model
     assert (mcfg.image_path, mcfg.cam.layers, mcfg.cem.enabled, mcfg.num_image_tokens) == ("clip_mlp", (), False, 16)
     report = dry_run(cfg)
     out = capsys.readouterr().out.splitlines()
@@ -73,7 +76,7 @@ def test_glamm_like_tiny(capsys):
 
 
 def test_glamm_like_7b_config():
-    mcfg = model_config(load(ROOT / "configs/glamm_like.py"))
+    mcfg = load(ROOT / "configs/glamm_like.py").model
     assert mcfg.image_path == "clip_mlp" and mcfg.num_image_tokens == 576 and mcfg.cam.layers == ()
     assert (mcfg.clip.hidden_size, mcfg.llm.hidden_size, mcfg.clip.select_layer) == (1024, 4096, -2)
-    assert load(ROOT / "configs/glamm_like.py").data.blip_size == 336
+    assert mcfg.preprocess.blip_size == 336 and mcfg.preprocess.dinov2_size == 0

@@ -1,6 +1,6 @@
 """Vicuna/LLaMA decoder (𝓜): parity with transformers LlamaForCausalLM (MHA/GQA, tied/untied,
 rope_theta / linear RoPE scaling, odd head counts, biases, left padding), KV-cache decoding vs the
-full forward, CAM hook points, LoRA merge, embedding resize, config parsing."""
+full forward, CAM hook points, LoRA merge, config parsing."""
 from __future__ import annotations
 
 import jax
@@ -11,8 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from calico_jax.models.llama import (KVCache, LlamaConfig, LlamaForCausalLM,  # noqa: E402
-                                     resize_token_embeddings)
+from calico_jax.models.llama import KVCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from calico_jax.models.lora import LoraConfig, lora_mask, merge_lora  # noqa: E402
 from calico_jax.pretrained import init_params  # noqa: E402
 from convert.families.llama import HF_LLAMA, random_batch  # noqa: E402
@@ -168,16 +167,3 @@ def test_lora_merge_and_mask(tiny):
     # Dropout is active only when asked for.
     drop = lmod.apply({"params": lparams}, *args, deterministic=False, rngs={"dropout": jax.random.key(0)})
     assert np.abs(np.asarray(drop.logits) - unmerged).max() > 0
-
-
-def test_resize_token_embeddings(tiny):
-    module, params = tiny
-    new, cfg = resize_token_embeddings(params, module.config, 71)
-    emb, head = np.asarray(new["model"]["embed_tokens"]["embedding"]), np.asarray(new["lm_head"]["kernel"])
-    assert emb.shape == (71, 32) and head.shape == (32, 71) and cfg.vocab_size == 71
-    np.testing.assert_array_equal(emb[:64], np.asarray(params["model"]["embed_tokens"]["embedding"]))
-    np.testing.assert_allclose(emb[64:], np.broadcast_to(emb[:64].mean(0), (7, 32)), atol=1e-6)
-    np.testing.assert_allclose(head[:, 64:], np.broadcast_to(head[:, :64].mean(1, keepdims=True), (32, 7)),
-                               atol=1e-6)
-    out = LlamaForCausalLM(cfg).apply({"params": new}, jnp.zeros((1, 3), jnp.int32))
-    assert out.logits.shape == (1, 3, 71)

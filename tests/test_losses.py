@@ -103,8 +103,8 @@ def test_padding_pixels_and_slots_do_not_matter():
 
 def test_no_masks_and_no_targets_are_finite():
     logits, gt, valid, sizes, counts, text_logits, labels, hw = make(2)
-    out = {"logits": jnp.asarray(text_logits), "labels": jnp.full(labels.shape, -100), "mask_logits": jnp.asarray(logits),
-           "mask_hw": jnp.asarray(hw), "seg_valid": jnp.zeros(valid.shape, bool)}
+    out = {"logits": jnp.asarray(text_logits), "labels": jnp.full(labels.shape, -100),
+           "mask_logits": jnp.asarray(logits), "mask_hw": jnp.asarray(hw), "seg_valid": jnp.zeros(valid.shape, bool)}
     total, parts = calico_loss(out, jnp.asarray(gt))
     assert float(total) == 0.0 and int(parts["num_masks"]) == 0 and int(parts["num_tokens"]) == 0
 
@@ -115,7 +115,8 @@ def test_pieces_against_torch_directly():
     g = (r.random((4, 6, 5)) > 0.5).astype(np.float32)
     pix, dice = mask_losses(jnp.asarray(x), jnp.asarray(g), jnp.ones((4, 6, 5), bool))
     tx, tg = torch.from_numpy(x), torch.from_numpy(g)
-    np.testing.assert_allclose(pix, F.binary_cross_entropy_with_logits(tx, tg, reduction="none").mean((1, 2)), rtol=1e-5)
+    bce = F.binary_cross_entropy_with_logits(tx, tg, reduction="none").mean((1, 2))
+    np.testing.assert_allclose(pix, bce, rtol=1e-5)
     np.testing.assert_allclose(float(dice.sum()) / 4, float(glamm_dice(tx, tg, 4)), rtol=1e-5)
     logits = r.standard_normal((2, 5, 7)).astype(np.float32)
     labels = np.asarray([[-100, 1, 2, -100, 3], [-100, -100, 6, 0, 4]])

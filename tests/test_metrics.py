@@ -7,8 +7,8 @@ import pytest
 
 from calico_jax.config import ConfigError
 from calico_jax.data.rle import encode
-from calico_jax.eval.metrics import (Mask, MetricConfig, SampleResult, ap50, evaluate, match, miou, recall,
-                                     semantic_iou, semantic_similarity, word_iou)
+from calico_jax.eval.masks import Mask, SampleResult, ap50, match
+from calico_jax.eval.metrics import MetricConfig, evaluate, miou, recall, semantic_iou, semantic_similarity, word_iou
 from calico_jax.eval.report import format_table, read_report, write_report
 
 W = 20
@@ -166,7 +166,7 @@ def random_samples(seed, n=25, size=(12, 16), many=False):
             if many and i == 0:
                 ms += [jitter(gts[0]) if gts else rect() for _ in range(120)]  # beyond maxDets
             scores = np.round(rng.random(len(ms)), 1)        # coarse scores: many ties
-            pred += [Mask(k, "p", encode(m), float(sc)) for m, sc in zip(ms, scores)]
+            pred += [Mask(k, "p", encode(m), float(sc)) for m, sc in zip(ms, scores, strict=True)]
         out.append(SampleResult(f"r{i}", "common_parts", 2, gt, pred))
     return out
 

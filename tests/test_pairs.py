@@ -37,12 +37,14 @@ def hand(tmp_path):
         obj = len(anns) + 1
         x0s, y0s, x1s, y1s = zip(*parts.values())
         anns.append({"id": obj, "image_id": iid, "category_id": cid[cls], "obj_ann_id": obj,
-                     "segmentation": [[min(x0s), min(y0s), max(x1s), min(y0s), max(x1s), max(y1s), min(x0s), max(y1s)]]})
+                     "segmentation": [[min(x0s), min(y0s), max(x1s), min(y0s),
+                                       max(x1s), max(y1s), min(x0s), max(y1s)]]})
         for p, (x0, y0, x1, y1) in parts.items():
             name = f"{cls}:{p}"
             if name not in {c["name"] for c in cats}:
                 cats.append({"id": len(cats) + 1, "name": name})
-            anns.append({"id": len(anns) + 1, "image_id": iid, "category_id": next(c["id"] for c in cats if c["name"] == name),
+            anns.append({"id": len(anns) + 1, "image_id": iid,
+                         "category_id": next(c["id"] for c in cats if c["name"] == name),
                          "obj_ann_id": obj, "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]})
     path = tmp_path / "hand.json"
     path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
@@ -95,7 +97,8 @@ def test_answer_and_prompt_format(hand):
         assert s["prompt"][len(pairs.PREFIX.format(images=pairs._images_phrase(2))):] in pairs.QUESTIONS[s["task"]]
         pairs.validate_sample(s, len(data["images"]), len(data["masks"]), data["masks"])
     co = by_task["common_object"][0]
-    assert re.fullmatch(r"The images show an? <p> (chair|mug) </p> \[SEG\] \(IMAGE1\) \[SEG\] \(IMAGE2\)\.", co["answer"])
+    assert re.fullmatch(r"The images show an? <p> (chair|mug) </p> \[SEG\] \(IMAGE1\) \[SEG\] \(IMAGE2\)\.",
+                        co["answer"])
     cp = next(s for s in by_task["common_parts"] if set(s["objects"]) == {"chair", "stool"})
     first = cp["objects"][0]
     other = "stool" if first == "chair" else "chair"

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from calico_jax import pretrained
+from calico_jax import checkpoints, pretrained
 from calico_jax.data.rle import decode
 from calico_jax.data.tokenize import SEG_TOKEN, build_tiny_tokenizer
 from calico_jax.infer import INFERENCE_FILE, InferenceConfig, Predictor, _generate, _masks
 from calico_jax.models.calico import Calico, CalicoConfig
-from calico_jax.predict import build_question, main as predict_main
+from calico_jax.predict import build_question
+from calico_jax.predict import main as predict_main
 from tests.helpers import nothing_at
 
 ANSWER = "<p> wheel</p>[SEG] (IMAGE2)"   # every token distinct (see crafted)
@@ -42,8 +42,8 @@ def tokenizer(tmp_path_factory):
 def _config(tokenizer, **cam):
     base = CalicoConfig.tiny()
     return base.replace(llm=base.llm.replace(vocab_size=len(tokenizer)), cam=base.cam.replace(**cam),
-                        seg=base.seg.replace(token_id=tokenizer.convert_tokens_to_ids(SEG_TOKEN), identifier_ids=(),
-                                             mask_size=(64, 64)))
+                        seg=base.seg.replace(token_id=tokenizer.convert_tokens_to_ids(SEG_TOKEN), identifier_ids=()),
+                        preprocess=base.preprocess.replace(mask_size=64))
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_mask_program_pads_segs_without_changing_results(crafted):
 def ckpt(crafted, tokenizer, tmp_path_factory):
     module, params, _ = crafted
     out = tmp_path_factory.mktemp("ckpt") / "model"
-    with pretrained.atomic_directory(out) as tmp:
+    with checkpoints.atomic_directory(out) as tmp:
         pretrained.write(tmp, "calico", module.config, params)
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         (tmp / INFERENCE_FILE).write_text(json.dumps(InferenceConfig(max_new_tokens=24).to_dict()))
@@ -272,7 +272,8 @@ def test_evaluate_cli_and_rescoring_saved_predictions(ckpt, heldout, tmp_path, c
 def test_evaluate_cli_bad_predictions_file(heldout, tmp_path, capsys):
     from calico_jax.evaluate import main as evaluate_main
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"format": "calico_jax.predictions", "samples": [{"id": "x", "masks": [{"label": "a"}]}]}))
+    bad.write_text(json.dumps({"format": "calico_jax.predictions",
+                               "samples": [{"id": "x", "masks": [{"label": "a"}]}]}))
     out = tmp_path / "r.json"
     assert evaluate_main(["--predictions", str(bad), "--pairs", str(heldout), "--out", str(out)]) == 2
     assert "samples[0].masks[0] misses ['image', 'rle']" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from calico_jax.data.processors import (BlipProcessor, Dinov2Processor, SamProcessor, load_image, to_rgb)
+from calico_jax.data.processors import BlipProcessor, Dinov2Processor, SamProcessor, load_image, to_rgb
 
 tf_blip = pytest.importorskip("transformers.models.blip.image_processing_pil_blip")
 tf_bit = pytest.importorskip("transformers.models.bit.image_processing_pil_bit")
@@ -32,7 +32,8 @@ def hwc(x):
 @pytest.mark.parametrize("h,w", SIZES)
 def test_blip_matches_transformers(h, w):
     im = rand_image(h, w)
-    ref = hwc(tf_blip.BlipImageProcessorPil(size={"height": 224, "width": 224})(im, return_tensors="np")["pixel_values"])
+    ref = hwc(tf_blip.BlipImageProcessorPil(size={"height": 224, "width": 224})(im, return_tensors="np")
+              ["pixel_values"])
     out = BlipProcessor()(im)
     assert out.shape == (224, 224, 3) and out.dtype == np.float32
     assert np.abs(out - ref).max() <= 1e-6

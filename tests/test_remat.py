@@ -1,4 +1,4 @@
-"""Per-tower rematerialisation (``remat`` field of each tower's config, ``ModelConfig.remat``): parameter
+"""Per-tower rematerialisation (``remat`` field of each tower's config, ``CalicoConfig.with_remat``): parameter
 paths, shapes, logical axes and init values do not change; gradients of the tiny CALICO loss (w.r.t.
 every parameter, so the frozen towers' backward runs too) equal the no-remat ones; each tower's policy
 shows up in the traced program as one checkpoint per block call, with that policy."""
@@ -12,16 +12,15 @@ import pytest
 from calico_jax import layers
 from calico_jax.config import ConfigError
 from calico_jax.losses import calico_loss
-from calico_jax.models.calico import Calico, CalicoConfig
+from calico_jax.models.calico import REMAT_TOWERS, Calico, CalicoConfig
 from calico_jax.train import config as config_lib
-from calico_jax.train.calico_task import with_remat
 from tests.test_calico import make_batch
 
-TOWERS = config_lib.REMAT_TOWERS
+TOWERS = REMAT_TOWERS
 
 
 def remat_cfg(base: CalicoConfig, **policies) -> CalicoConfig:
-    return with_remat(base, lambda tower: policies.get(tower, "none"))
+    return base.with_remat(**{t: policies.get(t, "none") for t in TOWERS})
 
 
 def all_towers(policy):
@@ -30,7 +29,7 @@ def all_towers(policy):
 
 def gt_masks(cfg, b=2):
     r = np.random.default_rng(3)
-    gt = np.zeros((b, cfg.seg.max_seg, *cfg.seg.mask_size), np.float32)
+    gt = np.zeros((b, cfg.seg.max_seg, *cfg.mask_size), np.float32)
     for i in range(b):
         for k in range(cfg.seg.max_seg):
             y0, x0 = r.integers(0, 15, 2)
@@ -159,15 +158,15 @@ def test_policy_reaches_the_program_per_tower(setup, tower):
 
 
 def test_model_config_maps_towers_and_rejects_unknown():
-    cfg = config_lib.load("configs/tiny.py", [("model.remat", '{"llm": "dots", "sam": "full"}')])
-    from calico_jax.train.calico_task import model_config
-    mcfg = model_config(cfg)
+    cfg = config_lib.load("configs/tiny.py", [("model.llm.remat", "dots"), ("model.sam.image_encoder.remat", "full")])
+    mcfg = cfg.model
     assert (mcfg.llm.remat, mcfg.sam.image_encoder.remat, mcfg.vision.vision.remat, mcfg.vision.qformer.remat,
             mcfg.dinov2.remat) == ("dots", "full", "none", "none", "none")
-    with pytest.raises(ConfigError, match="unknown policy 'dot'"):
-        config_lib.load("configs/tiny.py", [("model.remat", '{"llm": "dot"}')])
-    with pytest.raises(ConfigError, match="unknown tower 'eva'"):
-        config_lib.load("configs/tiny.py", [("model.remat", '{"eva": "full"}')])
+    assert mcfg.remat_policies()["llm"] == "dots"
+    with pytest.raises(ConfigError, match="unknown remat policy 'dot'"):
+        config_lib.load("configs/tiny.py", [("model.llm.remat", "dot")])
+    with pytest.raises(ConfigError, match="unknown tower"):
+        CalicoConfig.tiny().with_remat(eva="full")
     with pytest.raises(ValueError, match="remat policy 'x' for EvaBlock unknown"):
         from calico_jax.models.eva_vit import EvaBlock
         layers.remat_block(EvaBlock, "x")

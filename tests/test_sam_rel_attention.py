@@ -37,7 +37,8 @@ CASES = [(2, 4, 4, 3, 8, 1), (3, 3, 3, 2, 8, 2 * 9 * 9 * 4), (1, 5, 5, 2, 4, 1 <
 def test_blocked_matches_float64_reference(b, h, w, n, d, block):
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((b, h * w, n, d)).astype(np.float32) for _ in range(3))
-    th, tw = rng.standard_normal((2 * h - 1, d)).astype(np.float32), rng.standard_normal((2 * w - 1, d)).astype(np.float32)
+    th, tw = (rng.standard_normal((2 * h - 1, d)).astype(np.float32),
+              rng.standard_normal((2 * w - 1, d)).astype(np.float32))
     got = blocked_rel_pos_attention(*(jnp.asarray(a) for a in (q, k, v, th, tw)), (h, w), (h, w), scale=d ** -0.5,
                                     block_bytes=block)
     assert got.shape == q.shape

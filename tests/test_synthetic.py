@@ -19,7 +19,7 @@ def gen(tmp_path_factory):
 def test_class_table_rules():
     assert len(synthetic.CLASSES) >= 8
     uses = Counter()
-    for sup, parts in synthetic.CLASSES.values():
+    for _sup, parts in synthetic.CLASSES.values():
         names = [p for p, _ in parts]
         assert 2 <= len(set(names)) <= 5 and len(names) == len(set(names))
         uses.update(names)

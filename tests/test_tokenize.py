@@ -3,9 +3,18 @@ the llava_v1 template, image placeholders and an encode/decode round trip; train
 [SEG] -> image routing, truncation that drops instead of separating a [SEG] from its identifier."""
 from __future__ import annotations
 
-from calico_jax.data.tokenize import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, SPECIAL_TOKENS, SampleTokenizer,
-                                      add_special_tokens, build_tiny_tokenizer, image_placeholder, llava_v1_prompt,
-                                      load_tokenizer, tokenize_with_images)
+from calico_jax.data.tokenize import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN_INDEX,
+    SPECIAL_TOKENS,
+    SampleTokenizer,
+    add_special_tokens,
+    build_tiny_tokenizer,
+    image_placeholder,
+    llava_v1_prompt,
+    load_tokenizer,
+    tokenize_with_images,
+)
 
 
 def test_tiny_tokenizer_special_tokens(tmp_path):
@@ -130,4 +139,5 @@ def test_sentencepiece_only_checkpoint(tmp_path):
     text = "The images show a <p> mug </p> [SEG] (IMAGE1)"
     enc = tok(text).input_ids
     assert enc[0] == tok.bos_token_id and ids[4] in enc
-    assert tok.decode(enc, skip_special_tokens=False).replace("<s>", "").strip().replace(" ", "") == text.replace(" ", "")
+    decoded = tok.decode(enc, skip_special_tokens=False)
+    assert decoded.replace("<s>", "").strip().replace(" ", "") == text.replace(" ", "")

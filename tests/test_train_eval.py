@@ -20,7 +20,7 @@ EVAL_KEYS = {"eval_loss", "eval_ce_loss", "eval_mask_iou", "eval_token_accuracy"
 def tiny(extra=()):
     return config_lib.load("configs/tiny.py", [
         ("total_steps", "4"), ("eval_every", "2"), ("checkpoint_every", "100"), ("progress", "false"),
-        ("data.synthetic_images", "12"), ("data.eval_batches", "2"), ("batch_size", "4"),
+        ("data.synthetic.num_images", "12"), ("data.eval_batches", "2"), ("batch_size", "4"),
         ("mesh", '{"data": 2, "fsdp": 1, "tensor": 1}'), ("num_devices", "2"), *extra])
 
 
@@ -65,23 +65,23 @@ def test_calico_eval_records_at_eval_steps_and_deterministic(runs):
     assert ev_a == ev_b                                        # same config, fresh workdir: identical values
     # The held-out split: its own pairs file and images, generated with seed + 1 (no image shared by content).
     data = runs[0] / "data"
-    assert (data / "eval" / "pairs.json").exists()
+    assert (data / "heldout" / "pairs.json").exists()
     digest = lambda d: {hashlib.sha1(f.read_bytes()).hexdigest() for f in d.iterdir()}  # noqa: E731
-    held_out = digest(data / "eval" / "syn" / "images")
-    assert len(held_out) >= 8 and held_out.isdisjoint(digest(data / "syn" / "images"))
+    held_out = digest(data / "heldout" / "images")
+    assert len(held_out) >= 8 and held_out.isdisjoint(digest(data / "train" / "images"))
 
 
 def test_no_held_out_data_turns_evaluation_off(runs, tmp_path, caplog):
     data = runs[0] / "data"
-    cfg = tiny([("data.pairs", str(data / "pairs.json")), ("data.tokenizer", str(data / "tokenizer"))])
+    cfg = tiny([("data.pairs", str(data / "train" / "pairs.json")), ("data.tokenizer", str(data / "tokenizer"))])
     with caplog.at_level(logging.WARNING):
         task = tasks_lib.build(cfg, tmp_path)
-    assert task.eval_dataset is None and "periodic evaluation is off" in caplog.text
+    assert not task.has_eval and "periodic evaluation is off" in caplog.text
     assert not (tmp_path / "data").exists()
 
 
 def test_toy_eval(tmp_path):
-    cfg = config_lib.load("configs/toy.py", [("total_steps", "3"), ("eval_every", "1"), ("progress", "false"),
+    cfg = config_lib.load("tests/toy_config.py", [("total_steps", "3"), ("eval_every", "1"), ("progress", "false"),
                                              ("checkpoint_every", "100")])
     train(cfg, tmp_path)
     ev, _ = eval_records(tmp_path)
@@ -94,10 +94,12 @@ def test_two_process_shards_are_disjoint_and_cover_the_global_batch(runs):
     from calico_jax.data.pairs_io import read_pairs
     from calico_jax.data.pipeline import Pipeline, PipelineConfig
     from calico_jax.data.tokenize import load_tokenizer
+    from calico_jax.preprocess import Preprocess
     data = runs[0] / "data"
-    pairs, tok = read_pairs(data / "pairs.json"), load_tokenizer(data / "tokenizer")
-    cfg = PipelineConfig(batch_size=4, max_images=2, max_segs=4, max_tokens=192, blip_size=28, dinov2_size=42,
-                         dinov2_crop=42, sam_size=32, mask_size=40, num_epochs=None, seed=3, num_threads=1,
+    pairs, tok = read_pairs(data / "train" / "pairs.json"), load_tokenizer(data / "tokenizer")
+    cfg = PipelineConfig(batch_size=4, max_images=2, max_segs=4, max_tokens=192,
+                         preprocess=Preprocess(blip_size=28, dinov2_size=42, dinov2_crop=42, sam_size=32, mask_size=40),
+                         num_epochs=None, seed=3, num_threads=1,
                          prefetch_buffer_size=1)
     half = PipelineConfig(**{**cfg.__dict__, "batch_size": 2})
 
@@ -126,8 +128,8 @@ def test_non_zero_process_builds_nothing_and_waits_at_the_barrier(tmp_path, monk
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     monkeypatch.setattr(multihost_utils, "sync_global_devices", calls.append)
-    pairs, tok, held_out = calico_task._prepare_data(tiny(), tmp_path)
+    pairs, tok, held_out = calico_task.prepare_data(tiny(), tmp_path)
     assert calls == ["calico_prepare_data"]
     assert not (tmp_path / "data").exists()
-    assert (pairs, tok, held_out) == (tmp_path / "data" / "pairs.json", tmp_path / "data" / "tokenizer",
-                                      tmp_path / "data" / "eval" / "pairs.json")
+    assert (pairs, tok, held_out) == (tmp_path / "data" / "train" / "pairs.json", tmp_path / "data" / "tokenizer",
+                                      tmp_path / "data" / "heldout" / "pairs.json")

@@ -17,10 +17,8 @@ ARGS = ["--config.total_steps=14", "--config.checkpoint_every=4", '--config.mesh
 
 def run(workdir, fault=None, extra=()):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("CALICO_TRAIN_FAULT", None)
-    if fault:
-        env["CALICO_TRAIN_FAULT"] = fault
-    cmd = [sys.executable, "train.py", "--config", "configs/toy.py", "--workdir", str(workdir), *ARGS, *extra]
+    cmd = [sys.executable, "tests/toy_train.py", *(["--fault", fault] if fault else []), "--config",
+           "tests/toy_config.py", "--workdir", str(workdir), *ARGS, *extra]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -76,8 +74,8 @@ def test_bad_override_fails_fast(tmp_path):
 
 def test_compile_only_prints_a_memory_plan():
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "train.py", "--config", "configs/toy.py", "--compile_only", "--devices", "4",
-           '--config.mesh={"data": 2, "fsdp": 2}', "--config.model.options={\"hidden\": 4096}"]
+    cmd = [sys.executable, "tests/toy_train.py", "--config", "tests/toy_config.py", "--compile_only", "--devices", "4",
+           '--config.mesh={"data": 2, "fsdp": 2}', "--config.model.hidden=4096"]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     got = dict(line.split("=", 1) for line in p.stdout.splitlines() if "=" in line)

@@ -10,8 +10,16 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from calico_jax.data.coco_reader import (ObjectInst, PartDataset, _add_part, _best_object, _finish, _object,
-                                         _Raw, _read_raw)
+from calico_jax.data.coco_reader import (
+    ObjectInst,
+    PartDataset,
+    _add_part,
+    _best_object,
+    _finish,
+    _object,
+    _Raw,
+    _read_raw,
+)
 from calico_jax.data.report import DataError, Report
 from calico_jax.data.rle import decode, encode, rle_area, rle_union
 

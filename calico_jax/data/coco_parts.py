@@ -45,8 +45,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from calico_jax.data.coco_conventions import (_guess_whole, _load_ade, _load_paco, _load_partimagenet,
-                                              detect_convention)
+from calico_jax.data.coco_conventions import _guess_whole, _load_ade, _load_paco, _load_partimagenet, detect_convention
 from calico_jax.data.coco_reader import ObjectInst, PartDataset, PartImage, _finish, _object, _read_raw
 from calico_jax.data.report import DataError, Report
 from calico_jax.data.rle import decode, encode, rle_area, rle_intersection_area, rle_union, to_rle
@@ -89,4 +88,5 @@ def clean_name(name: str) -> str:
 
 
 __all__ = ["DataError", "Report", "ObjectInst", "PartImage", "PartDataset", "load_part_dataset", "clean_name",
-           "decode", "encode", "rle_union", "rle_area", "rle_intersection_area", "to_rle", "detect_convention", "CONVENTIONS"]
+           "decode", "encode", "rle_union", "rle_area", "rle_intersection_area", "to_rle", "detect_convention",
+           "CONVENTIONS"]

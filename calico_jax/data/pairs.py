@@ -1,6 +1,7 @@
 """MixedParts-style multi-image samples from COCO part datasets, their JSON schema, and its reader.
 
-Recipe (paper-notes §4; what the paper leaves open is a documented default here):
+Recipe (paper §1, §5: curated pairs of comparable classes that share a part, from PACO-LVIS, PartImageNet and
+ADE20K-Part-234; the construction details are not public, so each choice below is a documented default):
 
 * A *view* is one object class in one image: the union of all its instances there (semantic
   co-segmentation: "segment the common object" means every instance), with each part name's union.
@@ -39,8 +40,16 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from calico_jax.data.coco_parts import (DataError, PartDataset, Report, clean_name, decode, load_part_dataset,
-                                        rle_area, rle_union)
+from calico_jax.data.coco_parts import (
+    DataError,
+    PartDataset,
+    Report,
+    clean_name,
+    decode,  # noqa: F401 (re-exported: readers of a pairs file decode its masks with pairs.decode)
+    load_part_dataset,
+    rle_area,
+    rle_union,
+)
 from calico_jax.data.pairs_io import SEG_RE, Pairs, read_pairs, validate_sample, write_pairs
 
 TASKS = ("common_object", "common_parts", "unique_parts")
@@ -261,14 +270,15 @@ class PairBuilder:
         if task == "common_parts":
             phrases = []
             for p in self._common(vs):
-                segs += [{"mask": self._mask(v, p), "image": k, "label": p, "kind": "part"} for k, v in enumerate(views)]
+                segs += [{"mask": self._mask(v, p), "image": k, "label": p, "kind": "part"}
+                         for k, v in enumerate(views)]
                 phrases.append(f"<p> {p} </p> " + " ".join(f"[SEG] (IMAGE{k + 1})" for k in range(len(views))))
                 for k in range(len(views)):
                     parts[k].append(p)
             answer += f" The common part{'s are' if len(phrases) > 1 else ' is'} {_join(phrases)}."
         elif task == "unique_parts":
             phrases = []
-            for k, (v, ps) in enumerate(zip(views, self._unique(vs))):
+            for k, (v, ps) in enumerate(zip(views, self._unique(vs), strict=True)):
                 for p in ps:
                     segs.append({"mask": self._mask(v, p), "image": k, "label": p, "kind": "part"})
                     phrases.append(f"<p> {p} </p> [SEG] (IMAGE{k + 1})")

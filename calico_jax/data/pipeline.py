@@ -26,11 +26,12 @@ Batch dict (B = batch_size per process, N = max_images, S = max_segs, T = max_to
     images_blip     float32 [B, N, blip_size, blip_size, 3]       EVA-CLIP / Q-Former input (X_global)
     images_dinov2   float32 [B, N, Hd, Wd, 3]                     DINOv2 input (only if dinov2_size)
     images_sam      float32 [B, N, sam_size, sam_size, 3]         SAM input, zero-padded bottom/right
+                                    (sizes: ``PipelineConfig.preprocess``, a :class:`~calico_jax.preprocess.Preprocess`)
     image_valid     bool    [B, N]  False for padding images (their pixels are 0)
     original_sizes  int32   [B, N, 2]  (H, W) of each image as loaded (EXIF applied); 0 for padding
     sam_sizes       int32   [B, N, 2]  (h, w) valid region of images_sam (SAM reshaped_input_size)
-    masks           bool    [B, S, M, M]  ground truth of the s-th [SEG] of the answer (M = mask_size,
-                                    default sam_size), on the SAM input frame: longest side resized
+    masks           bool    [B, S, M, M]  ground truth of the s-th [SEG] of the answer (M = mask_size),
+                                    on the SAM input frame: longest side resized
                                     to M (PIL nearest), padded bottom/right with False; the valid
                                     region is [:h, :w] with (h, w) = mask_sizes[b, seg_image[b, s]]
     mask_sizes      int32   [B, N, 2]  (h, w) valid mask region at mask_size (= sam_sizes when
@@ -71,10 +72,11 @@ import numpy as np
 
 from calico_jax.data.pairs import TASKS
 from calico_jax.data.pairs_io import Pairs, read_pairs
-from calico_jax.data.processors import BlipProcessor, Dinov2Processor, SamProcessor, load_image
+from calico_jax.data.processors import SamProcessor, from_preprocess, load_image
 from calico_jax.data.report import Report
 from calico_jax.data.rle import decode
 from calico_jax.data.tokenize import IGNORE_INDEX, SampleTokenizer
+from calico_jax.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +88,7 @@ class PipelineConfig:
     max_images: int = 2                  # N
     max_segs: int = 16                   # S
     max_tokens: int = 512                # T
-    blip_size: int = 224
-    dinov2_size: int | None = 256        # shortest side; None: no DINOv2 input
-    dinov2_crop: int | None = 224
-    dinov2_square: bool = False
-    sam_size: int = 1024
-    mask_size: int | None = None         # None: sam_size
+    preprocess: Preprocess = Preprocess()   # image sizes and normalisation: the model's (CalicoConfig.preprocess)
     use_im_start_end: bool = True
     hflip: float = 0.5                   # probability; part names are not left/right-swapped
     color_jitter: float = 0.2            # brightness and contrast factors in [1 - j, 1 + j]; 0: off
@@ -103,10 +100,6 @@ class PipelineConfig:
     prefetch_buffer_size: int = 8
     worker_count: int = 0                # > 0: grain mp_prefetch processes
     worker_buffer_size: int = 2
-
-    @property
-    def mask_side(self) -> int:
-        return self.mask_size or self.sam_size
 
 
 # -------------------------------------------------------------------------------------- records
@@ -126,6 +119,9 @@ def tokenize_records(pairs: Pairs, tokenizer, cfg: PipelineConfig, report: Repor
         if tok is None:
             report.skip(kind, rec, detail)
             continue
+        # The batch's seg_image comes from the pairs file's mask references; keeping only samples where they
+        # equal the token identifiers (read by seg_routing.parse_identifier, as the predictor reads them) ties
+        # training routing to the convention inference uses.
         if list(tok.seg_images) != [g["image"] for g in s["segs"]] or tok.num_images != len(s["images"]):
             report.skip("bad_seg_identifier", rec, "token identifiers disagree with the mask references")
             continue
@@ -186,17 +182,14 @@ class Process(grain.transforms.Map):
     """Processors per tower, mask transform, padding to the static shapes of the batch dict."""
 
     def __init__(self, cfg: PipelineConfig, pad_id: int):
-        self.cfg, self.pad_id = cfg, int(pad_id)
-        if cfg.dinov2_size and cfg.dinov2_crop is None and not cfg.dinov2_square:
-            raise ValueError("DINOv2 input needs a static shape: set dinov2_crop or dinov2_square")
-        self.blip = BlipProcessor(cfg.blip_size)
-        self.dino = (Dinov2Processor(cfg.dinov2_size, cfg.dinov2_crop, cfg.dinov2_square)
-                     if cfg.dinov2_size else None)
-        self.sam = SamProcessor(cfg.sam_size)
-        self.mask_proc = SamProcessor(cfg.mask_side)
+        self.cfg, self.pad_id, pre = cfg, int(pad_id), cfg.preprocess
+        if pre.dinov2_size and not pre.dinov2_crop:
+            raise ValueError("DINOv2 input needs a static shape: set preprocess.dinov2_crop")
+        self.blip, self.dino, self.sam = from_preprocess(pre)
+        self.mask_proc = SamProcessor(pre.mask_size)
 
     def map(self, ex: dict) -> dict:
-        cfg, n, s, t = self.cfg, self.cfg.max_images, self.cfg.max_segs, self.cfg.max_tokens
+        cfg, n, s, t = self.cfg.preprocess, self.cfg.max_images, self.cfg.max_segs, self.cfg.max_tokens
         out = {"input_ids": np.full(t, self.pad_id, np.int32), "labels": np.full(t, IGNORE_INDEX, np.int32),
                "attention_mask": np.zeros(t, np.int32)}
         L = len(ex["input_ids"])
@@ -212,14 +205,14 @@ class Process(grain.transforms.Map):
             out["images_sam"][k] = sam["pixel_values"]
             out["sam_sizes"][k] = sam["reshaped_input_size"]
             out["original_sizes"][k] = im.shape[:2]
-            out["mask_sizes"][k] = SamProcessor.resized_hw(*im.shape[:2], cfg.mask_side)
+            out["mask_sizes"][k] = SamProcessor.resized_hw(*im.shape[:2], cfg.mask_size)
             out["image_valid"][k] = True
             if self.dino is not None:
                 dino.append(self.dino(im))
         if self.dino is not None:
             out["images_dinov2"] = np.zeros((n, *dino[0].shape), np.float32)
             out["images_dinov2"][:len(dino)] = dino
-        m = cfg.mask_side
+        m = cfg.mask_size
         out["masks"] = np.zeros((s, m, m), bool)
         for j, mask in enumerate(ex["masks"]):
             out["masks"][j] = self.mask_proc.masks(mask[None])[0]
@@ -316,8 +309,10 @@ def main(argv=None) -> int:
     if a.tokenizer is None:
         a.tokenizer = tempfile.mkdtemp()
         build_tiny_tokenizer(a.tokenizer, vocab_size=400)
-    cfg = PipelineConfig(batch_size=a.batch_size, worker_count=a.workers, sam_size=a.sam_size,
-                         dinov2_size=a.dinov2_size or None, max_tokens=a.max_tokens, num_epochs=None)
+    pre = Preprocess(sam_size=a.sam_size, mask_size=a.sam_size, dinov2_size=a.dinov2_size,
+                     dinov2_crop=224 if a.dinov2_size else 0)
+    cfg = PipelineConfig(batch_size=a.batch_size, worker_count=a.workers, preprocess=pre, max_tokens=a.max_tokens,
+                         num_epochs=None)
     pipe = Pipeline(read_pairs(a.pairs), load_tokenizer(a.tokenizer), cfg, 0, 1)
     print(pipe.report.summary())
     r = measure_throughput(pipe, a.batches)

@@ -5,8 +5,8 @@
   which is what transformers uses without torchvision) and to LAVIS ``BlipImageEvalProcessor``.
 * :class:`Dinov2Processor` -- DINOv2 branch (X_S): shortest side to ``size`` (PIL bicubic), centre crop
   ``crop``, ImageNet mean/std. Defaults (256 -> 224) are the ``facebook/dinov2-*`` preprocessor
-  configs (transformers ``BitImageProcessor``); CALICO's DINOv2 resolution is UNKNOWN (paper-notes
-  §2.1), so both are arguments. ``crop=None`` keeps the whole resized image; ``square=True`` resizes
+  configs (transformers ``BitImageProcessor``); the paper does not state CALICO's DINOv2 resolution
+  (``docs/paper_map.md``), so both are arguments. ``crop=None`` keeps the whole resized image; ``square=True`` resizes
   to ``size x size`` like the BLIP branch (keeps the two feature grids spatially aligned).
 * :class:`SamProcessor` -- SAM grounding branch: longest side to 1024 (PIL bilinear,
   ``int(x * scale + 0.5)``), x/255, ImageNet mean/std, zero pad bottom/right to 1024x1024 after
@@ -29,10 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from calico_jax.preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -181,5 +178,14 @@ class SamProcessor:
         return tuple(info["reshaped_input_size"]), tuple(info["original_size"])
 
 
-__all__ = ["BlipProcessor", "Dinov2Processor", "SamProcessor", "load_image", "to_rgb",
+def from_preprocess(pre: Preprocess) -> tuple[BlipProcessor, Dinov2Processor | None, SamProcessor]:
+    """The three processors a :class:`~calico_jax.preprocess.Preprocess` section describes (DINOv2: None when
+    ``dinov2_size`` is 0)."""
+    dino = (Dinov2Processor(pre.dinov2_size, pre.dinov2_crop or None, mean=pre.dinov2_mean, std=pre.dinov2_std)
+            if pre.dinov2_size else None)
+    return (BlipProcessor(pre.blip_size, pre.blip_mean, pre.blip_std), dino,
+            SamProcessor(pre.sam_size, mean=pre.sam_mean, std=pre.sam_std))
+
+
+__all__ = ["from_preprocess", "BlipProcessor", "Dinov2Processor", "SamProcessor", "load_image", "to_rgb",
            "CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD"]

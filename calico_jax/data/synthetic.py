@@ -243,6 +243,26 @@ def generate(out, num_images: int, seed: int = 0, *, quality: int = 90, min_part
     return path
 
 
+def make_split(root, num_images: int, seed: int, pair_seed: int, *, progress: bool = False, **options) -> Path:
+    """A synthetic dataset and its pairs file under ``root`` (``images/``, ``annotations.json``, ``pairs.json``),
+    written atomically; an existing complete split is reused. ``options``: :func:`generate`'s keywords.
+    Returns the pairs file. Used by the training task (no ``data.pairs``) and by ``make demo``."""
+    from calico_jax.checkpoints import atomic_directory
+    from calico_jax.data import pairs
+    from calico_jax.data.coco_parts import Report, load_part_dataset
+
+    root = Path(root)
+    if not (root / "pairs.json").is_file():
+        with atomic_directory(root, overwrite=root.exists()) as tmp:
+            ann = generate(tmp, num_images, seed=seed, progress=progress, **options)
+            report = Report(False)
+            dataset = load_part_dataset(str(ann), "auto", report=report)
+            data = pairs.PairBuilder([(dataset, str(root / "images"))], pairs.PairConfig(check_images="none"),
+                                     pair_seed, report).build()
+            pairs.write_pairs(data, tmp / "pairs.json")
+    return root / "pairs.json"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m calico_jax.data.synthetic", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="output directory (images/ and annotations.json)")

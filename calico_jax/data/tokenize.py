@@ -16,15 +16,16 @@
 from __future__ import annotations
 
 import os
-import re
 import string
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 
+from calico_jax.models.seg_routing import identifier_token_ids, parse_identifier
+
 IMAGE_TOKEN_INDEX = -200
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100   # label of a position without a target (prompt, image, padding); the loss skips it
 DEFAULT_IMAGE_TOKEN = "<image>"
 IM_START, IM_END = "<im_start>", "<im_end>"
 SEG_TOKEN = "[SEG]"
@@ -37,8 +38,9 @@ ROLES = ("USER", "ASSISTANT")
 def add_special_tokens(tokenizer) -> dict[str, int]:
     """Adds :data:`SPECIAL_TOKENS` in order (existing ones keep their ids); returns token -> id.
 
-    The caller grows the model's embeddings to ``len(tokenizer)`` with
-    :func:`calico_jax.models.llama.resize_token_embeddings` (new rows = mean of the old ones).
+    The model's vocabulary must already cover ``len(tokenizer)``: GLaMM checkpoints (and so
+    CALICO's) ship the grounding tokens in their embeddings (32007 rows), and the converters take
+    ``vocab_size`` from the embedding shape.
     """
     vocab = tokenizer.get_vocab()
     for tok in SPECIAL_TOKENS:
@@ -119,8 +121,6 @@ def build_tiny_tokenizer(out_dir: str | os.PathLike, texts: Iterable[str] = DEFA
 
 
 # ------------------------------------------------------------------------------ training samples
-_IDENT_RE = re.compile(r"^\s*\(IMAGE(\d+)\)")
-
 
 @dataclass(frozen=True)
 class TokenizedSample:
@@ -174,25 +174,14 @@ class SampleTokenizer:
 
     def _ident_ids(self, k: int) -> list[int]:
         if k not in self._idents:
-            ids = self.tokenizer(f"{SEG_TOKEN} (IMAGE{k + 1})", add_special_tokens=False).input_ids
-            self._idents[k] = ids[ids.index(self.seg_id) + 1:]
+            self._idents[k] = identifier_token_ids(self.tokenizer, SEG_TOKEN, self.seg_id, k)
         return self._idents[k]
 
     def identifier(self, ids: list[int], p: int, n_img: int) -> tuple[int, int] | None:
-        """(end position exclusive, image index) of the ``(IMAGEk)`` after the [SEG] at ``p``."""
-        for k in range(n_img):   # fast path: the identifier's usual tokens
-            t = self._ident_ids(k)
-            if ids[p + 1:p + 1 + len(t)] == t:
-                return p + 1 + len(t), k
-        # Slow path (e.g. ")" merged with the next character): decode growing spans.
-        for e in range(p + 1, min(len(ids), p + 16)):
-            if ids[e] == self.seg_id:
-                break
-            text = self.tokenizer.decode(ids[p + 1:e + 1])
-            m = _IDENT_RE.match(text)
-            if m:
-                return e + 1, int(m.group(1)) - 1
-        return None
+        """(end position exclusive, image index) of the ``(IMAGEk)`` after the [SEG] at ``p``: the host-side
+        parser of :mod:`calico_jax.models.seg_routing` with this tokenizer (training and inference alike)."""
+        return parse_identifier(ids, p, n_img, seg_id=self.seg_id, ident_ids=self._ident_ids,
+                                decode=self.tokenizer.decode)
 
     def __call__(self, question: str, answer: str):
         """-> ``(TokenizedSample, None, "")`` or ``(None, kind, detail)`` for a sample to drop."""

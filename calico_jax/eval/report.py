@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from calico_jax.checkpoints import write_atomic
 from calico_jax.data.pairs import TASKS
 from calico_jax.eval.metrics import METRICS
-from calico_jax.train.config import write_atomic
 
 ROW_NAMES = {"common_object": "Common objects", "common_parts": "Common parts", "unique_parts": "Unique parts",
              "mean": "Mean"}

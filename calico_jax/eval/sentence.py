@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -237,7 +238,7 @@ class SentenceEncoder:
             for i, e in enumerate(enc):
                 ids[i, :len(e.ids)], mask[i, :len(e.ids)] = e.ids, e.attention_mask
             out = np.asarray(self._forward(self.params, ids, mask))
-            self._cache.update(zip(chunk, out[:len(chunk)]))
+            self._cache.update(zip(chunk, out[:len(chunk)], strict=True))
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         return np.stack([self._cache[t] for t in texts])

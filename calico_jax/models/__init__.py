@@ -5,7 +5,8 @@ Imports are lazy so that loading one family does not import the others.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 # name -> (module path, nn.Module class, Config class)
 REGISTRY: dict[str, tuple[str, str, str]] = {

@@ -42,7 +42,7 @@ class Blip2VisionConfig(Config):
                               f"!= vision.hidden_size {self.vision.hidden_size}")
 
     @classmethod
-    def from_hf_config(cls, cfg: Any) -> "Blip2VisionConfig":
+    def from_hf_config(cls, cfg: Any) -> Blip2VisionConfig:
         """From a ``Blip2Config`` / ``InstructBlipConfig`` (object or config.json dict)."""
         model_type = hf_get(cfg, "model_type", None)
         if model_type not in HF_MODEL_TYPES:
@@ -65,6 +65,39 @@ class Blip2VisionConfig(Config):
                    text_hidden_size=hf_get(text, "hidden_size"))
 
 
+# q ~ N(0, 0.02) as HF initialises ``query_tokens``; [1, Q, D_q] with the query axis named "length".
+QUERY_TOKENS_INIT = layers.param_init(nn.initializers.normal(0.02), (None, "length", "embed"))
+
+
+def query_tokens_shape(cfg: Blip2VisionConfig) -> tuple[int, int, int]:
+    return 1, cfg.num_query_tokens, cfg.qformer.hidden_size
+
+
+def vision_parts(cfg: Blip2VisionConfig, dtype: Any) -> tuple[EvaVit, QFormer, nn.Dense]:
+    """𝓒, 𝓠 and f_image for a parent's ``setup`` to assign as ``vision_model``, ``qformer`` and
+    ``language_projection`` (HF's names; :class:`Blip2Vision` and CALICO share them)."""
+    # The Q-Former always runs in float32, as HF keeps it (`_keep_in_fp32_modules`): it is small
+    # and its post-LN stack with eps 1e-12 is sensitive to low precision.
+    qformer = QFormer(cfg.qformer, jnp.float32)
+    # kernel [D_q, D_llm]: only the LLM-width side is named (the Q-Former side is small).
+    projection = layers.dense(cfg.text_hidden_size, (None, "embed"), name=None, dtype=dtype)
+    return EvaVit(cfg.vision, dtype), qformer, projection
+
+
+def image_features(vision_model: EvaVit, qformer: QFormer, query_tokens: jax.Array, language_projection: nn.Dense,
+                   pixel_values: jax.Array, *, dtype: Any, input_ids: jax.Array | None = None,
+                   attention_mask: jax.Array | None = None) -> dict[str, jax.Array]:
+    """The BLIP-2 image path on bound parts (see :func:`vision_parts`): X_global = 𝓒(image),
+    𝓠(q, X_global [, instruction]) -> the Q query outputs -> f_image. Returns :class:`Blip2Vision`'s dict."""
+    vis = vision_model(pixel_values)
+    x_global = vis["last_hidden_state"]
+    q = jnp.broadcast_to(query_tokens, (x_global.shape[0], *query_tokens.shape[1:]))
+    h = qformer(q, x_global, input_ids=input_ids, attention_mask=attention_mask)
+    query_output = h[:, :query_tokens.shape[1]].astype(dtype)
+    return {"vision": x_global, "pooler_output": vis["pooler_output"], "query_output": query_output,
+            "image_tokens": language_projection(query_output)}
+
+
 class Blip2Vision(nn.Module):
     """Images (NHWC) [+ instruction] -> ``{"vision": X_global [B, 1+N, D_vis], "pooler_output",
     "query_output": [B, Q, D_q], "image_tokens": f_image(query_output) [B, Q, D_llm]}``.
@@ -76,25 +109,14 @@ class Blip2Vision(nn.Module):
     config: Blip2VisionConfig
     dtype: Any = jnp.float32
 
-    @nn.compact
+    def setup(self):
+        self.vision_model, self.qformer, self.language_projection = vision_parts(self.config, self.dtype)
+        self.query_tokens = self.param("query_tokens", QUERY_TOKENS_INIT, query_tokens_shape(self.config))
+
     def __call__(self, pixel_values: jax.Array, input_ids: jax.Array | None = None,
                  attention_mask: jax.Array | None = None) -> dict[str, jax.Array]:
-        cfg = self.config
-        vis = EvaVit(cfg.vision, self.dtype, name="vision_model")(pixel_values)
-        x_global = vis["last_hidden_state"]
-        q = self.param("query_tokens", layers.param_init(nn.initializers.normal(0.02), (None, "length", "embed")),
-                       (1, cfg.num_query_tokens, cfg.qformer.hidden_size))
-        b = x_global.shape[0]
-        # The Q-Former always runs in float32, as HF keeps it (`_keep_in_fp32_modules`): it is small
-        # and its post-LN stack with eps 1e-12 is sensitive to low precision.
-        h = QFormer(cfg.qformer, jnp.float32, name="qformer")(
-            jnp.broadcast_to(q, (b, *q.shape[1:])), x_global, input_ids=input_ids, attention_mask=attention_mask)
-        query_output = h[:, :cfg.num_query_tokens].astype(self.dtype)
-        # kernel [D_q, D_llm]: only the LLM-width side is named (the Q-Former side is small).
-        tokens = layers.dense(cfg.text_hidden_size, (None, "embed"), name="language_projection",
-                              dtype=self.dtype)(query_output)
-        return {"vision": x_global, "pooler_output": vis["pooler_output"], "query_output": query_output,
-                "image_tokens": tokens}
+        return image_features(self.vision_model, self.qformer, self.query_tokens, self.language_projection,
+                              pixel_values, dtype=self.dtype, input_ids=input_ids, attention_mask=attention_mask)
 
     def dummy_inputs(self) -> dict[str, Any]:
         v = self.config.vision

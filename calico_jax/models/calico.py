@@ -25,7 +25,7 @@ One batch through :class:`Calico` (shapes for B samples of at most N images, T p
 7. Post-processing with static shapes: GLaMM's ``postprocess_masks`` (bilinear to img_size², crop to
    the resized size (h_r, w_r), bilinear to the original (H, W)) is linear in the logits, so it is
    applied as ``A_h · low_res · A_wᵀ`` with interpolation matrices built from the *traced* sizes. Masks
-   come out at the fixed ``seg.mask_size`` (H_pad, W_pad) with the image at the top-left; pixels
+   come out at the fixed ``preprocess.mask_size`` (H_pad = W_pad) with the image at the top-left; pixels
    outside (H, W) are 0 and ``mask_hw`` [B, M, 2] says which region is valid.
 
 Parameter names: ``vision_model``/``qformer``/``query_tokens``/``language_projection`` as in HF
@@ -33,13 +33,14 @@ InstructBLIP, ``dinov2``, ``cem``, ``cam_{l}``, ``cam_query_tokens``, ``llm`` (H
 ``sam`` (segment-anything layout) and ``text_hidden_fcs_0_0``/``text_hidden_fcs_0_2`` (GLaMM's
 ``text_hidden_fcs.0.0``/``.0.2`` under the generic key rule).
 
-UNKNOWN decided here: the Q-Former gets no instruction text (queries only; CAMs carry the prompt);
-X_global is EVA's post-layernorm output (all 1 + N tokens); DINOv2 runs at ``dino_image_size`` 224
-(the dry-run session may change it).
+The config (:class:`CalicoConfig`) is the whole model: architecture, ablation switches, the pre-processing
+its inputs need (``preprocess``), the training loss (``loss``), the trainable patterns and each tower's remat
+policy; ``docs/paper_map.md`` maps every paper symbol to its code and every choice the paper leaves open to
+the switch that decides it (here: the Q-Former gets no instruction text -- queries only, the CAMs carry the
+prompt; X_global is EVA's post-layernorm output, all 1 + N tokens; DINOv2 runs at ``preprocess.dinov2_size``).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -47,99 +48,18 @@ import jax
 import jax.numpy as jnp
 
 from calico_jax import layers
-from calico_jax.config import Config, ConfigError
-from calico_jax.models.blip2 import Blip2VisionConfig
-from calico_jax.models.calico_layout import SegConfig, expand_sequence, postprocess_masks, route_segs
-from calico_jax.models.cam import CamConfig, CorrespondenceAdaptation, scatter_image_tokens
-from calico_jax.models.clip import ClipVision, ClipVisionConfig
-from calico_jax.models.cem import CemConfig, CorrespondenceExtraction, select_semantic
-from calico_jax.models.dinov2 import Dinov2, Dinov2Config
-from calico_jax.models.eva_vit import EvaVit, EvaVitConfig
-from calico_jax.models.llama import LlamaConfig, LlamaForCausalLM, last_token_index
-from calico_jax.models.lora import LoraConfig
-from calico_jax.models.qformer import QFormer, QFormerConfig
-from calico_jax.models.sam import Sam, SamConfig
-from calico_jax.models.sam.config import (ImageEncoderConfig, MaskDecoderConfig, PromptEncoderConfig,
-                                          TwoWayTransformerConfig)
-
-IGNORE_INDEX = -100
-
-# Paper recipe (paper-notes §2.3): LoRA + CEM + CAMs (+ their queries) + SAM mask decoder.
-PAPER_TRAINABLE = (r"llm/.*/lora_(a|b)", r"cem/.*", r"cam_.*", r"sam/mask_decoder/.*")
-
-
-
-@dataclasses.dataclass(frozen=True)
-class CalicoConfig(Config):
-    """Defaults: InstructBLIP-Vicuna-7B vision, DINOv2 ViT-g/14, Vicuna-7B (GLaMM vocabulary 32007,
-    LoRA r=8 α=16 on q/v), SAM ViT-H, CAMs at {11, 22}. ``image_path="clip_mlp"``: the GLaMM/LLaVA image
-    path instead (``clip`` patch tokens -> ``mm_projector`` Linear-GELU-Linear; no Q-Former, no CAMs).
-    ``image_path="linear"``: the paper's "Q-Former replaced by a linear projection" ablation (all EVA
-    tokens X_global -> ``linear_projection``; no CAMs, which re-query the Q-Former)."""
-
-    vision: Blip2VisionConfig = Blip2VisionConfig()
-    dinov2: Dinov2Config = Dinov2Config()
-    llm: LlamaConfig = LlamaConfig(vocab_size=32007, lora=LoraConfig())
-    sam: SamConfig = SamConfig()
-    cem: CemConfig = CemConfig()
-    cam: CamConfig = CamConfig()
-    seg: SegConfig = SegConfig()
-    dino_image_size: int = 224
-    image_token_index: int = -200
-    trainable: tuple[str, ...] = PAPER_TRAINABLE          # path regexes (full match on "a/b/c")
-    image_path: str = "qformer"                           # "qformer" (S_I = 32) | "clip_mlp" (GLaMM) | "linear"
-    clip: ClipVisionConfig = ClipVisionConfig()           # used by image_path="clip_mlp" only
-
-    def __post_init__(self):
-        if self.image_path not in ("qformer", "clip_mlp", "linear"):
-            raise ConfigError(f"CalicoConfig: image_path must be 'qformer', 'clip_mlp' or 'linear', "
-                              f"got {self.image_path!r}")
-        if self.image_path != "qformer" and self.cam.layers:
-            raise ConfigError(f"CalicoConfig: image_path {self.image_path!r} has no Q-Former for CAMs: set cam.layers=()")
-        if self.vision.text_hidden_size != self.llm.hidden_size:
-            raise ConfigError(f"CalicoConfig: vision.text_hidden_size {self.vision.text_hidden_size} != "
-                              f"llm.hidden_size {self.llm.hidden_size}")
-        bad = [i for i in self.cam.layers if i >= self.llm.num_hidden_layers]
-        if bad:
-            raise ConfigError(f"CalicoConfig: CAM layers {bad} outside 0..{self.llm.num_hidden_layers - 1}")
-        if self.cem.enabled and self.vision.vision.hidden_size % self.cem.num_heads:
-            raise ConfigError(f"CalicoConfig: cem.num_heads {self.cem.num_heads} does not divide the EVA width "
-                              f"{self.vision.vision.hidden_size}")
-
-    @classmethod
-    def tiny(cls, **changes: Any) -> "CalicoConfig":
-        """A small consistent config for tests and demos (EVA 28 px -> 5 tokens, 4 queries, DINOv2 with a
-        register at 42 px -> 11 tokens, a 4-layer LLaMA with LoRA and CAMs at {1, 3}, SAM at 32 px)."""
-        eva = EvaVitConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=4)
-        qformer = QFormerConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                                encoder_hidden_size=32, text_embeddings=True, text_ffn=True, vocab_size=50,
-                                max_position_embeddings=16)
-        llm = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=256,
-                          lora=LoraConfig(r=4, alpha=8.0, dropout=0.0))
-        sam = SamConfig(
-            image_encoder=ImageEncoderConfig(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2,
-                                             mlp_ratio=2.0, out_chans=16, window_size=2, global_attn_indexes=(1,)),
-            prompt_encoder=PromptEncoderConfig(embed_dim=16, image_embedding_size=(4, 4), input_image_size=(32, 32),
-                                               mask_in_chans=4),
-            mask_decoder=MaskDecoderConfig(transformer_dim=16, iou_head_hidden_dim=16, transformer=TwoWayTransformerConfig(
-                depth=2, embedding_dim=16, num_heads=2, mlp_dim=32)))
-        base = cls(vision=Blip2VisionConfig(vision=eva, qformer=qformer, num_query_tokens=4, text_hidden_size=48),
-                   dinov2=Dinov2Config(image_size=28, patch_size=14, hidden_size=24, num_hidden_layers=2,
-                                       num_attention_heads=4, use_swiglu_ffn=False, num_register_tokens=1),
-                   llm=llm, sam=sam, cem=CemConfig(num_heads=4), cam=CamConfig(layers=(1, 3)),
-                   seg=SegConfig(token_id=60, identifier_ids=((61, 62), (61, 63), (61, 5, 59)), max_seg=4,
-                                 mask_size=(40, 40)),
-                   dino_image_size=42)
-        return base.replace(**changes)
-
-    @property
-    def num_image_tokens(self) -> int:
-        """S_I: visual tokens per image in the LLM sequence."""
-        if self.image_path == "linear":   # every EVA token at the native resolution (CLS + grid)
-            return self.vision.vision.grid ** 2 + 1
-        return self.clip.num_patches if self.image_path == "clip_mlp" else self.vision.num_query_tokens
+from calico_jax.data.tokenize import IGNORE_INDEX
+from calico_jax.models.blip2 import QUERY_TOKENS_INIT, image_features, query_tokens_shape, vision_parts
+from calico_jax.models.calico_config import PAPER_TRAINABLE, REMAT_TOWERS, CalicoConfig  # noqa: F401 (re-export)
+from calico_jax.models.calico_layout import expand_sequence, postprocess_masks
+from calico_jax.models.cam import CorrespondenceAdaptation, scatter_image_tokens
+from calico_jax.models.cem import CorrespondenceExtraction, select_semantic
+from calico_jax.models.clip import ClipVision
+from calico_jax.models.dinov2 import Dinov2
+from calico_jax.models.glamm_parts import apply_seg_projection, seg_projection
+from calico_jax.models.llama import KVCache, LlamaForCausalLM, LlamaOutput, last_token_index
+from calico_jax.models.sam import Sam
+from calico_jax.models.seg_routing import route_segs, seg_hidden_index
 
 
 # ----------------------------------------------------------------------------- the model
@@ -164,16 +84,13 @@ class Calico(nn.Module):
             d = cfg.llm.hidden_size
             self.mm_projector = {"0": layers.dense(d, (None, "embed"), name=None, dtype=self.dtype),
                                  "2": layers.dense(d, ("embed", "embed"), name=None, dtype=self.dtype)}
-        self.vision_model = EvaVit(v.vision, self.dtype)
+        # BLIP-2's parts under HF's names (the submodules are lazy: only the paths that call them get params).
+        self.vision_model, self.qformer, self.language_projection = vision_parts(v, self.dtype)
         if cfg.image_path == "linear":
             self.linear_projection = layers.dense(cfg.llm.hidden_size, (None, "embed"), name=None, dtype=self.dtype)
-        # The Q-Former runs in float32 as in HF (small, post-LN with eps 1e-12).
-        self.qformer = QFormer(v.qformer, jnp.float32)
-        q_init = layers.param_init(nn.initializers.normal(0.02), (None, "length", "embed"))
-        shape = (1, v.num_query_tokens, v.qformer.hidden_size)
+        shape = query_tokens_shape(v)
         if cfg.image_path == "qformer":   # setup params are eager: clip_mlp has no Q-Former queries
-            self.query_tokens = self.param("query_tokens", q_init, shape)
-        self.language_projection = layers.dense(cfg.llm.hidden_size, (None, "embed"), name=None, dtype=self.dtype)
+            self.query_tokens = self.param("query_tokens", QUERY_TOKENS_INIT, shape)
         if cfg.cem.enabled:
             self.cem = CorrespondenceExtraction(cfg.cem, self.dtype)
             if cfg.cem.use_dinov2:
@@ -183,17 +100,14 @@ class Calico(nn.Module):
         if cfg.cam.layers and cfg.cam.queries == "shared":
             self.cam_query_tokens = self.param("cam_query_tokens", copy_q, shape)
         elif cfg.cam.queries == "per_cam":
-            self.cam_queries = {l: self.param(f"cam_query_tokens_{l}", copy_q, shape) for l in cfg.cam.layers}
-        self.cam = {l: CorrespondenceAdaptation(cfg.llm.hidden_size, v.qformer.hidden_size, cfg.cam.zero_init,
-                                                self.dtype) for l in cfg.cam.layers}
+            self.cam_queries = {layer: self.param(f"cam_query_tokens_{layer}", copy_q, shape)
+                                for layer in cfg.cam.layers}
+        self.cam = {layer: CorrespondenceAdaptation(cfg.llm.hidden_size, v.qformer.hidden_size, cfg.cam.zero_init,
+                                                    self.dtype) for layer in cfg.cam.layers}
         self.llm = LlamaForCausalLM(cfg.llm, self.dtype)
         self.sam = Sam(cfg.sam, self.dtype)
-        d, c = cfg.llm.hidden_size, cfg.sam.prompt_encoder.embed_dim
-        if cfg.seg.projection == "mlp":   # Linear -> ReLU -> Linear (-> Dropout(0))
-            self.text_hidden_fcs_0 = {"0": layers.dense(d, ("embed", "mlp"), name=None, dtype=self.dtype),
-                                      "2": layers.dense(c, ("mlp", None), name=None, dtype=self.dtype)}
-        else:
-            self.text_hidden_fcs_0 = {"0": layers.dense(c, ("embed", None), name=None, dtype=self.dtype)}
+        self.text_hidden_fcs_0 = seg_projection(cfg.llm.hidden_size, cfg.sam.prompt_encoder.embed_dim,
+                                                cfg.seg.projection, self.dtype)
 
     # --- pieces (each usable alone through ``apply(..., method=...)``)
     def encode_images(self, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -201,12 +115,13 @@ class Calico(nn.Module):
         if self.config.image_path == "clip_mlp":
             feats = self.vision_tower(pixel_values)
             return feats, self.mm_projector["2"](layers.gelu(self.mm_projector["0"](feats)))
-        x_global = self.vision_model(pixel_values)["last_hidden_state"]
         if self.config.image_path == "linear":
+            x_global = self.vision_model(pixel_values)["last_hidden_state"]
             return x_global, self.linear_projection(x_global)
-        q = jnp.broadcast_to(self.query_tokens, (x_global.shape[0], *self.query_tokens.shape[1:]))
-        x_embed = self.qformer(q, x_global)[:, :q.shape[1]].astype(self.dtype)
-        return x_global, self.language_projection(x_embed)
+        # No instruction text for the Q-Former: the CAMs carry the prompt (see the module docstring).
+        out = image_features(self.vision_model, self.qformer, self.query_tokens, self.language_projection,
+                             pixel_values, dtype=self.dtype)
+        return out["vision"], out["image_tokens"]
 
     def fuse(self, x_global: jax.Array, dino_pixel_values: jax.Array | None) -> jax.Array:
         """CEM: X'_global = 𝓐(X_global, X_semantic = 𝓔(image)); X_global itself without a CEM."""
@@ -239,9 +154,7 @@ class Calico(nn.Module):
 
     def project_seg(self, hidden: jax.Array) -> jax.Array:
         """f_segmentation: LLM hidden states [..., D] -> SAM prompt embeddings [..., C]."""
-        fcs = self.text_hidden_fcs_0
-        x = fcs["0"](hidden.astype(self.dtype))
-        return fcs["2"](jax.nn.relu(x)) if "2" in fcs else x
+        return apply_seg_projection(self.text_hidden_fcs_0, hidden, self.dtype)
 
     def embed_inputs(self, input_ids, attention_mask, pixel_values, dino_pixel_values=None, *, labels=None,
                      image_valid=None, prompt_lengths=None) -> dict[str, jax.Array]:
@@ -307,6 +220,24 @@ class Calico(nn.Module):
         flat = sam_pixel_values.reshape(b * n, *sam_pixel_values.shape[2:])
         return self.sam.image_embeddings(flat).reshape(b, n, *sam_image_embeddings_shape(self.config))
 
+    # --- generation (driven by calico_jax.generate.decode_loop; the KV cache carries the CAMs' effect)
+    def prefill(self, input_ids, attention_mask, pixel_values, dino_pixel_values=None, *, max_new_tokens: int,
+                cache_dtype: Any = None) -> LlamaOutput:
+        """Steps 1-4 on a LEFT-padded prompt (every row of the batch has the same image count, so all end
+        at the last expanded slot T'-1, which the CAMs read as t^l) into a fresh KV cache with room for
+        ``max_new_tokens`` -> last-position logits, the prompt's final hidden states and the cache."""
+        inp = self.embed_inputs(input_ids, attention_mask, pixel_values, dino_pixel_values)
+        b, t = inp["embeds"].shape[:2]
+        cache = KVCache.init(self.config.llm, b, t + max_new_tokens, cache_dtype or self.dtype)
+        return self.llm(attention_mask=inp["mask"], inputs_embeds=inp["embeds"], cache=cache,
+                        hooks=self.cam_hooks(inp) or None, last_prompt_index=jnp.full((b,), t - 1, jnp.int32),
+                        last_logits_only=True)
+
+    def decode_step(self, tokens: jax.Array, cache: KVCache) -> LlamaOutput:
+        """One generated token per row [B] through the LLM after :meth:`prefill` (no hooks: the cache holds
+        the CAM-updated prompt)."""
+        return self.llm(tokens[:, None], jnp.ones((tokens.shape[0], 1), bool), cache=cache, last_logits_only=True)
+
     # --- the full forward
     def __call__(self, input_ids, attention_mask, pixel_values, dino_pixel_values=None, sam_pixel_values=None,
                  resized_hw=None, original_hw=None, *, labels=None, image_valid=None, prompt_lengths=None,
@@ -328,8 +259,8 @@ class Calico(nn.Module):
 
         # [SEG] -> image, hidden state -> prompt -> SAM mask.
         route = route_segs(input_ids, cfg.seg, jnp.sum(valid_img, 1), seg_image)
-        shift = 1 if cfg.seg.hidden_position == "before" else 0
-        seg_pos = jnp.take_along_axis(newpos, jnp.maximum(route["position"], 0), 1) - shift
+        seg_pos = seg_hidden_index(jnp.take_along_axis(newpos, jnp.maximum(route["position"], 0), 1),
+                                   cfg.seg.hidden_position)   # teacher-forced: hidden[p] is token p's state
         seg_pos = jnp.clip(seg_pos, 0, t_exp - 1)
         seg_emb = self.project_seg(out.hidden_states[rows, seg_pos])                     # [B, M, C]
         if sam_image_embeddings is None:
@@ -339,12 +270,8 @@ class Calico(nn.Module):
         low_res = self.seg_low_res_masks(seg_emb.reshape(b * m, -1), per_seg)
         gather = lambda x: jnp.asarray(x)[rows, route["image"]].reshape(b * m, 2)  # noqa: E731
         masks = postprocess_masks(low_res, cfg.sam.image_encoder.img_size, gather(resized_hw),
-                                  gather(original_hw), cfg.seg.mask_size)
-        if self.is_initializing():   # create the prompt-encoder tables CALICO never calls (points, boxes, masks)
-            h, w = cfg.sam.prompt_encoder.image_embedding_size
-            self.sam.encode_prompts(jnp.zeros((1, 1, 2)), jnp.ones((1, 1), jnp.int32), jnp.zeros((1, 4)),
-                                    jnp.zeros((1, 4 * h, 4 * w, 1)))
-        result.update(mask_logits=masks.reshape(b, m, *cfg.seg.mask_size), mask_hw=gather(original_hw).reshape(b, m, 2),
+                                  gather(original_hw), cfg.mask_size)
+        result.update(mask_logits=masks.reshape(b, m, *cfg.mask_size), mask_hw=gather(original_hw).reshape(b, m, 2),
                       seg_valid=route["valid"], seg_image=route["image"], seg_positions=seg_pos,
                       seg_embeddings=seg_emb, num_unrouted_seg=route["num_unrouted"],
                       num_dropped_seg=route["num_dropped"])

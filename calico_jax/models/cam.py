@@ -11,7 +11,7 @@ decoder layer l, prefill only):
 * I^l_fused = I^l + f_reintegration(X'_embed)     Eq. 9, f_reintegration: Linear D_I -> D, added
                                                    in place at that image's S_I token positions
 
-Decisions on the paper's UNKNOWNs (paper-notes §2.2d): both linears are zero-initialised (VPG-C's
+Decisions on the paper's UNKNOWNs (table in ``docs/paper_map.md``): both linears are zero-initialised (VPG-C's
 ``zero_module``), so a fresh CAM leaves the LLM unchanged; each CAM has its own pair of linears;
 q is a trainable copy of the Q-Former's queries initialised from them (Cheetah's
 ``new_query_tokens``), shared by all CAMs by default (``queries="shared"``: Eq. 7 uses one q for

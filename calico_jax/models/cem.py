@@ -7,7 +7,7 @@ independent (keys/values may have any length: the DINOv2 grid, CLS and registers
 EVA grid).
 
 Everything beyond "cross-attention, queries X_global, keys/values X_semantic" is UNKNOWN in the
-paper (paper-notes §2.2c); the defaults are our decisions:
+paper (see ``docs/paper_map.md``); the defaults are our decisions:
 
 * ``nn.MultiheadAttention(D_C, 16, kdim=vdim=D_S)`` semantics: separate q/k/v/out projections with
   biases (``q_proj``/``k_proj``/``v_proj``/``out_proj``), 16 heads at width 1408 (head dim 88);

@@ -68,7 +68,7 @@ class ClipVisionConfig(Config):
         return (self.image_size // self.patch_size) ** 2
 
     @classmethod
-    def from_hf_config(cls, cfg: Any, select_layer: int = -2) -> "ClipVisionConfig":
+    def from_hf_config(cls, cfg: Any, select_layer: int = -2) -> ClipVisionConfig:
         """From a ``CLIPVisionConfig`` (object or config.json dict)."""
         return cls(image_size=hf_get(cfg, "image_size", 224), patch_size=hf_get(cfg, "patch_size", 32),
                    num_channels=hf_get(cfg, "num_channels", 3), hidden_size=hf_get(cfg, "hidden_size", 768),

@@ -7,7 +7,7 @@ patch tokens, ``[B, 1 + R + (H/p)(W/p), D]`` (Eq. 5). Parameter names mirror HF'
 ``layer_scale{1,2}.lambda1``, ``mlp.fc1/fc2`` or SwiGLU ``mlp.weights_in/weights_out``,
 ``layernorm``), so the generic rule in ``convert.mapping`` maps every tensor.
 
-Numerics (reference-numerics §3, §0.6):
+Numerics (both references: HF ``Dinov2Model`` and facebookresearch ``DinoVisionTransformer``):
 
 * pre-LN blocks with layer-scale: ``x += γ1 · attn(LN1(x)); x += γ2 · ffn(LN2(x))``, LN eps 1e-6,
   exact GELU; SwiGLU FFN ``w3(silu(x1) · x2)`` with ``x1, x2 = chunk(w12(x), 2)`` and hidden size
@@ -124,7 +124,7 @@ class Dinov2Config(Config):
         return (int(hidden * 2 / 3) + 7) // 8 * 8 if self.use_swiglu_ffn else hidden
 
     @classmethod
-    def from_hf_config(cls, cfg: Any) -> "Dinov2Config":
+    def from_hf_config(cls, cfg: Any) -> Dinov2Config:
         """From a ``Dinov2Config`` / ``Dinov2WithRegistersConfig`` (object or config.json dict).
 
         HF's ``interpolate_pos_encoding`` semantics: ``size=``, antialias only for the registers class.
@@ -149,7 +149,7 @@ class Dinov2Config(Config):
                    interpolate_antialias=reg, interpolate_offset=0.0)
 
     @classmethod
-    def from_original(cls, **kwargs: Any) -> "Dinov2Config":
+    def from_original(cls, **kwargs: Any) -> Dinov2Config:
         """From ``DinoVisionTransformer(**kwargs)`` constructor arguments (its own defaults for the rest;
         note the torch-hub builders pass other defaults -- see :data:`PRESETS`)."""
         unknown = sorted(set(kwargs) - set(_ORIGINAL_DEFAULTS))
@@ -172,7 +172,7 @@ class Dinov2Config(Config):
                    interpolate_offset=float(a["interpolate_offset"]))
 
     @classmethod
-    def from_preset(cls, name: str) -> "Dinov2Config":
+    def from_preset(cls, name: str) -> Dinov2Config:
         if name not in PRESETS:
             raise ConfigError(f"unknown DINOv2 preset {name!r}; known: {sorted(PRESETS)}")
         return cls.from_original(**PRESETS[name])

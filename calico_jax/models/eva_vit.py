@@ -5,7 +5,7 @@
 ``InstructBlipVisionModel`` (``embeddings.*``, ``encoder.layers.N.*``, ``post_layernorm``), so the
 generic rule in ``convert.mapping`` maps every tensor except the qkv bias (below).
 
-Numerics (reference-numerics §2.1):
+Numerics (HF ``Blip2VisionModel`` and LAVIS ``create_eva_vit_g``):
 
 * pre-LN blocks ``x += proj(attn(LN1(x))); x += fc2(gelu(fc1(LN2(x))))``, exact GELU, LN eps 1e-6;
 * the final norm has its own eps: HF uses ``layer_norm_eps`` (1e-6), LAVIS's ``ln_vision`` is a
@@ -60,7 +60,7 @@ class EvaVitConfig(Config):
         return self.image_size // self.patch_size
 
     @classmethod
-    def from_hf_config(cls, cfg: Any) -> "EvaVitConfig":
+    def from_hf_config(cls, cfg: Any) -> EvaVitConfig:
         """From a ``Blip2VisionConfig`` / ``InstructBlipVisionConfig`` (object or config.json dict)."""
         image_size, patch_size = hf_get(cfg, "image_size", 224), hf_get(cfg, "patch_size", 14)
         if not isinstance(image_size, int) or not isinstance(patch_size, int):
@@ -77,7 +77,7 @@ class EvaVitConfig(Config):
     @classmethod
     def from_lavis(cls, img_size: int = 224, patch_size: int = 14, embed_dim: int = 1408, depth: int = 39,
                    num_heads: int = 16, mlp_ratio: float = 4.3637, qkv_bias: bool = True, in_chans: int = 3,
-                   layer_norm_eps: float = 1e-6, ln_vision_eps: float = 1e-5) -> "EvaVitConfig":
+                   layer_norm_eps: float = 1e-6, ln_vision_eps: float = 1e-5) -> EvaVitConfig:
         """From LAVIS ``eva_vit.VisionTransformer`` arguments plus BLIP-2's ``ln_vision`` (eps 1e-5)."""
         return cls(image_size=img_size, patch_size=patch_size, num_channels=in_chans, hidden_size=embed_dim,
                    intermediate_size=int(embed_dim * mlp_ratio), num_hidden_layers=depth,

@@ -37,15 +37,25 @@ class GlammPartsConfig(Config):
 
     def __post_init__(self):
         if self.seg_projection not in ("mlp", "linear"):
-            raise ConfigError(f"GlammPartsConfig: seg_projection must be 'mlp' or 'linear', got {self.seg_projection!r}")
+            raise ConfigError("GlammPartsConfig: seg_projection must be 'mlp' or 'linear', "
+                              f"got {self.seg_projection!r}")
 
 
 def seg_projection(llm_width: int, prompt_width: int, kind: str, dtype: Any) -> dict[str, nn.Module]:
-    """f_segmentation's linears keyed by their ``nn.Sequential`` index (ReLU at 1, Dropout(0) at 3)."""
+    """f_segmentation's linears keyed by their ``nn.Sequential`` index (ReLU at 1, Dropout(0) at 3).
+
+    Assigned in ``setup`` as ``self.text_hidden_fcs_0`` (GlammParts and Calico alike), flax names them
+    ``text_hidden_fcs_0_0`` / ``text_hidden_fcs_0_2``: GLaMM's ``text_hidden_fcs.0.0`` / ``.0.2``."""
     if kind == "mlp":
         return {"0": layers.dense(llm_width, ("embed", "mlp"), name=None, dtype=dtype),
                 "2": layers.dense(prompt_width, ("mlp", None), name=None, dtype=dtype)}
     return {"0": layers.dense(prompt_width, ("embed", None), name=None, dtype=dtype)}
+
+
+def apply_seg_projection(fcs: dict[str, nn.Module], hidden: jax.Array, dtype: Any) -> jax.Array:
+    """f_segmentation through :func:`seg_projection`'s linears: hidden [..., D] -> prompt [..., C]."""
+    x = fcs["0"](hidden.astype(dtype))
+    return fcs["2"](jax.nn.relu(x)) if "2" in fcs else x
 
 
 class GlammParts(nn.Module):
@@ -61,9 +71,7 @@ class GlammParts(nn.Module):
 
     def project_seg(self, hidden: jax.Array) -> jax.Array:
         """f_segmentation: hidden [..., D] -> SAM prompt embedding [..., C]."""
-        fcs = self.text_hidden_fcs_0
-        x = fcs["0"](hidden.astype(self.dtype))
-        return fcs["2"](jax.nn.relu(x)) if "2" in fcs else x
+        return apply_seg_projection(self.text_hidden_fcs_0, hidden, self.dtype)
 
     def __call__(self, input_ids, attention_mask, pixel_values, points=None, labels=None, boxes=None,
                  masks=None) -> dict[str, jax.Array]:

@@ -16,7 +16,8 @@ Module names mirror the HF state dict (``model.layers.3.self_attn.q_proj.weight`
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -63,7 +64,7 @@ class LlamaConfig(Config):
             raise ConfigError(f"RoPE needs an even head_dim, got {self.head_dim}")
 
     @classmethod
-    def from_hf_config(cls, cfg: Any, lora: LoraConfig | None = None) -> "LlamaConfig":
+    def from_hf_config(cls, cfg: Any, lora: LoraConfig | None = None) -> LlamaConfig:
         """From a transformers ``LlamaConfig`` or its config.json dict (4.x ``rope_theta``/``rope_scaling``
         or 5.x ``rope_parameters``)."""
         hidden, heads = hf_get(cfg, "hidden_size"), hf_get(cfg, "num_attention_heads")
@@ -123,7 +124,7 @@ class KVCache(NamedTuple):
     index: jax.Array  # [] int32: next slot to write
 
     @classmethod
-    def init(cls, config: LlamaConfig, batch: int, length: int, dtype: Any = jnp.float32) -> "KVCache":
+    def init(cls, config: LlamaConfig, batch: int, length: int, dtype: Any = jnp.float32) -> KVCache:
         n, kv, d = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
         return cls(jnp.zeros((n, batch, kv, length, d), dtype), jnp.zeros((n, batch, kv, d, length), dtype),
                    jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
@@ -346,19 +347,3 @@ class LlamaForCausalLM(nn.Module):
     def dummy_inputs(self) -> dict:
         return {"input_ids": jnp.zeros((1, 4), jnp.int32)}
 
-
-def resize_token_embeddings(params: Any, config: LlamaConfig, new_vocab: int) -> tuple[Any, LlamaConfig]:
-    """Grows embed_tokens (and an untied lm_head) to ``new_vocab`` rows; new rows are the mean of the
-    existing ones (GLaMM/LISA after ``resize_token_embeddings``). Existing rows keep their ids."""
-    old = config.vocab_size
-    if new_vocab < old:
-        raise ValueError(f"cannot shrink the vocabulary from {old} to {new_vocab}")
-    params = jax.tree.map(lambda x: x, params)  # shallow copy of the dict structure
-    emb = jnp.asarray(params["model"]["embed_tokens"]["embedding"])
-    rows = jnp.broadcast_to(emb.astype(jnp.float32).mean(0, keepdims=True), (new_vocab - old, emb.shape[1]))
-    params["model"]["embed_tokens"]["embedding"] = jnp.concatenate([emb, rows.astype(emb.dtype)], 0)
-    if not config.tie_word_embeddings:
-        k = jnp.asarray(params["lm_head"]["kernel"])  # [H, V]
-        cols = jnp.broadcast_to(k.astype(jnp.float32).mean(1, keepdims=True), (k.shape[0], new_vocab - old))
-        params["lm_head"]["kernel"] = jnp.concatenate([k, cols.astype(k.dtype)], 1)
-    return params, config.replace(vocab_size=new_vocab)

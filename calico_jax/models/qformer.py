@@ -6,11 +6,11 @@ the image tokens X_global (layers with ``idx % cross_attention_frequency == 0``)
 query-only FFN (``intermediate_query`` / ``output_query``), while the text part (InstructBLIP) goes
 through its own FFN (``intermediate`` / ``output``). There is no final LayerNorm.
 
-Parameter names are HF's (reference-numerics §2.2). The one naming difference between the two
-HF classes is the embedding LayerNorm: BLIP-2 keeps it at the top level (``layernorm``), InstructBLIP
-inside ``embeddings`` (``embeddings.layernorm``, beside ``word_embeddings``/``position_embeddings``);
-``text_embeddings`` selects which. ``text_ffn`` adds the per-layer text FFN (always on for
-InstructBLIP; HF BLIP-2's ``use_qformer_text_input``).
+Parameter names are HF's (the ``Blip2QFormerModel`` / ``InstructBlipQFormerModel`` state dicts). The one
+naming difference between the two HF classes is the embedding LayerNorm: BLIP-2 keeps it at the top level
+(``layernorm``), InstructBLIP inside ``embeddings`` (``embeddings.layernorm``, beside
+``word_embeddings``/``position_embeddings``); ``text_embeddings`` selects which. ``text_ffn`` adds the
+per-layer text FFN (always on for InstructBLIP; HF BLIP-2's ``use_qformer_text_input``).
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class QFormerConfig(Config):
         return layer % self.cross_attention_frequency == 0
 
     @classmethod
-    def from_hf_config(cls, cfg: Any) -> "QFormerConfig":
+    def from_hf_config(cls, cfg: Any) -> QFormerConfig:
         """From a ``Blip2QFormerConfig`` / ``InstructBlipQFormerConfig`` (object or config.json dict)."""
         model_type = hf_get(cfg, "model_type", None)
         if model_type not in MODEL_TYPES:
@@ -80,7 +80,7 @@ class QFormerConfig(Config):
     def from_lavis(cls, vision_width: int = 1408, cross_attention_freq: int = 2, qformer_text_input: bool = False,
                    hidden_size: int = 768, num_hidden_layers: int = 12, num_attention_heads: int = 12,
                    intermediate_size: int = 3072, layer_norm_eps: float = 1e-12, vocab_size: int = 30523,
-                   max_position_embeddings: int = 512, hidden_act: str = "gelu") -> "QFormerConfig":
+                   max_position_embeddings: int = 512, hidden_act: str = "gelu") -> QFormerConfig:
         """From LAVIS ``Blip2Base.init_Qformer(num_query_token, vision_width, cross_attention_freq)`` and
         the ``BertConfig`` fields it reads (bert-base-uncased defaults); ``qformer_text_input`` as in
         ``Blip2VicunaInstruct`` (False: the text embeddings and text FFN were deleted)."""

@@ -1,6 +1,6 @@
 """Training checkpoints: orbax ``CheckpointManager`` (async, keep last N, atomic commit).
 
-Each step directory holds three items::
+Each step directory holds three items (reading one back outside training: :mod:`calico_jax.checkpoints`)::
 
     state/      trainable params, optimizer state, step, RNG key data, skipped-update count
     data_iter/  the grain iterator state (exact resume of the input order)
@@ -28,13 +28,15 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from calico_jax.checkpoints import DATA_ITER, META, STATE
 from calico_jax.train.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, cfg: CheckpointConfig = CheckpointConfig()):
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig | None = None):
+        cfg = cfg if cfg is not None else CheckpointConfig()
         # epath: local directories and any orbax/tensorstore location (gs://, s3://, ...).
         self.directory = epath.Path(directory)
         if "://" not in str(directory):
@@ -48,9 +50,9 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_iter: Any, meta: dict[str, Any]) -> bool:
         """Starts an (async) save of step ``step``; device arrays are copied to host before it returns,
         so ``state`` may be donated right after."""
-        args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave({**meta, "step": int(step)})}
+        args = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave({**meta, "step": int(step)})}
         if data_iter is not None:
-            args["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+            args[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
         return self.mngr.save(int(step), args=ocp.args.Composite(**args), force=True)
 
     def wait(self) -> None:
@@ -65,11 +67,11 @@ class Checkpointer:
 
     # --------------------------------------------------------------------------------- restore
     def restore_step(self, step: int, abstract_state: Any, data_iter: Any) -> tuple[Any, dict]:
-        args = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+        args = {STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}
         if data_iter is not None:
-            args["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+            args[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
         out = self.mngr.restore(int(step), args=ocp.args.Composite(**args))
-        return out["state"], dict(out["meta"])
+        return out[STATE], dict(out[META])
 
     def restore_latest(self, abstract_state: Any, data_iter: Any) -> tuple[Any, dict] | None:
         """Newest restorable checkpoint as ``(state, meta)``; ``None`` when there is none. A step

@@ -1,9 +1,12 @@
 """Experiment config: typed, frozen dataclasses; ``configs/NAME.py`` files return one from ``get_config()``.
 
-Command-line overrides are dotted paths into the config (``--config.optim.learning_rate=1e-4``,
-``--config.mesh={"data":2,"fsdp":-1}``); each value is parsed with the type of the field it replaces,
-so a typo in a key or an unparsable value fails before anything runs. The resolved config is written
-to ``WORKDIR/config.json`` (atomically).
+:class:`ExperimentConfig` = the model (``model``: a :class:`~calico_jax.models.calico.CalicoConfig` -- architecture,
+ablations, ``preprocess``, ``loss``, trainable patterns, per-tower remat) + how to train it (task, data, optimizer,
+checkpoints, mesh, steps). Command-line overrides are dotted paths into it (``--config.optim.learning_rate=1e-4``,
+``--config.model.cem.enabled=false``, ``--config.model.loss.pixel_loss=focal``,
+``--config.mesh={"data":2,"fsdp":-1}``); each value is parsed with the type of the field it replaces, so a typo in
+a key or an unparsable value fails before anything runs. The resolved config is written to
+``WORKDIR/config.json`` (atomically). A subclass may narrow ``model`` to another model's config (the tests' toy).
 """
 from __future__ import annotations
 
@@ -11,73 +14,50 @@ import dataclasses
 import importlib.util
 import json
 import os
+import sys
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from calico_jax.checkpoints import write_atomic
 from calico_jax.config import Config, ConfigError
+from calico_jax.models.calico import CalicoConfig
 
 C = typing.TypeVar("C", bound=Config)
 
 
-# model.remat towers: "vision" = EVA ViT blocks (and CLIP blocks with image_path="clip_mlp"), "dinov2",
-# "qformer", "llm" = LLaMA decoder layers, "sam" = SAM image-encoder blocks.
-REMAT_TOWERS = ("vision", "dinov2", "qformer", "llm", "sam")
-# Default "none" everywhere, from the calico_7b AOT plan (--compile_only, CPU compiler; per_device_memory_gb):
-#   1 device, batch 2, no accumulation:  llm none 62.8 | full 63.5 | dots 63.5 | dots_no_batch 63.5
-#   8 devices (fsdp 8), the recipe:      llm none 46.7 | full 82.2 | dots 82.0
-# LLM remat does not lower that plan's peak (the LoRA backward is not what sets it) and raises it under
-# FSDP; measure again on the target backend before turning it on (--config.model.remat='{"llm": "full"}').
-REMAT_DEFAULT: dict[str, str] = {}
-
-
 @dataclasses.dataclass(frozen=True)
-class ModelConfig(Config):
-    task: str = "toy"                     # "toy" (stand-in) | "calico"
-    size: str = "tiny"                    # calico: "tiny" | "7b"
-    base_checkpoint: str = ""             # converted base (``python -m convert`` output); "" = random init
-    dtype: str = "float32"                # compute dtype of the model
-    frozen_dtype: str = "float32"         # storage dtype of the frozen weights (bfloat16 halves them)
-    trainable: tuple[str, ...] = ()       # path regexes; () = the task's default (paper recipe for calico)
-    options: dict = dataclasses.field(default_factory=dict)   # task-specific (e.g. toy widths)
-    # Rematerialisation policy per tower (calico): tower -> "none" | "full" | "dots" | "dots_no_batch"
-    # (calico_jax.layers.REMAT_POLICIES); towers absent here use REMAT_DEFAULT. Only towers the backward
-    # pass goes through (the LLM for LoRA, the Q-Former for the CAMs) save anything to rematerialise:
-    # the frozen vision/DINOv2/SAM encoders see no gradient, so a policy there changes nothing.
-    remat: dict = dataclasses.field(default_factory=dict)
+class SyntheticConfig(Config):
+    """A synthetic part dataset (:func:`calico_jax.data.synthetic.make_split`), built when ``data.pairs`` is empty."""
+    num_images: int = 24
+    seed: int = -1                        # image seed; -1 = the experiment seed (held-out set: seed + 1)
+    max_objects: int = 3
+    object_scale: tuple[float, float] = (0.16, 0.3)
+    clutter: bool = True
+    class_colors: bool = False
 
-    def __post_init__(self):
-        from calico_jax.layers import REMAT_POLICIES
-        for tower, policy in self.remat.items():
-            if tower not in REMAT_TOWERS:
-                raise ConfigError(f"model.remat: unknown tower {tower!r}; known: {list(REMAT_TOWERS)}")
-            if policy not in REMAT_POLICIES:
-                raise ConfigError(f"model.remat.{tower}: unknown policy {policy!r}; known: {list(REMAT_POLICIES)}")
-
-    def remat_policy(self, tower: str) -> str:
-        return self.remat.get(tower, REMAT_DEFAULT.get(tower, "none"))
+    def generator_options(self) -> dict:
+        return {"max_objects": self.max_objects, "object_scale": tuple(self.object_scale), "clutter": self.clutter,
+                "class_colors": self.class_colors}
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig(Config):
-    pairs: str = ""                       # pairs file (calico); "" = a synthetic set under WORKDIR/data
-    eval_pairs: str = ""                  # held-out pairs (calico eval_every); "" = with synthetic training data
+    """Where the training data comes from and the batch shapes that are not the model's (the image sizes are
+    ``model.preprocess``, the [SEG] slots ``model.seg.max_seg``)."""
+    pairs: str = ""                       # pairs file; "" = a synthetic set under WORKDIR/data
+    eval_pairs: str = ""                  # held-out pairs (eval_every); "" = with synthetic training data
                                           # a synthetic held-out set (seed + 1) under WORKDIR/data/eval, else none
     eval_batches: int = 2                 # batches (of batch_size / grad_accum rows) per periodic evaluation
     tokenizer: str = ""                   # tokenizer dir; "" = a tiny one trained on the pairs
-    synthetic_images: int = 24
-    max_images: int = 2
-    max_segs: int = 4
-    max_tokens: int = 128
-    blip_size: int = 28
-    dinov2_size: int = 42
-    sam_size: int = 32
-    mask_size: int = 40
+    synthetic: SyntheticConfig = SyntheticConfig()                        # WORKDIR/data/train (without pairs)
+    synthetic_heldout: SyntheticConfig = SyntheticConfig(num_images=8)    # WORKDIR/data/heldout
+    max_images: int = 2                   # N: image slots per sample
+    max_tokens: int = 128                 # T: prompt + answer tokens per sample
     hflip: float = 0.5
     color_jitter: float = 0.2
     worker_count: int = 0
-    num_examples: int = 64                # toy task: examples per epoch
-    nan_steps: tuple[int, ...] = ()       # toy task: steps whose batch holds a NaN (robustness tests)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +89,14 @@ class CheckpointConfig(Config):
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig(Config):
+    """One training run. ``model`` is the whole model (architecture, ablation switches, pre-processing, loss,
+    trainable patterns, per-tower ``remat``); everything else says how to train it."""
     name: str = "experiment"
-    model: ModelConfig = ModelConfig()
+    task: str = "calico"                  # calico_jax.train.tasks.TASKS
+    model: CalicoConfig = CalicoConfig()
+    base_checkpoint: str = ""             # converted base (``python -m convert`` output); "" = random init
+    dtype: str = "float32"                # compute dtype of the model
+    frozen_dtype: str = "float32"         # storage dtype of the frozen weights (bfloat16 halves them)
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -191,11 +177,6 @@ def apply_overrides(cfg: C, overrides: Sequence[tuple[str, str]]) -> C:
     return type(cfg).from_dict(data)
 
 
-def override(cfg: C, dotted: str, text: str) -> C:
-    """``cfg`` with the field at ``dotted`` (``optim.learning_rate``) set from the string ``text``."""
-    return apply_overrides(cfg, [(dotted, text)])
-
-
 def split_overrides(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
     """Pulls ``--config.a.b=v`` (or ``--config.a.b v``) out of argv; returns (overrides, the rest)."""
     out, rest, i = [], [], 0
@@ -215,31 +196,33 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[st
     return out, rest
 
 
-def load(path: str | os.PathLike, overrides: Sequence[tuple[str, str]] = ()) -> ExperimentConfig:
-    """Runs ``get_config()`` of a config file and applies the dotted overrides in order."""
-    path = Path(path)
+def load_module(path: str | os.PathLike):
+    """Executes a config file. One in a package directory (``configs/__init__.py`` exists) is imported as
+    ``<dir>.<name>`` with the directory's parent on ``sys.path``, so presets can build on each other
+    (``from configs import common``); any other file runs on its own."""
+    path = Path(path).absolute()
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    if (path.parent / "__init__.py").is_file():
+        root = str(path.parent.parent)
+        if root not in sys.path:
+            sys.path.insert(0, root)
+        return importlib.import_module(f"{path.parent.name}.{path.stem}")
     spec = importlib.util.spec_from_file_location(f"_calico_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def load(path: str | os.PathLike, overrides: Sequence[tuple[str, str]] = ()) -> ExperimentConfig:
+    """Runs ``get_config()`` of a config file and applies the dotted overrides in order."""
+    module = load_module(path)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} defines no get_config()")
     cfg = module.get_config()
-    if not isinstance(cfg, ExperimentConfig):
+    if not isinstance(cfg, ExperimentConfig):   # a subclass (another model section) is fine
         raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not ExperimentConfig")
     return apply_overrides(cfg, overrides)
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes ``text`` to a sibling temp file and renames it onto ``path`` (never half-written)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save(cfg: ExperimentConfig, workdir: str | os.PathLike) -> Path:

@@ -1,9 +1,11 @@
 """Optimizer: AdamW (β 0.9/0.95) + linear warmup and linear/cosine decay + global-norm clipping.
 
-The transformation is built for the *trainable* subtree only (see :mod:`calico_jax.train.state`):
+The transformation is built for the *trainable* subtree only (see :mod:`calico_jax.params`):
 frozen leaves never reach it, so they get no optimizer state and no update, and stay bit-identical.
-Gradient accumulation is done inside the jitted step (a scan over micro-batches, see
-:mod:`calico_jax.train.loop`), so one optimizer step is one ``step`` and the schedule counts steps.
+Gradient accumulation never reaches the optimizer either: the step runs a host loop over one compiled
+micro-step (gradients summed in a donated buffer), then one compiled update that applies this
+transformation once (:class:`calico_jax.train.step.CompiledStep`). So one optimizer update is one
+training step, and the schedule counts steps, not micro-batches.
 """
 from __future__ import annotations
 

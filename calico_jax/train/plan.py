@@ -14,15 +14,14 @@ import jax
 import jax.numpy as jnp
 
 from calico_jax.train.config import ExperimentConfig
-from calico_jax.train.loop import build, compile_step
 from calico_jax.train.sharding import make_mesh
+from calico_jax.train.step import compile_step
 from calico_jax.train.tasks import build as build_task
+from calico_jax.train.trainer import build
 
 
 def abstract_micro_batches(tr) -> list[dict]:
     cfg, spec = tr.cfg, tr.task.batch_spec
-    if spec is None:
-        raise ValueError(f"task {cfg.model.task!r} has no batch_spec; cannot plan without data")
     micro = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=tr.batch_sh)
              for name, (shape, dtype) in spec(cfg.batch_size // cfg.optim.grad_accum).items()}
     return [micro] * cfg.optim.grad_accum

@@ -7,7 +7,8 @@ defaults to Explicit, under which Linen's logical constraints and sharded contra
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from convert.io import Checkpoint
 from convert.mapping import Plan
@@ -15,7 +16,7 @@ class Family:
 
     name: str
     help: str
-    plan: Callable[[Checkpoint, "str | None"], Plan]
+    plan: Callable[[Checkpoint, str | None], Plan]
     verify: Callable[[Checkpoint, Plan, Any], list]  # -> list[convert.verify.Comparison]
 
 

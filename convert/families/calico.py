@@ -178,7 +178,8 @@ def verify(ckpt: Checkpoint, plan: Plan, params: Any) -> list:
             base = name[:-len("lora_a")]
             a, b = (np.asarray(llm.pop(base + leaf), np.float32) for leaf in ("lora_a", "lora_b"))
             llm[base + "weight"] = np.asarray(llm[base + "weight"], np.float32) + cfg.llm.lora.scaling * (a @ b).T
-    return glamm.verify_parts(ckpt, plan, params, cfg.llm, cfg.sam, llm, glamm.sub_state(ckpt, plan, "text_hidden_fcs.0."))
+    return glamm.verify_parts(ckpt, plan, params, cfg.llm, cfg.sam, llm,
+                              glamm.sub_state(ckpt, plan, "text_hidden_fcs.0."))
 
 
 CALICO = Family("calico", 'official CALICO checkpoint (layout guessed: GLaMM names + a pattern table; --config '

@@ -1,7 +1,7 @@
 """``lavis-blip2``: a LAVIS BLIP-2 / InstructBLIP checkpoint (one .pth/.pt/.safetensors file, no
 config.json) -> ``blip2_vision``.
 
-LAVIS names (reference-numerics §2.1/§2.2): ``visual_encoder.*`` (EVA ViT, ``attn.q_bias`` /
+LAVIS names (``lavis/models/eva_vit.py`` and ``blip2.py``): ``visual_encoder.*`` (EVA ViT, ``attn.q_bias`` /
 ``attn.v_bias``), ``ln_vision`` (eps 1e-5), ``Qformer.bert.*`` (``attention.self.*``,
 ``embeddings.LayerNorm``), ``query_tokens``, ``llm_proj`` | ``opt_proj`` | ``t5_proj``. Skipped with a
 reason: ``llm_model.*`` / ``opt_model.*`` / ``t5_model.*`` (the LLM), ``Qformer.bert.embeddings.position_ids``
@@ -195,7 +195,7 @@ def lavis_config(ckpt: Checkpoint, raw: dict) -> tuple[Blip2VisionConfig, list[s
 def lavis_rules(text_input: bool, extra_blocks: list[int]) -> list:
     """LAVIS key -> canonical (HF full-model) key."""
     layer = r"Qformer\.bert\.encoder\.layer\.(\d+)\."
-    rules = [(r"visual_encoder\.blocks\.(?:%s)\..+" % "|".join(map(str, extra_blocks)),
+    rules = [(rf"visual_encoder\.blocks\.(?:{'|'.join(map(str, extra_blocks))})\..+",
               Skip("visual_encoder blocks beyond the configured depth (LAVIS loads the ViT with strict=False)"))
              ] if extra_blocks else []
     return rules + [
@@ -280,8 +280,12 @@ def lavis_to_hf(state: dict[str, np.ndarray], instruct: bool, depth: int) -> dic
 
 def hf_model(config: Blip2VisionConfig):
     """An HF full model for ``config`` whose language model is a stub (get_image_features never runs it)."""
-    from transformers import (Blip2Config, Blip2ForConditionalGeneration, InstructBlipConfig,
-                              InstructBlipForConditionalGeneration)
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+    )
 
     v, q = config.vision, config.qformer
     vision = dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,

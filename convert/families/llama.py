@@ -99,6 +99,7 @@ def compare_logits(module, params, model, ids: np.ndarray, mask: np.ndarray, nam
 def compare_greedy(module, params, model, ids: np.ndarray, mask: np.ndarray, n: int = GREEDY_TOKENS):
     """Greedy tokens vs ``transformers.generate(do_sample=False)`` (no EOS stop on either side)."""
     import torch
+
     from calico_jax.generate import generate
     model.generation_config.eos_token_id = None
     ref = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,

@@ -124,7 +124,8 @@ def plan(ckpt: Checkpoint, config_arg: str | None, base: str | None = None) -> P
                 mismatched.append(f"{tensor.sources[0]} {shape}: expected {want} (r={lora.r})")
             tensors[canonical] = Tensor(tensor.sources, np.transpose)  # torch [r,in]/[out,r] -> flax
     if mismatched:
-        raise CheckpointError(f"{ckpt.path}: {len(mismatched)} LoRA shape mismatch(es):\n    " + "\n    ".join(mismatched))
+        raise CheckpointError(f"{ckpt.path}: {len(mismatched)} LoRA shape mismatch(es):\n    "
+                              + "\n    ".join(mismatched))
     replaced = 0
     import jax
     for path, value in jax.tree_util.tree_leaves_with_path(base_params):
@@ -160,7 +161,8 @@ def _peft_model(ckpt: Checkpoint, plan: Plan, torch_model):
     """peft's own reading of the adapter where the file uses standard names, else its LoraConfig +
     set_peft_model_state_dict on the normalised keys."""
     import torch
-    from peft import LoraConfig as PeftLoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model, set_peft_model_state_dict
     keys = ckpt.keys()
     if all(re.fullmatch(r"base_model\.model\..+\.lora_[AB]\.weight", k) for k in keys) and \
             (adapter_dir(ckpt) / "adapter_config.json").is_file():
@@ -182,6 +184,7 @@ def _peft_model(ckpt: Checkpoint, plan: Plan, torch_model):
 def verify(ckpt: Checkpoint, plan: Plan, params: Any) -> list[Comparison]:
     import jax.numpy as jnp
     import torch
+
     from convert.families.llama import hf_state_dict, random_batch, torch_llama
     from convert.verify import compare
 

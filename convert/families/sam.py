@@ -1,10 +1,10 @@
 """SAM converters: ``sam`` (segment-anything state dicts, incl. GLaMM/LISA merged checkpoints) and
 ``hf-sam`` (HF ``SamModel`` save_pretrained directories).
 
-Canonical keys are the original segment-anything names (reference-numerics §4.1), which GLaMM and
+Canonical keys are the original segment-anything names (``sam_vit_h_4b8939.pth``), which GLaMM and
 LISA keep under ``model.grounding_encoder.`` / ``model.visual_model.``; the module tree of
 :mod:`calico_jax.models.sam` mirrors them. ``hf-sam`` renames HF keys back (the inverse of
-``convert_sam_to_hf.py``, §4.2) and takes HF's LayerNorm epsilons from its config.
+transformers' ``convert_sam_to_hf.py``) and takes HF's LayerNorm epsilons from its config.
 
 ``--verify`` compares image embeddings, low-res mask logits and IoU predictions for point, box,
 point+box and mask prompts (and, for ``sam``, GLaMM's [SEG] ``text_embeds`` prompt) against
@@ -107,8 +107,10 @@ def _hf_rules(config: SamConfig) -> list:
     wb = r"(weight|bias)"
     proj = r"(?:q|k|v|out)_proj\.(?:weight|bias)"
     depth = config.mask_decoder.iou_head_depth
+    hyper = r"mask_decoder.output_hypernetworks_mlps.\1."
     rules = [
-        (r"shared_image_embedding\.positional_embedding", "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"),
+        (r"shared_image_embedding\.positional_embedding",
+         "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"),
         (r"prompt_encoder\.shared_embedding\.positional_embedding",
          Skip("tied copy of shared_image_embedding.positional_embedding")),
         (ve + r"patch_embed\.projection\." + wb, r"image_encoder.patch_embed.proj.\1"),
@@ -134,9 +136,9 @@ def _hf_rules(config: SamConfig) -> list:
         (md + r"upscale_layer_norm\." + wb, r"mask_decoder.output_upscaling.1.\1"),
         (md + r"upscale_conv2\." + wb, r"mask_decoder.output_upscaling.3.\1"),
         # SamFeedForward(proj_in, layers.0..n-3, proj_out) == MLP(layers.0..n-1)
-        (md + r"output_hypernetworks_mlps\.(\d+)\.proj_in\." + wb, r"mask_decoder.output_hypernetworks_mlps.\1.layers.0.\2"),
-        (md + r"output_hypernetworks_mlps\.(\d+)\.layers\.0\." + wb, r"mask_decoder.output_hypernetworks_mlps.\1.layers.1.\2"),
-        (md + r"output_hypernetworks_mlps\.(\d+)\.proj_out\." + wb, r"mask_decoder.output_hypernetworks_mlps.\1.layers.2.\2"),
+        (md + r"output_hypernetworks_mlps\.(\d+)\.proj_in\." + wb, hyper + r"layers.0.\2"),
+        (md + r"output_hypernetworks_mlps\.(\d+)\.layers\.0\." + wb, hyper + r"layers.1.\2"),
+        (md + r"output_hypernetworks_mlps\.(\d+)\.proj_out\." + wb, hyper + r"layers.2.\2"),
         (md + r"iou_prediction_head\.proj_in\." + wb, r"mask_decoder.iou_prediction_head.layers.0.\1"),
         *[(md + rf"iou_prediction_head\.layers\.{k}\." + wb, rf"mask_decoder.iou_prediction_head.layers.{k + 1}.\1")
           for k in range(depth - 2)],
@@ -275,7 +277,8 @@ def compare_original(reference: Any, module: Sam, params: Any, seed: int = 0) ->
         comparisons = [compare("image_embeddings", emb_jax, emb)]
         pe = reference.prompt_encoder.get_dense_pe()
         for name, prompt, multimask in cases:
-            sparse, dense = original_prompt(reference.prompt_encoder, **{k: torch.from_numpy(v) for k, v in prompt.items()})
+            prompt_t = {k: torch.from_numpy(v) for k, v in prompt.items()}
+            sparse, dense = original_prompt(reference.prompt_encoder, **prompt_t)
             masks, iou = reference.mask_decoder(emb, pe, sparse, dense, multimask_output=multimask)
             comparisons += [compare(f"{name}: low_res_masks", outs[name][0], masks),
                             compare(f"{name}: iou_predictions", outs[name][1], iou)]

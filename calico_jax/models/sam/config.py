@@ -8,7 +8,8 @@ Defaults are SAM ViT-H as built by ``segment_anything/build_sam.py`` (the GLaMM 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from calico_jax.config import Config, ConfigError, hf_get
 
@@ -156,7 +157,8 @@ class SamConfig(Config):
             raise ConfigError(f"SAM config: prompt_encoder.image_embedding_size {tuple(pe.image_embedding_size)} "
                               f"!= image-encoder grid {(ie.grid, ie.grid)} (img_size // patch_size)")
         if ie.embed_dim % ie.num_heads:
-            raise ConfigError(f"SAM config: image_encoder.num_heads {ie.num_heads} must divide embed_dim {ie.embed_dim}")
+            raise ConfigError(f"SAM config: image_encoder.num_heads {ie.num_heads} must divide "
+                              f"embed_dim {ie.embed_dim}")
         t = md.transformer
         if (t.embedding_dim // t.attention_downsample_rate) % t.num_heads:
             raise ConfigError(f"SAM config: transformer.num_heads {t.num_heads} must divide "
@@ -169,7 +171,7 @@ class SamConfig(Config):
             raise ConfigError(f"SAM config: global_attn_indexes {bad} outside 0..{ie.depth - 1}")
 
     @classmethod
-    def from_original(cls, data: Mapping[str, Any]) -> "SamConfig":
+    def from_original(cls, data: Mapping[str, Any]) -> SamConfig:
         """From ``{"image_encoder": {ImageEncoderViT kwargs}, "prompt_encoder": {PromptEncoder kwargs},
         "mask_decoder": {MaskDecoder kwargs, "transformer": {TwoWayTransformer kwargs}}}``.
 
@@ -195,13 +197,13 @@ class SamConfig(Config):
                    mask_decoder=_sub(MaskDecoderConfig, md, "mask_decoder"))
 
     @classmethod
-    def preset(cls, name: str) -> "SamConfig":
+    def preset(cls, name: str) -> SamConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown SAM preset {name!r}; known: {sorted(PRESETS)}")
         return cls.from_original(PRESETS[name])
 
     @classmethod
-    def from_hf_config(cls, cfg: Any) -> "SamConfig":
+    def from_hf_config(cls, cfg: Any) -> SamConfig:
         """From a transformers ``SamConfig`` (object or config.json dict).
 
         HF numerics differ from the original in two places, reproduced here: the TwoWay block norms

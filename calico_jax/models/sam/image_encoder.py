@@ -73,7 +73,7 @@ def blocked_rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_
     normalised after the value product. On CPU the dense [B*heads, T, T] logits/bias/probabilities
     are fresh multi-GB buffers whose page faults cost more than the exps; tiles stay in cache.
     """
-    (qh, qw), (kh, kw) = q_size, k_size
+    _, (kh, kw) = q_size, k_size
     b, tq, n, d = q.shape
     tk = k.shape[1]
     rel_h, rel_w = _rel_terms(q, rel_pos_h, rel_pos_w, q_size, k_size)

@@ -82,6 +82,12 @@ class PromptEncoder(nn.Module):
             "4": layer_norm_2d(cfg.mask_norm_eps, name="mask_downscaling_4", dtype=self.dtype),
             "6": layers.conv(c, 1, name="mask_downscaling_6", dtype=self.dtype),
         }
+        if self.is_initializing():
+            # The mask convs infer their shapes on first call: run them once on an empty mask input so their
+            # tables exist whichever prompts the init call used (checkpoints always hold them; CALICO and
+            # GLaMM's [SEG] path never pass a mask).
+            h, w = cfg.image_embedding_size
+            self._embed_masks(jnp.zeros((1, 4 * h, 4 * w, 1), jnp.float32))
 
     def get_dense_pe(self) -> jax.Array:
         """PE of the image-embedding grid, [1, h, w, C] (the key PE of the mask decoder)."""
