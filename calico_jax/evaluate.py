@@ -124,7 +124,7 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     from calico_jax.eval.metrics import MetricConfig
 
     ap = argparse.ArgumentParser(prog="python -m calico_jax.evaluate", description=__doc__.split("\n\n")[0])
@@ -144,9 +144,36 @@ def main(argv: list[str] | None = None) -> int:
     for f in dataclasses.fields(MetricConfig):
         kind = _bool if isinstance(f.default, bool) else type(f.default)
         ap.add_argument(f"--{f.name}", type=kind, default=f.default, help=f"metric switch (default {f.default})")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _load_predictions(args, pairs, samples) -> dict:
+    """``--predictions`` read back (every id must be in the pairs file), else the model's, saved if asked."""
+    if args.predictions:
+        preds = read_predictions(Path(args.predictions))
+        unknown = sorted(set(preds) - {s["id"] for s in pairs.samples})
+        if unknown:
+            raise ValueError(f"--predictions: {len(unknown)} sample ids not in {args.pairs}, e.g. {unknown[:3]}")
+        missing = sum(s["id"] not in preds for s in samples)
+        if missing:
+            print(f"warning: {missing} of {len(samples)} samples have no prediction (scored as empty)",
+                  file=sys.stderr)
+        return preds
+    preds = predict_samples(args, pairs, samples)
+    if args.save_predictions:
+        from calico_jax.checkpoints import write_atomic
+        out = Path(args.save_predictions)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        data = {"format": PRED_FORMAT, "version": 1, "pairs": str(Path(args.pairs).absolute()),
+                "samples": list(preds.values())}
+        write_atomic(out, json.dumps(data, ensure_ascii=False) + "\n")
+    return preds
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     from calico_jax.data.pairs_io import read_pairs
-    from calico_jax.eval.metrics import evaluate
+    from calico_jax.eval.metrics import MetricConfig, evaluate
     from calico_jax.eval.report import format_table, write_report
     from calico_jax.eval.sentence import SentenceEncoder, SentenceModelError
 
@@ -156,24 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         samples = pairs.samples[:args.limit] if args.limit > 0 else pairs.samples
         if not samples:
             raise ValueError(f"{args.pairs}: no samples to evaluate")
-        if args.predictions:
-            preds = read_predictions(Path(args.predictions))
-            unknown = sorted(set(preds) - {s["id"] for s in pairs.samples})
-            if unknown:
-                raise ValueError(f"--predictions: {len(unknown)} sample ids not in {args.pairs}, e.g. {unknown[:3]}")
-            missing = sum(s["id"] not in preds for s in samples)
-            if missing:
-                print(f"warning: {missing} of {len(samples)} samples have no prediction (scored as empty)",
-                      file=sys.stderr)
-        else:
-            preds = predict_samples(args, pairs, samples)
-            if args.save_predictions:
-                from calico_jax.checkpoints import write_atomic
-                out = Path(args.save_predictions)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                data = {"format": PRED_FORMAT, "version": 1, "pairs": str(Path(args.pairs).absolute()),
-                        "samples": list(preds.values())}
-                write_atomic(out, json.dumps(data, ensure_ascii=False) + "\n")
+        preds = _load_predictions(args, pairs, samples)
         encoder = SentenceEncoder()
         report = evaluate(gt_results(pairs, samples, preds), metric_cfg, encoder.similarity)
         report["source"] = {"ckpt": args.ckpt, "predictions": args.predictions, "pairs": str(args.pairs)}
