@@ -46,7 +46,7 @@ def test_overrides_are_typed_and_validated():
 
 
 def test_focal_loss_from_the_command_line_reaches_training(bce, tmp_path):
-    ref, (cfg, (focal, _), _) = bce[1][0], three_steps(tmp_path, ("model.loss.pixel_loss", "focal"))
+    ref, (cfg, (focal, *_), _) = bce[1][0], three_steps(tmp_path, ("model.loss.pixel_loss", "focal"))
     assert json.loads((tmp_path / "config.json").read_text())["model"]["loss"]["pixel_loss"] == "focal"
     # Same params and batch at step 1: the token loss is the same, the pixel term is the focal one (smaller than
     # BCE on the same logits: it down-weights every pixel by (1 - p_t)^2 and by alpha).
