@@ -117,7 +117,7 @@ def checkpoint_directory(workdir: str | os.PathLike) -> Path:
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{workdir} is not a training workdir: {cfg_path} is missing")
     directory = json.loads(cfg_path.read_text()).get("checkpoint", {}).get("directory", "")
-    return Path(directory) if directory else workdir / "checkpoints"
+    return (Path(directory) if directory else workdir / "checkpoints").absolute()   # orbax wants absolute paths
 
 
 def restore_meta(step_dir: Path) -> dict:

@@ -18,7 +18,7 @@ from calico_jax.train.trainer import load_frozen
 REQUIRED = ("step", "loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "lr", "grad_norm", "step_time_s")
 
 
-def test_tiny_calico_trains_frozen_stay_bit_identical(tmp_path):
+def test_tiny_calico_trains_frozen_stay_bit_identical(tmp_path, monkeypatch):
     cfg = config_lib.load("configs/tiny.py", [("total_steps", "2"), ("checkpoint_every", "2"), ("progress", "false"),
                                               ("data.synthetic.num_images", "12"),
                                               ("mesh", '{"data": 2, "fsdp": 2, "tensor": 2}')])
@@ -56,7 +56,8 @@ def test_tiny_calico_trains_frozen_stay_bit_identical(tmp_path):
         assert np.array_equal(np.asarray(x), np.asarray(y))
     # Restoring outside training (no optimizer, no mesh): trainable leaves of the newest step over the frozen
     # weights rebuilt from the seed = the run's final params, bit for bit.
-    run = restore_workdir(tmp_path)
+    monkeypatch.chdir(tmp_path.parent)
+    run = restore_workdir(tmp_path.name)                 # a relative workdir, as users type it
     assert run.step == 2 and run.config == tr.task.model_config and run.tokenizer_dir == tmp_path / "data" / "tokenizer"
     full = combine(out["state"]["params"], out["frozen"])
     assert jax.tree.structure(run.params) == jax.tree.structure(full)
