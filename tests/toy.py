@@ -47,25 +47,21 @@ class Toy(nn.Module):
     """Frozen "tower" (embed -> mlp) + trainable heads: token logits [T, V] and mask logits [H, W].
     Parameter names mimic the real split: ``tower`` frozen, ``head``/``lora_*`` trainable."""
 
-    vocab: int = 16
-    width: int = 32
-    hidden: int = 64
-    mask_hw: int = 8
-    seq: int = 8
-    noise: bool = True
+    config: ToyConfig = ToyConfig()
 
     @nn.compact
     def __call__(self, x, rng=None):
+        c = self.config
         x = nn.with_logical_constraint(x, ("batch", "embed"))
-        h = jax.nn.gelu(layers.dense(self.hidden, ("embed", "mlp"), name="tower_up")(x), approximate=False)
-        a = self.param("lora_a", layers.param_init(nn.initializers.normal(0.02), ("mlp", None)), (self.hidden, 4))
-        b = self.param("lora_b", layers.param_init(nn.initializers.zeros, (None, "embed")), (4, self.width))
-        h2 = layers.dense(self.width, ("mlp", "embed"), name="tower_down")(h) + (h @ a) @ b
-        if rng is not None and self.noise:   # dropout-like noise, so the RNG state matters for exact resume
+        h = jax.nn.gelu(layers.dense(c.hidden, ("embed", "mlp"), name="tower_up")(x), approximate=False)
+        a = self.param("lora_a", layers.param_init(nn.initializers.normal(0.02), ("mlp", None)), (c.hidden, 4))
+        b = self.param("lora_b", layers.param_init(nn.initializers.zeros, (None, "embed")), (4, c.width))
+        h2 = layers.dense(c.width, ("mlp", "embed"), name="tower_down")(h) + (h @ a) @ b
+        if rng is not None and c.noise:   # dropout-like noise, so the RNG state matters for exact resume
             h2 = h2 * jax.random.bernoulli(rng, 0.9, h2.shape) / 0.9
-        tok = layers.dense(self.seq * self.vocab, ("embed", "vocab"), name="head_text")(h2)
-        mask = layers.dense(self.mask_hw * self.mask_hw, ("embed", None), name="head_mask")(h2)
-        return tok.reshape(-1, self.seq, self.vocab), mask.reshape(-1, 1, self.mask_hw, self.mask_hw)
+        tok = layers.dense(c.seq * c.vocab, ("embed", "vocab"), name="head_text")(h2)
+        mask = layers.dense(c.mask_hw * c.mask_hw, ("embed", None), name="head_mask")(h2)
+        return tok.reshape(-1, c.seq, c.vocab), mask.reshape(-1, 1, c.mask_hw, c.mask_hw)
 
 
 class ToyExample(grain.transforms.Map):
@@ -86,7 +82,7 @@ class ToyTask(Task):
     def __init__(self, cfg, workdir=None, plan_only: bool = False):
         super().__init__(cfg, workdir, plan_only)
         m = cfg.model
-        self.module = Toy(m.vocab, m.width, m.hidden, m.mask_hw, m.seq, m.noise)
+        self.module = Toy(m)
         self.trainable, self.tokens_per_example, self.images_per_example = tuple(m.trainable), m.seq, 1
         self.dtype, self.loss_cfg = jnp.dtype(cfg.dtype), LossConfig()
         batch = cfg.batch_size
@@ -94,7 +90,7 @@ class ToyTask(Task):
         self.nan_idx = frozenset(j for s in cfg.data.nan_steps for j in range((s - 1) * batch, s * batch))
 
     def init_variables(self, rng):
-        return self.module.init(rng, jnp.zeros((1, self.module.width), self.dtype))
+        return self.module.init(rng, jnp.zeros((1, self.cfg.model.width), self.dtype))
 
     def loss_fn(self, params, batch, rng):
         tok, mask = self.module.apply({"params": params}, batch["x"].astype(self.dtype), rng)
@@ -109,7 +105,7 @@ class ToyTask(Task):
         return loss, {"ce_loss": ce, "mask_bce_loss": bce, "mask_dice_loss": dice}
 
     def _example(self, seed, nan):
-        m = self.module
+        m = self.cfg.model
         return ToyExample(m.width, m.vocab, m.seq, m.mask_hw, seed, nan)
 
     def dataset(self, process_index: int, process_count: int):
@@ -122,7 +118,7 @@ class ToyTask(Task):
         return ds.batch(cfg.batch_size // process_count, drop_remainder=True)
 
     def batch_spec(self, rows: int) -> dict:
-        m = self.module
+        m = self.cfg.model
         return {"x": ((rows, m.width), jnp.float32), "labels": ((rows, m.seq), jnp.int32),
                 "masks": ((rows, 1, m.mask_hw, m.mask_hw), jnp.float32)}
 
