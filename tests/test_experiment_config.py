@@ -36,11 +36,15 @@ def test_overrides_are_typed_and_validated():
     assert isinstance(cfg.model, CalicoConfig) and cfg.model.cem.enabled is False and cfg.model.cam.layers == ()
     assert cfg.model.loss.pixel_loss == "focal" and cfg.model.preprocess.blip_size == 364
     assert type(cfg).from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    lora = config_lib.load("configs/calico_7b.py", [("model.llm.lora.r", "16"),
+                                                    ("model.llm.lora.target_modules", "q_proj,k_proj")]).model.llm.lora
+    assert (lora.r, lora.target_modules) == (16, ("q_proj", "k_proj"))   # an optional section, field by field
     for key, val, msg in (("model.loss.pixel_loss", "dice", "bce' or 'focal"),
                           ("model.seg.hidden_position", "middle", "hidden_position"),
                           ("model.preprocess.sam_size", "512", "sam.image_encoder.img_size"),
                           ("model.cem.enabled", "maybe", "cannot parse"),
-                          ("model.options", "{}", "no field 'options'")):
+                          ("model.options", "{}", "no field 'options'"),
+                          ("mesh.fsdp", "two", "cannot parse 'two' as JSON")):
         with pytest.raises(ConfigError, match=msg):
             config_lib.load("configs/calico_7b.py", [(key, val)])
 

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import sys
+import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -150,18 +151,33 @@ def _parse(tp: Any, text: str, where: str) -> Any:
     return json.loads(text)
 
 
+def _section_type(tp: Any) -> Any:
+    """``X | None`` -> ``X`` for a config section that may be switched off (e.g. ``llm.lora``)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
 def _set(cls: type, data: dict, dotted: str, text: str, where: str) -> None:
     """Sets ``data`` (the JSON form of a ``cls`` config) at ``dotted`` from the string ``text``."""
     head, _, rest = dotted.partition(".")
     names = {f.name for f in dataclasses.fields(cls)}
     if head not in names:
         raise ConfigError(f"--config.{where}: {cls.__name__} has no field {head!r}; known: {sorted(names)}")
-    tp = typing.get_type_hints(cls)[head]
-    if rest and isinstance(data[head], dict) and not (isinstance(tp, type) and issubclass(tp, Config)):
-        data[head] = {**data[head], rest: json.loads(text)}          # --config.mesh.fsdp=2
+    tp = _section_type(typing.get_type_hints(cls)[head])
+    is_section = isinstance(tp, type) and issubclass(tp, Config)
+    if rest and isinstance(data[head], dict) and not is_section:
+        try:
+            data[head] = {**data[head], rest: json.loads(text)}      # --config.mesh.fsdp=2
+        except json.JSONDecodeError:
+            raise ConfigError(f"--config.{where}: cannot parse {text!r} as JSON") from None
     elif rest:
-        if not (isinstance(tp, type) and issubclass(tp, Config)):
+        if not is_section:
             raise ConfigError(f"--config.{where}: {head!r} is not a config section")
+        if data[head] is None:
+            raise ConfigError(f"--config.{where}: {head!r} is off (None); set the whole section as JSON first")
         _set(tp, data[head], rest, text, where)
     else:
         value = _parse(tp, text, where)
