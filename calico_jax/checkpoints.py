@@ -83,14 +83,6 @@ def cast_frozen(tree: Any, dtype: Any) -> Any:
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def frozen_like_dtype(tree: Any, dtype: Any) -> Any:
-    """:func:`cast_frozen` for ShapeDtypeStructs."""
-    dtype = jnp.dtype(dtype)
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-        a.shape, dtype if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype, sharding=getattr(a, "sharding", None)),
-        tree)
-
-
 def load_base_params(base: str | os.PathLike, target: Any) -> Any:
     """Every weight of a converted checkpoint (``BASE/params``) restored onto ``target`` (ShapeDtypeStructs,
     optionally with shardings)."""
@@ -171,7 +163,11 @@ def _restore_step(step_dir: Path, step: int) -> WorkdirModel:
         raise ValueError(f"{step_dir}: the checkpoint does not record its model (trained by another task?)")
     module, config = models.build(model["name"], model["config"])
     patterns = tuple(model["trainable"])
-    abstract = nn.unbox(jax.eval_shape(lambda k: module.init(k, **module.dummy_inputs()), jax.random.key(0))["params"])
+
+    def init(key):
+        return nn.unbox(module.init(key, **module.dummy_inputs())["params"])
+
+    abstract = jax.eval_shape(init, jax.random.key(0))
     a_train = partition(abstract, patterns)[0]
     trainable = _restore_trainable(step_dir, a_train)
     source = meta["frozen_source"]
@@ -179,7 +175,7 @@ def _restore_step(step_dir: Path, step: int) -> WorkdirModel:
         frozen = partition(load_base_params(source["path"], abstract), patterns)[1]
     else:
         k_init, _ = init_keys(source["seed"])
-        full = jax.jit(lambda k: nn.unbox(module.init(k, **module.dummy_inputs())["params"]))(k_init)
+        full = jax.jit(init)(k_init)
         frozen = partition(full, patterns)[1]
     frozen = cast_frozen(frozen, model.get("frozen_dtype", "float32"))
     return WorkdirModel(module, combine(trainable, frozen), config, Path(model["tokenizer"]), step)

@@ -26,6 +26,15 @@ def _to_json(value: Any) -> Any:
     return value
 
 
+def optional_inner(tp: Any) -> Any:
+    """``X | None`` (or ``Optional[X]``) -> ``X``; any other type as it is."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
 def _from_json(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if isinstance(tp, type) and issubclass(tp, Config):
@@ -37,10 +46,10 @@ def _from_json(tp: Any, value: Any, where: str) -> Any:
         inner = args[0] if args else Any
         return tuple(_from_json(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _from_json(args[0], value, where) if len(args) == 1 else value
+        inner = optional_inner(tp)
+        return value if inner is tp else _from_json(inner, value, where)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value

@@ -15,7 +15,6 @@ from calico_jax import layers
 from calico_jax.config import Config, ConfigError
 from calico_jax.losses import LossConfig
 from calico_jax.models.blip2 import Blip2VisionConfig
-from calico_jax.models.calico_layout import SegConfig
 from calico_jax.models.cam import CamConfig
 from calico_jax.models.cem import CemConfig
 from calico_jax.models.clip import ClipVisionConfig
@@ -31,6 +30,7 @@ from calico_jax.models.sam.config import (
     PromptEncoderConfig,
     TwoWayTransformerConfig,
 )
+from calico_jax.models.seg_routing import SegConfig
 from calico_jax.preprocess import Preprocess
 
 REMAT_TOWERS = ("vision", "dinov2", "qformer", "llm", "sam")

@@ -4,33 +4,10 @@ the expanded sequence and GLaMM's mask post-processing as interpolation matrices
 :mod:`calico_jax.models.seg_routing`. See the :mod:`calico_jax.models.calico` docstring, steps 3, 5 and 7."""
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
-from calico_jax.config import Config, ConfigError
 from calico_jax.resize import bilinear_matrix
-
-
-@dataclasses.dataclass(frozen=True)
-class SegConfig(Config):
-    token_id: int = 32004                                # [SEG] in GLaMM's tokenizer
-    identifier_ids: tuple[tuple[int, ...], ...] = ()      # per image: ids of " (IMAGE{i+1})" after [SEG]
-    hidden_position: str = "before"                      # "before" [SEG] (GLaMM/LISA) | "at" [SEG]
-    projection: str = "mlp"                              # "mlp" (text_hidden_fcs) | "linear"
-    max_seg: int = 8                                     # static [SEG] slots per sample
-    unrouted: str = "drop"                               # "drop" | "first"
-
-    def __post_init__(self):
-        for field, value, options in (("hidden_position", self.hidden_position, ("before", "at")),
-                                      ("projection", self.projection, ("mlp", "linear")),
-                                      ("unrouted", self.unrouted, ("drop", "first"))):
-            if value not in options:
-                raise ConfigError(f"SegConfig: {field} must be one of {options}, got {value!r}")
-        if any(len(t) == 0 for t in self.identifier_ids):
-            raise ConfigError("SegConfig: an identifier has no tokens")
-
 
 
 def expand_sequence(input_ids: jax.Array, image_token_index: int, num_images: int, num_query: int):

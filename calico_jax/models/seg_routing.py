@@ -24,21 +24,39 @@ generated              whose logits produced generated token i     j           j
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-if TYPE_CHECKING:
-    from calico_jax.models.calico_layout import SegConfig
+from calico_jax.config import Config, ConfigError
 
 HIDDEN_POSITIONS = ("before", "at")
 IDENTIFIER_RE = re.compile(r"^\s*\(IMAGE(\d+)\)")
 # The decoded-text fallback of parse_identifier looks at most this many tokens past the [SEG].
 MAX_IDENTIFIER_TOKENS = 15
+
+
+@dataclasses.dataclass(frozen=True)
+class SegConfig(Config):
+    token_id: int = 32004                                # [SEG] in GLaMM's tokenizer
+    identifier_ids: tuple[tuple[int, ...], ...] = ()      # per image: ids of " (IMAGE{i+1})" after [SEG]
+    hidden_position: str = "before"                      # "before" [SEG] (GLaMM/LISA) | "at" [SEG]
+    projection: str = "mlp"                              # "mlp" (text_hidden_fcs) | "linear"
+    max_seg: int = 8                                     # static [SEG] slots per sample
+    unrouted: str = "drop"                               # "drop" | "first"
+
+    def __post_init__(self):
+        for field, value, options in (("hidden_position", self.hidden_position, HIDDEN_POSITIONS),
+                                      ("projection", self.projection, ("mlp", "linear")),
+                                      ("unrouted", self.unrouted, ("drop", "first"))):
+            if value not in options:
+                raise ConfigError(f"SegConfig: {field} must be one of {options}, got {value!r}")
+        if any(len(t) == 0 for t in self.identifier_ids):
+            raise ConfigError("SegConfig: an identifier has no tokens")
 
 
 def identifier_text(k: int) -> str:

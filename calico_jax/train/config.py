@@ -15,14 +15,13 @@ import importlib.util
 import json
 import os
 import sys
-import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from calico_jax.checkpoints import write_atomic
-from calico_jax.config import Config, ConfigError
+from calico_jax.config import Config, ConfigError, optional_inner
 from calico_jax.models.calico import CalicoConfig
 
 C = typing.TypeVar("C", bound=Config)
@@ -39,8 +38,8 @@ class SyntheticConfig(Config):
     class_colors: bool = False
 
     def generator_options(self) -> dict:
-        return {"max_objects": self.max_objects, "object_scale": tuple(self.object_scale), "clutter": self.clutter,
-                "class_colors": self.class_colors}
+        """:func:`calico_jax.data.synthetic.generate`'s keyword arguments (every field but the count and seed)."""
+        return {k: getattr(self, k) for k in self.to_dict() if k not in ("num_images", "seed")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,22 +150,13 @@ def _parse(tp: Any, text: str, where: str) -> Any:
     return json.loads(text)
 
 
-def _section_type(tp: Any) -> Any:
-    """``X | None`` -> ``X`` for a config section that may be switched off (e.g. ``llm.lora``)."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
 def _set(cls: type, data: dict, dotted: str, text: str, where: str) -> None:
     """Sets ``data`` (the JSON form of a ``cls`` config) at ``dotted`` from the string ``text``."""
     head, _, rest = dotted.partition(".")
     names = {f.name for f in dataclasses.fields(cls)}
     if head not in names:
         raise ConfigError(f"--config.{where}: {cls.__name__} has no field {head!r}; known: {sorted(names)}")
-    tp = _section_type(typing.get_type_hints(cls)[head])
+    tp = optional_inner(typing.get_type_hints(cls)[head])
     is_section = isinstance(tp, type) and issubclass(tp, Config)
     if rest and isinstance(data[head], dict) and not is_section:
         try:

@@ -60,11 +60,12 @@ def train(cfg, workdir: str | Path, task: Task | None = None, eval_fn: Callable[
     (fresh, frozen), source = load_frozen(tr, meta.get("frozen_source"))
     state = fresh if state is None else state
     meta = {"frozen_source": source, "config": cfg.name}
-    if task.model_record() is not None:
-        meta["model"] = task.model_record()
+    record = task.model_record()
+    if record is not None:
+        meta["model"] = record
     # 6. steps
     run = _Run(cfg, tr, ckpt, MetricsFile(workdir / "metrics.jsonl", int(state["step"]), workdir / "tensorboard"),
-               eval_fn, on_step, meta, len(devices))
+               eval_fn, on_step, meta, len(devices), int(state["skipped"]))
     stop = {"signal": None}
     prev = signal.signal(signal.SIGTERM, lambda sig, _: stop.update(signal=sig))
     bar = tqdm(total=cfg.total_steps, initial=int(state["step"]), disable=not cfg.progress, dynamic_ncols=True)
@@ -92,17 +93,15 @@ class _Run:
     """The per-step work of :func:`train`: the compiled step, the metrics record, the non-finite rule,
     evaluation and checkpoints."""
 
-    def __init__(self, cfg, tr, ckpt, metrics, eval_fn, on_step, meta, num_devices):
+    def __init__(self, cfg, tr, ckpt, metrics, eval_fn, on_step, meta, num_devices, skipped: int):
         self.cfg, self.tr, self.ckpt = cfg, tr, ckpt
         self.metrics, self.eval_fn, self.on_step = metrics, eval_fn, on_step
         self.meta, self.num_devices = meta, num_devices
         self.compiled, self.flops, self.peak = None, 0.0, peak_tflops(cfg)
-        self.consecutive, self.skipped, self.last = 0, None, {}
+        self.consecutive, self.skipped, self.last = 0, skipped, {}
 
     def step(self, state, frozen, batch, s: int):
         cfg, tr = self.cfg, self.tr
-        if self.skipped is None:
-            self.skipped = int(state["skipped"])
         micro = device_batch(tr, batch)
         t0 = time.perf_counter()
         with tr.context():

@@ -94,7 +94,7 @@ def build(cfg, task: Task, mesh: jax.sharding.Mesh) -> Trainer:
     full_sh = fit_shardings(nn.unbox(boxed), param_shardings(boxed, mesh))
     a_train, a_frozen = partition(nn.unbox(boxed), patterns, strict=True)
     s_train, s_frozen = partition(full_sh, patterns)
-    a_frozen = ckpt_lib.frozen_like_dtype(a_frozen, cfg.frozen_dtype)
+    a_frozen = jax.eval_shape(lambda t: ckpt_lib.cast_frozen(t, cfg.frozen_dtype), a_frozen)
 
     # Optimizer and state shardings.
     tx, lr = optim.make_optimizer(cfg.optim, cfg.total_steps)
