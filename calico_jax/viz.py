@@ -9,9 +9,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-# Distinct, saturated colours (tab10-like), cycled.
+# Distinct, saturated colours (tab10-like), cycled: line colours of the training curves.
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+# Mask colours to choose from: vivid hues at several lightnesses, so one of them stands out on any scene.
+MASK_COLOURS = ((255, 0, 255), (0, 255, 255), (255, 255, 0), (255, 0, 0), (0, 255, 0), (0, 90, 255),
+                (255, 128, 0), (140, 0, 255), (255, 255, 255), (20, 20, 20), (0, 160, 90), (255, 105, 180))
 
 
 def _font(size: int):
@@ -21,31 +24,104 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def overlay(image: np.ndarray, masks: Sequence[tuple[np.ndarray, str]], alpha: float = 0.45,
+def _lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB uint8-range [..., 3] -> CIE L*a*b* (D65): distances there roughly follow what the eye sees."""
+    c = np.asarray(rgb, np.float64) / 255.0
+    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    xyz = c @ np.array([[0.4124, 0.2126, 0.0193], [0.3576, 0.7152, 0.1192], [0.1805, 0.0722, 0.9505]])
+    xyz = xyz / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+def _neighbours(m: np.ndarray, fill: bool) -> list[np.ndarray]:
+    """The 4-neighbour shifts of a bool mask; pixels shifted in from outside the picture are ``fill``."""
+    p = np.pad(m, 1, constant_values=fill)
+    return [p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]]
+
+
+def _erode(m: np.ndarray) -> np.ndarray:
+    return m & np.logical_and.reduce(_neighbours(m, False))
+
+
+def _dilate(m: np.ndarray) -> np.ndarray:
+    return m | np.logical_or.reduce(_neighbours(m, False))
+
+
+def _ring(m: np.ndarray, width: int) -> np.ndarray:
+    """Pixels within ``width`` of the mask but outside it: the background an outline is seen against."""
+    grown = m
+    for _ in range(width):
+        grown = _dilate(grown)
+    return grown & ~m
+
+
+def contrast_colour(image: np.ndarray, mask: np.ndarray, taken: Sequence[tuple[int, int, int]] = ()):
+    """The colour of ``MASK_COLOURS`` farthest (CIE Lab) from the mask's own pixels and from the background
+    right around it, preferring colours not already ``taken`` by other masks in the same picture."""
+    px = image[mask] if mask.any() else image.reshape(-1, 3)
+    ring = image[_ring(mask, max(2, min(mask.shape) // 32))]
+    refs = [_lab(px.mean(0))] + ([_lab(ring.mean(0))] if len(ring) else [])
+    cand = _lab(np.asarray(MASK_COLOURS, np.float64))
+    score = np.min([np.linalg.norm(cand - r, axis=-1) for r in refs], axis=0)
+    if taken:   # a colour another mask uses only wins if nothing else contrasts nearly as well
+        score = score - 25.0 * np.isin(np.arange(len(MASK_COLOURS)),
+                                       [MASK_COLOURS.index(t) for t in taken if t in MASK_COLOURS])
+    return MASK_COLOURS[int(np.argmax(score))]
+
+
+def _label_point(m: np.ndarray) -> tuple[int, int]:
+    """A pixel deep inside the mask (the last one left by repeated erosion), not the centroid, which can
+    fall outside a thin or curved shape."""
+    core = m
+    while True:
+        nxt = _erode(core)
+        if not nxt.any():
+            break
+        core = nxt
+    ys, xs = np.nonzero(core)
+    k = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))   # the core's own middle
+    return int(xs[k]), int(ys[k])
+
+
+def overlay(image: np.ndarray, masks: Sequence[tuple[np.ndarray, str]], alpha: float = 0.5,
             min_side: int = 256) -> Image.Image:
-    """RGB uint8 [H, W, 3] + [(bool mask [H, W], label)] -> an RGB image with each mask tinted in its colour,
-    outlined, and labelled at its centre. Small images are upscaled (nearest) to ``min_side`` so labels fit."""
-    img = np.asarray(image, np.float32).copy()
+    """RGB uint8 [H, W, 3] + [(bool mask [H, W], label)] -> an RGB image where each mask is filled with a colour
+    chosen to contrast with the pixels under and around it, outlined (colour inside a dark or light halo),
+    and labelled on an opaque box. Small images are upscaled (nearest) to ``min_side`` so labels fit."""
+    base = np.asarray(image, np.uint8)[..., :3]
+    img = base.astype(np.float32)
     h, w = img.shape[:2]
-    for k, (m, _) in enumerate(masks):
-        c = np.asarray(PALETTE[k % len(PALETTE)], np.float32)
-        img[m] = (1 - alpha) * img[m] + alpha * c
+    colours: list[tuple[int, int, int]] = []
+    for m, _ in masks:
+        c = contrast_colour(base, m, colours)
+        colours.append(c)
+        img[m] = (1 - alpha) * img[m] + alpha * np.asarray(c, np.float32)
     scale = max(1, math.ceil(min_side / max(1, min(h, w))))
-    out = Image.fromarray(img.clip(0, 255).astype(np.uint8)).resize((w * scale, h * scale), Image.NEAREST)
+    big = np.repeat(np.repeat(img.clip(0, 255).astype(np.uint8), scale, 0), scale, 1)
+    for (m, _), c in zip(masks, colours):
+        mb = np.repeat(np.repeat(m, scale, 0), scale, 1)
+        edge = mb & ~_erode(_erode(mb))                    # 2 px outline in the mask's colour
+        halo = _ring(mb, 2)                                 # 2 px outside it, dark or light for contrast
+        dark = _lab(np.asarray(c, np.float64))[0] > 55
+        big[halo] = (0, 0, 0) if dark else (255, 255, 255)
+        big[edge] = c
+    out = Image.fromarray(big)
     draw = ImageDraw.Draw(out)
-    font = _font(max(11, min(out.size) // 24))
-    for k, (m, label) in enumerate(masks):
-        c = PALETTE[k % len(PALETTE)]
-        edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
-        ys, xs = np.nonzero(edge)
-        for y, x in zip(ys, xs):
-            draw.rectangle([x * scale, y * scale, (x + 1) * scale - 1, (y + 1) * scale - 1], fill=c)
-        if m.any() and label:
-            ys, xs = np.nonzero(m)
-            cx, cy = float(xs.mean()) * scale, float(ys.mean()) * scale
-            box = draw.textbbox((cx, cy), label, font=font, anchor="mm")
-            draw.rectangle([box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1], fill=(0, 0, 0))
-            draw.text((cx, cy), label, fill=c, font=font, anchor="mm")
+    font = _font(max(11, min(out.size) // 22))
+    for (m, label), c in zip(masks, colours):
+        if not (m.any() and label):
+            continue
+        x, y = _label_point(m)
+        cx, cy = (x + 0.5) * scale, (y + 0.5) * scale
+        box = draw.textbbox((cx, cy), label, font=font, anchor="mm")
+        pad = 3
+        dx = max(0, pad - box[0]) - max(0, box[2] + pad - out.width)   # keep the box inside the picture
+        dy = max(0, pad - box[1]) - max(0, box[3] + pad - out.height)
+        cx, cy = cx + dx, cy + dy
+        box = (box[0] + dx - pad, box[1] + dy - pad, box[2] + dx + pad, box[3] + dy + pad)
+        draw.rectangle(box, fill=(0, 0, 0), outline=c, width=2)
+        draw.text((cx, cy), label, fill=(255, 255, 255), font=font, anchor="mm")
     return out
 
 

@@ -1,0 +1,68 @@
+"""Overlays: the mask colour contrasts with what is under and around it; outline and label stay legible."""
+import numpy as np
+
+from calico_jax import viz
+
+FLOOR, TABLE = (110, 120, 140), (40, 60, 170)   # a blue table on a blue-grey floor
+
+
+def _scene(h=48, w=64):
+    im = np.empty((h, w, 3), np.uint8)
+    im[:] = FLOOR
+    m = np.zeros((h, w), bool)
+    m[10:30, 12:50] = True
+    im[m] = TABLE
+    return im, m
+
+
+def _delta_e(a, b):
+    return float(np.linalg.norm(viz._lab(np.asarray(a, float)) - viz._lab(np.asarray(b, float))))
+
+
+def test_colour_contrasts_with_object_and_background():
+    im, m = _scene()
+    c = viz.contrast_colour(im, m)
+    assert _delta_e(c, TABLE) > 60 and _delta_e(c, FLOOR) > 60, c
+    # the old fill (45 % of the first tab10 colour, a blue) barely changed the table's colour
+    assert _delta_e(0.55 * np.asarray(TABLE) + 0.45 * np.asarray(viz.PALETTE[0]), TABLE) < 25
+
+
+def test_second_mask_gets_another_colour():
+    im, m = _scene()
+    first = viz.contrast_colour(im, m)
+    assert viz.contrast_colour(im, m, taken=[first]) != first
+
+
+def test_overlay_fill_outline_and_label():
+    im, m = _scene()
+    out = np.asarray(viz.overlay(im, [(m, "table")], min_side=192))
+    scale = 192 // 48
+    assert out.shape == (48 * scale, 64 * scale, 3)
+    c = viz.contrast_colour(im, m)
+    # inside (away from the label at the centre) the fill moved towards the chosen colour
+    inside = out[12 * scale + 8, 14 * scale + 8].astype(float)
+    assert _delta_e(inside, TABLE) > 25
+    # the outline on the mask's border carries the colour itself; just outside it is the halo
+    assert tuple(out[10 * scale, 30 * scale]) == c
+    halo = tuple(out[10 * scale - 1, 30 * scale])
+    assert halo in ((0, 0, 0), (255, 255, 255))
+    # the label box (opaque black with white text) sits inside the mask's deepest region
+    centre = out[20 * scale - 6: 20 * scale + 6, 31 * scale - 20: 31 * scale + 20].reshape(-1, 3)
+    assert (centre == 0).all(-1).any() and (centre == 255).all(-1).any()
+
+
+def test_label_point_stays_inside_a_curved_shape():
+    yy, xx = np.mgrid[:64, :64]
+    ring = (np.hypot(yy - 32, xx - 32) < 28) & (np.hypot(yy - 32, xx - 32) > 20)   # centroid is outside
+    x, y = viz._label_point(ring)
+    assert ring[y, x]
+    assert not ring[32, 32]
+
+
+def test_label_box_is_kept_inside_the_picture():
+    im = np.full((32, 32, 3), 200, np.uint8)
+    m = np.zeros((32, 32), bool)
+    m[0:3, 0:3] = True
+    out = np.asarray(viz.overlay(im, [(m, "corner label")], min_side=128))
+    ys, xs = np.nonzero((out == 0).all(-1))     # the label's black box ...
+    assert len(ys) and ys.min() >= 2 and xs.min() >= 2   # ... is moved in whole, its 2 px outline too
