@@ -1,8 +1,11 @@
 """``python -m bench --suite cpu|gpu [--only NAME ...] --out bench/results/NAME.json``.
 
-Measures the machine's fp32 matmul peak and memory read bandwidth, then each item side by side
-(JAX jit after warm-up vs the PyTorch reference eager under ``inference_mode``, same thread count,
-alternating runs, medians with min-max). Writes the JSON records and a markdown table next to them.
+Measures both frameworks' fp32 GEMM peak and memory read bandwidth, then each item side by side (JAX jit
+after warm-up vs the PyTorch reference eager under ``inference_mode``, same thread count, alternating runs,
+medians with min-max), then the limits again. Each item reports the raw ratio (PyTorch ms / JAX ms) and the
+*normalised* ratio (each framework's fraction of its own limit, divided): hosts differ in which framework's
+GEMM they favour, so only the latter is a claim about this project. Warns when the two limits differ by more
+than 15 % or drift by more than 10 % during the run. Writes the JSON records and a markdown table next to them.
 """
 from __future__ import annotations
 
@@ -33,21 +36,55 @@ class Context:
     budget_s: float
 
 
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.0f} %"
+
+
 def markdown(results: list[dict], machine: dict) -> str:
+    """Headline table (normalised ratios and fractions of each framework's own limit), then the raw one."""
+    lim = machine["limits_before"]
+    after = machine.get("limits_after") or lim
+    pk, bw = lim["peak_gflops"], lim["bandwidth_gbs"]
     lines = [f"Machine: {machine['cpu']} · {machine['threads']} threads · jax {machine['jax']} · "
-             f"torch {machine['torch']} · fp32 matmul peak {machine['peak_gflops_torch']:.0f} GFLOP/s (torch), "
-             f"{machine['peak_gflops_jax']:.0f} (jax) · read bandwidth {machine['bandwidth_gbs']:.1f} GB/s",
-             "", "| item | JAX ms (min–max) | PyTorch ms (min–max) | speed-up | GFLOP/s | of limit | compile s |",
-             "|---|---|---|---|---|---|---|"]
+             f"torch {machine['torch']} · fp32 GEMM peak jax {pk['jax']:.0f} / torch {pk['torch']:.0f} GFLOP/s "
+             f"(after the items: {after['peak_gflops']['jax']:.0f} / {after['peak_gflops']['torch']:.0f}) · "
+             f"read bandwidth jax {bw['jax']:.1f} / torch {bw['torch']:.1f} GB/s "
+             f"(after: {after['bandwidth_gbs']['jax']:.1f} / {after['bandwidth_gbs']['torch']:.1f})", ""]
+    lines += [f"> warning: {w}" for w in machine.get("warnings", [])]
+    lines += ["", "| item | normalised speed-up | JAX: of own limit | PyTorch: of own limit | raw speed-up |",
+              "|---|---|---|---|---|"]
+    for r in results:
+        norm = "—" if r.get("normalised_ratio") is None else f"**{r['normalised_ratio']:.2f}×**"
+        norm += "".join(f" ({k.removeprefix('torch_')} {v:.2f}×)" for k, v in (r.get("alt_normalised") or {}).items())
+        unit = " bw" if r.get("limit") == "bandwidth" else ""
+        raw = "—" if r.get("ratio") is None else f"{r['ratio']:.2f}×"
+        lines.append(f"| `{r['name']}` | {norm} | {_pct(r.get('jax_fraction'))}{unit} | "
+                     f"{_pct(r.get('torch_fraction'))}{unit} | {raw} |")
+    lines += ["", "| item | JAX ms (min–max) | PyTorch ms (min–max) | GFLOP/s (JAX) | compile s |",
+              "|---|---|---|---|---|"]
     for r in results:
         jr = f"{r['jax_ms']:.1f} ({r['jax_range_ms'][0]:.1f}–{r['jax_range_ms'][1]:.1f})"
         tr = (f"{r['torch_ms']:.1f} ({r['torch_range_ms'][0]:.1f}–{r['torch_range_ms'][1]:.1f})"
               if r["torch_ms"] is not None else "—")
-        ratio = f"{r['ratio']:.2f}×" if r["ratio"] is not None else "—"
-        lim = f"{100 * r['limit_fraction']:.0f} % {'peak' if r['limit'] == 'compute' else 'bw floor'}"
-        lines.append(f"| `{r['name']}` | {jr} | {tr} | {ratio} | {r['gflops']:.0f} | {lim} | {r['compile_s']:.1f} |")
+        lines.append(f"| `{r['name']}` | {jr} | {tr} | {r['gflops']:.0f} | {r['compile_s']:.1f} |")
     notes = [f"- `{r['name']}`: {r['note']}" for r in results if r.get("note")]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def measure_limits() -> dict:
+    from bench import timing
+    return {"peak_gflops": timing.matmul_peak(), "bandwidth_gbs": timing.read_bandwidth()}
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one (platform.processor() is often just the arch)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,22 +108,26 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_default_matmul_precision", "highest" if args.suite == "cpu" else "default")
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
-    peak = timing.matmul_peak()
-    bw = timing.read_bandwidth()
-    # The machine limit is the faster framework's GEMM rate.
-    ctx = Context(peak_gflops=max(peak.values()), bandwidth_gbs=bw, repeats=args.repeats, budget_s=args.budget_s)
-    machine = {"cpu": platform.processor() or platform.machine(), "threads": threads, "jax": jax.__version__,
-               "torch": torch.__version__, "device": str(jax.devices()[0]), "peak_gflops_torch": peak["torch"],
-               "peak_gflops_jax": peak["jax"], "bandwidth_gbs": bw, "date": time.strftime("%Y-%m-%d")}
+    before = measure_limits()
+    # Items report JAX against JAX's own limits; normalise() adds PyTorch's against its own.
+    ctx = Context(peak_gflops=before["peak_gflops"]["jax"], bandwidth_gbs=before["bandwidth_gbs"]["jax"],
+                  repeats=args.repeats, budget_s=args.budget_s)
+    machine = {"cpu": cpu_name(), "threads": threads, "jax": jax.__version__,
+               "torch": torch.__version__, "device": str(jax.devices()[0]), "limits_before": before,
+               "date": time.strftime("%Y-%m-%d")}
     results = []
     names = args.only or list(ITEM_MODULES)
     for name in tqdm(names, desc="bench", unit="item"):
         fn = importlib.import_module(ITEM_MODULES[name]).ITEMS[name]
         with torch.inference_mode():
             res = fn(ctx)
-        results.append(dataclasses.asdict(res))
+        results.append(timing.normalise(dataclasses.asdict(res), before))
         tqdm.write(f"{name}: jax {res.jax_ms:.1f} ms, torch "
                    f"{res.torch_ms if res.torch_ms is None else round(res.torch_ms, 1)} ms")
+    machine["limits_after"] = measure_limits()
+    machine["warnings"] = timing.limits_check(before, machine["limits_after"])
+    for w in machine["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "items": results}, indent=2) + "\n")

@@ -59,15 +59,62 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
     return {k: flops / (s.median_ms * 1e-3) / 1e9 for k, s in stats.items()}
 
 
-def read_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
-    """Memory read GB/s: a jitted sum over an array much larger than the caches."""
+def read_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> dict[str, float]:
+    """Memory read GB/s of both frameworks: a sum over an fp32 array much larger than the caches."""
     import jax
     import jax.numpy as jnp
+    import torch
 
     x = jnp.ones((nbytes // 4,), jnp.float32)
     total = jax.jit(jnp.sum)
-    s = alternate({"sum": lambda: total(x).block_until_ready()}, repeats=repeats, warmup=2)["sum"]
-    return nbytes / (s.median_ms * 1e-3) / 1e9
+    t = torch.ones(nbytes // 4, dtype=torch.float32)
+    with torch.inference_mode():
+        stats = alternate({"jax": lambda: total(x).block_until_ready(), "torch": lambda: torch.sum(t)},
+                          repeats=repeats, warmup=2)
+    return {k: nbytes / (s.median_ms * 1e-3) / 1e9 for k, s in stats.items()}
+
+
+def limits_check(before: dict, after: dict, differ: float = 0.15, drift: float = 0.10) -> list[str]:
+    """Warnings when the two frameworks' limits disagree by more than ``differ`` (the host favours one,
+    so raw ratios measure the host) or either drifted by more than ``drift`` during the run (the
+    machine's load changed, so the items were timed on a moving machine). ``before``/``after``:
+    {"peak_gflops": {"jax", "torch"}, "bandwidth_gbs": {"jax", "torch"}}."""
+    out = []
+    for kind, unit in (("peak_gflops", "GFLOP/s"), ("bandwidth_gbs", "GB/s")):
+        b, a = before[kind], after[kind]
+        gap = abs(b["jax"] - b["torch"]) / max(b["jax"], b["torch"])
+        if gap > differ:
+            out.append(f"{kind}: jax {b['jax']:.0f} vs torch {b['torch']:.0f} {unit} differ by {100 * gap:.0f} % "
+                       f"(> {100 * differ:.0f} %): the raw ratios favour the faster one; read the normalised ratios")
+        for fw in ("jax", "torch"):
+            d = abs(a[fw] - b[fw]) / b[fw]
+            if d > drift:
+                out.append(f"{kind} ({fw}) drifted {b[fw]:.0f} -> {a[fw]:.0f} {unit} ({100 * d:.0f} % > "
+                           f"{100 * drift:.0f} %) during the run: the machine's load changed")
+    return out
+
+
+def normalise(row: dict, limits: dict) -> dict:
+    """Adds each framework's fraction of its own measured limit and their quotient, the *normalised* ratio
+    (= raw ratio × torch limit / JAX limit), which does not depend on which framework's GEMM (or memory
+    read) the host happens to favour. Compute-bound items use the fp32 GEMM peaks, memory-bound ones
+    (``limit == "bandwidth"``) the read bandwidths. Alternative PyTorch timings (``alt_torch_ms``) get
+    their own normalised ratio."""
+    kind = "bandwidth_gbs" if row.get("limit") == "bandwidth" else "peak_gflops"
+    lim = limits[kind]
+    scale = lim["torch"] / lim["jax"]
+    row = dict(row)
+
+    def fraction(ms, fw):
+        if row.get("limit") == "bandwidth":
+            return row["bytes_min"] / (lim[fw] * 1e9) / (ms * 1e-3) if row.get("bytes_min") else None
+        return row["flops"] / (ms * 1e-3) / 1e9 / lim[fw] if row.get("flops") else None
+
+    row["jax_fraction"] = fraction(row["jax_ms"], "jax")
+    row["torch_fraction"] = fraction(row["torch_ms"], "torch") if row.get("torch_ms") else None
+    row["normalised_ratio"] = row["ratio"] * scale if row.get("ratio") is not None else None
+    row["alt_normalised"] = {k: ms / row["jax_ms"] * scale for k, ms in (row.get("alt_torch_ms") or {}).items()}
+    return row
 
 
 def compiled_cost(jitted, *args, **kwargs) -> tuple[object, float, float]:
@@ -96,6 +143,8 @@ class Result:
     jax_range_ms: tuple[float, float] = (0.0, 0.0)
     torch_range_ms: tuple[float, float] | None = None
     note: str = ""
+    bytes_min: float | None = None     # memory-bound items: bytes a step must at least read
+    alt_torch_ms: dict | None = None   # other PyTorch variants of the same work, e.g. {"torch_fused": ms}
 
 
 def side_by_side(name: str, jitted, args: tuple, torch_fn: Callable[[], object] | None, *, peak_gflops: float,
@@ -120,4 +169,4 @@ def side_by_side(name: str, jitted, args: tuple, torch_fn: Callable[[], object] 
     return Result(name=name, jax_ms=j.median_ms, torch_ms=t.median_ms if t else None,
                   ratio=(t.median_ms / j.median_ms) if t else None, gflops=gflops, limit_fraction=frac,
                   compile_s=compile_s, flops=flops, limit=limit, jax_range_ms=(j.min_ms, j.max_ms),
-                  torch_range_ms=(t.min_ms, t.max_ms) if t else None, note=note)
+                  torch_range_ms=(t.min_ms, t.max_ms) if t else None, note=note, bytes_min=bytes_min)

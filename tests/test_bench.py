@@ -29,10 +29,39 @@ def test_side_by_side_and_table():
     row = dataclasses.asdict(res)
     assert {"name", "jax_ms", "torch_ms", "ratio", "gflops", "limit_fraction", "compile_s"} <= set(row)
     assert row["ratio"] == row["torch_ms"] / row["jax_ms"]
-    machine = {"cpu": "x", "threads": 2, "jax": "j", "torch": "t", "peak_gflops_torch": 1.0, "peak_gflops_jax": 2.0,
-               "bandwidth_gbs": 3.0}
-    table = markdown([json.loads(json.dumps(row))], machine)
-    assert "| `toy` |" in table
+    limits = {"peak_gflops": {"jax": 200.0, "torch": 100.0}, "bandwidth_gbs": {"jax": 30.0, "torch": 30.0}}
+    machine = {"cpu": "x", "threads": 2, "jax": "j", "torch": "t", "limits_before": limits,
+               "warnings": timing.limits_check(limits, limits)}
+    table = markdown([timing.normalise(json.loads(json.dumps(row)), limits)], machine)
+    assert table.count("| `toy` |") == 2 and "warning: peak_gflops" in table
+
+
+def _row(**kw):
+    return {"name": "x", "jax_ms": 100.0, "torch_ms": 300.0, "ratio": 3.0, "flops": 10e9, "limit": "compute", **kw}
+
+
+def test_normalised_ratio_divides_out_the_hosts_gemm_preference():
+    # JAX's GEMM runs at twice PyTorch's on this host: a raw 3x is a normalised 1.5x
+    limits = {"peak_gflops": {"jax": 200.0, "torch": 100.0}, "bandwidth_gbs": {"jax": 40.0, "torch": 20.0}}
+    r = timing.normalise(_row(alt_torch_ms={"torch_fused": 150.0}), limits)
+    assert r["jax_fraction"] == 10e9 / 0.1 / 1e9 / 200.0          # 0.5 of its own peak
+    assert r["torch_fraction"] == 10e9 / 0.3 / 1e9 / 100.0        # 1/3 of its own
+    assert abs(r["normalised_ratio"] - r["jax_fraction"] / r["torch_fraction"]) < 1e-12
+    assert abs(r["normalised_ratio"] - 1.5) < 1e-12
+    assert abs(r["alt_normalised"]["torch_fused"] - 0.75) < 1e-12
+    # memory-bound items normalise by the read bandwidths instead
+    b = timing.normalise(_row(limit="bandwidth", bytes_min=1e9, flops=0.0), limits)
+    assert abs(b["normalised_ratio"] - 1.5) < 1e-12 and abs(b["jax_fraction"] - 0.25) < 1e-12
+
+
+def test_limits_check_warns_on_gap_and_drift():
+    same = {"peak_gflops": {"jax": 200.0, "torch": 190.0}, "bandwidth_gbs": {"jax": 40.0, "torch": 41.0}}
+    assert timing.limits_check(same, same) == []
+    slower = {"peak_gflops": {"jax": 170.0, "torch": 190.0}, "bandwidth_gbs": {"jax": 40.0, "torch": 41.0}}
+    (w,) = timing.limits_check(same, slower)
+    assert "jax" in w and "drifted" in w
+    apart = {"peak_gflops": {"jax": 400.0, "torch": 200.0}, "bandwidth_gbs": {"jax": 40.0, "torch": 41.0}}
+    assert any("differ by 50 %" in w for w in timing.limits_check(apart, apart))
 
 
 def test_every_item_is_defined():
