@@ -18,7 +18,27 @@ import sys
 import time
 from pathlib import Path
 
-THRESHOLDS = {"mIoU": 50.0, "SS": 70.0}       # on the mean over tasks, in percent (issue: "visibly learns")
+# On the mean over tasks, in percent ("visibly learns"). Across hosts the demo's means moved by about 2 points
+# (mIoU 59.1-61.2, SS 91.3-93.2 on three hosts); the bar sits ~9 points (mIoU) and ~21 points (SS) below the
+# lowest of them, so a host change does not flip it while a model that learned nothing still fails it.
+THRESHOLDS = {"mIoU": 50.0, "SS": 70.0}
+
+
+def host_record() -> dict:
+    """What a run's numbers depend on besides the code: results repeat bit for bit on one host, not across."""
+    import os
+    import platform
+
+    import jax
+    import jaxlib
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     met = {k: (mean.get(k) is not None and mean[k] >= v) for k, v in THRESHOLDS.items()}
     timings["total_s"] = time.perf_counter() - t_start
     result = {"timings": timings, "steps": summary["step"], "mean": mean, "thresholds": THRESHOLDS, "met": met,
-              "num_heldout_samples": report["num_samples"]}
+              "num_heldout_samples": report["num_samples"], "host": host_record()}
     write_atomic(workdir / "demo_summary.json", json.dumps(result, indent=2) + "\n")
     print(f"\ndemo: {summary['step']} steps, data {timings['data_s']:.0f} s, training {timings['train_s']:.0f} s, "
           f"evaluation {timings['evaluate_s']:.0f} s, total {timings['total_s'] / 60:.1f} min")
