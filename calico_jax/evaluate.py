@@ -4,11 +4,13 @@
     python -m calico_jax.evaluate --predictions PRED.json --pairs PAIRS.json --out report.json   # no model
 
 Runs batched, jit-compiled inference (:class:`calico_jax.infer.Predictor`) over the pairs file's samples (their
-own prompts), then AP50 / mIoU / Recall / SS / S-IoU per task and their unweighted mean
-(:mod:`calico_jax.eval.metrics`; the protocol choices are switches below, defaults documented there). Writes
-``report.json`` (metrics in percent) and prints the table; ``--save_predictions`` keeps the predictions (masks as
-COCO RLE at the original size) so they can be re-scored with other switches via ``--predictions``;
-``--overlays DIR`` draws the first ``--num_overlays`` samples of each task.
+own prompts; any number of images per sample), then AP50 / mIoU / Recall / SS / S-IoU per task and their
+unweighted mean (:mod:`calico_jax.eval.metrics`). ``--protocol calico|glamm|osprey`` picks a preset of the metric
+switches (documented there); each switch flag given on top overrides it. Writes ``report.json`` (metrics in
+percent, the protocol, the switches that differ from it and every switch) and prints the table;
+``--save_predictions`` keeps the predictions (masks as COCO RLE at the original size) so they can be re-scored
+with other switches via ``--predictions``; ``--overlays DIR`` draws the first ``--num_overlays`` samples of
+each task.
 
 Predictions file: ``{"format": "calico_jax.predictions", "version": 1, "pairs": path, "samples": [{"id", "task",
 "answer", "masks": [{"label", "image", "score", "rle"}]}]}`` (``image`` = 0-based position in the sample).
@@ -125,7 +127,7 @@ def _bool(text: str) -> bool:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from calico_jax.eval.metrics import MetricConfig
+    from calico_jax.eval.metrics import PROTOCOLS, MetricConfig
 
     ap = argparse.ArgumentParser(prog="python -m calico_jax.evaluate", description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
@@ -141,10 +143,25 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--overlays", default=None, help="directory for prediction|ground-truth overlays")
     ap.add_argument("--num_overlays", type=int, default=4, help="samples drawn per task")
     ap.add_argument("--no_progress", dest="progress", action="store_false")
+    ap.add_argument("--protocol", choices=tuple(PROTOCOLS), default="calico",
+                    help="metric preset: calico (ours), glamm (GLaMM's GCG AP50/mIoU/Recall), osprey (Osprey's "
+                         "SS/S-IoU); the switches below override it")
     for f in dataclasses.fields(MetricConfig):
+        if f.name == "protocol":
+            continue
         kind = _bool if isinstance(f.default, bool) else type(f.default)
-        ap.add_argument(f"--{f.name}", type=kind, default=f.default, help=f"metric switch (default {f.default})")
+        ap.add_argument(f"--{f.name}", type=kind, default=None,
+                        help=f"metric switch (default: the preset's; calico {f.default})")
     return ap
+
+
+def metric_config(args):
+    """``--protocol``'s preset with the switches given on the command line on top."""
+    from calico_jax.eval.metrics import MetricConfig
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(MetricConfig)
+             if f.name != "protocol" and getattr(args, f.name) is not None}
+    return MetricConfig.preset(args.protocol, **given)
 
 
 def _load_predictions(args, pairs, samples) -> dict:
@@ -173,12 +190,12 @@ def _load_predictions(args, pairs, samples) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from calico_jax.data.pairs_io import read_pairs
-    from calico_jax.eval.metrics import MetricConfig, evaluate
+    from calico_jax.eval.metrics import evaluate
     from calico_jax.eval.report import format_table, write_report
     from calico_jax.eval.sentence import SentenceEncoder, SentenceModelError
 
     try:
-        metric_cfg = MetricConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(MetricConfig)})
+        metric_cfg = metric_config(args)
         pairs = read_pairs(args.pairs, images_root=args.images)
         samples = pairs.samples[:args.limit] if args.limit > 0 else pairs.samples
         if not samples:

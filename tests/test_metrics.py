@@ -100,7 +100,7 @@ def test_word_iou_and_semantic_iou():
     preds = [mk(0, "dog", 0, 9), mk(0, "seat", 15, 20)]
     assert semantic_iou([sample(gt, preds)]) == 0.5                        # best label of the image
     assert semantic_iou([sample(gt, preds)], MetricConfig(label_pairing="mask_match")) == 0.0  # matched: "dog"
-    assert semantic_iou([sample(gt, preds)], MetricConfig(normalize_labels=False)) == 0.0
+    assert semantic_iou([sample(gt, preds)], MetricConfig(label_cleaning="none")) == 0.0
 
 
 def test_semantic_similarity_pairing_and_empty():

@@ -11,14 +11,18 @@ which calls into this module.
 * **Matching** of predicted to GT masks, always within one image (:func:`match`): ``greedy`` (GLaMM's GCG
   evaluation: repeat the row-major first argmax IoU, remove its row and column, stop when the best IoU is 0)
   or ``hungarian`` (maximum total IoU; pairs with IoU 0 are dropped).
-* **AP50**: COCO ``segm`` AP at IoU 0.5, one category, scores = ``Mask.score``, maxDets 100, area "all", one
+* **AP50**: COCO ``segm`` AP at IoU 0.5, one category, scores = ``Mask.score`` (or 1.0 for every prediction,
+  ``constant_score``: GLaMM's GCG evaluation, where the ranking is then the file order -- images in order, masks
+  in order within an image, as COCOeval's stable sorts keep it), maxDets 100, area "all", one
   COCO image per (sample, image). Predictions on an image without ground truth are false positives.
   Undefined (NaN) when there is no ground truth at all. Two backends give the same number: a numpy
   re-implementation of COCOeval's matching and accumulation (default, fast) and pycocotools' ``COCOeval``.
 * **mIoU** (:func:`image_miou`): per unit, the mean IoU of the matched pairs (``matched``, GLaMM: extra or
   missed masks do not lower it) or matched IoUs summed over the GT masks (``gt``: a missed GT counts 0). A
   unit is an image (``scope="image"``, GLaMM) or a sample (``scope="sample"``, pairs pooled over its images);
-  the metric is the mean over units. Units without GT are skipped; a unit with GT but no predictions scores 0.
+  the metric is the mean over units. A unit with GT but no predictions scores 0; units without GT are skipped
+  (``empty="skip"``), or score 0 (``empty="zero"``: GLaMM's ``compute_miou`` returns 0.0 when nothing pairs, and
+  its mean runs over every image).
 """
 from __future__ import annotations
 
@@ -157,8 +161,9 @@ def match(ious: np.ndarray, method: str = "greedy") -> list[tuple[int, int, floa
     raise ValueError(f"matching method {method!r}; expected 'greedy' or 'hungarian'")
 
 
-def units(images: list[ImageMasks], scope: str) -> list[list[ImageMasks]]:
-    """Images grouped into averaging units (one per image or per sample) that have ground truth."""
+def units(images: list[ImageMasks], scope: str, keep_empty: bool = False) -> list[list[ImageMasks]]:
+    """Images grouped into averaging units (one per image or per sample) that have ground truth
+    (every unit with ``keep_empty``)."""
     if scope == "image":
         groups = [[im] for im in images]
     else:
@@ -166,7 +171,7 @@ def units(images: list[ImageMasks], scope: str) -> list[list[ImageMasks]]:
         for im in images:
             by_sample[im.sample].append(im)
         groups = list(by_sample.values())
-    return [g for g in groups if any(im.gt for im in g)]
+    return [g for g in groups if keep_empty or any(im.gt for im in g)]
 
 
 def mean_or_nan(values: list[float]) -> float:
@@ -175,24 +180,32 @@ def mean_or_nan(values: list[float]) -> float:
 
 # ------------------------------------------------------------------------------- mask metrics
 def image_miou(images: list[ImageMasks], matching: str = "greedy", scope: str = "image",
-               average: str = "matched") -> float:
-    """mIoU over prepared images (fraction; NaN without any ground truth); see the module docstring."""
+               average: str = "matched", empty: str = "skip") -> float:
+    """mIoU over prepared images (fraction; NaN without any unit); see the module docstring."""
+    if empty not in ("skip", "zero"):
+        raise ValueError(f"mIoU empty-unit rule {empty!r}; expected 'skip' or 'zero'")
     unit_scores = []
-    for unit in units(images, scope):
+    for unit in units(images, scope, keep_empty=empty == "zero"):
         ious = [iou for im in unit for _, _, iou in match(im.ious, matching)]
+        n_gt = sum(len(im.gt) for im in unit)
         if average == "matched":
             unit_scores.append(float(np.mean(ious)) if ious else 0.0)
         else:
-            unit_scores.append(float(np.sum(ious)) / sum(len(im.gt) for im in unit))
+            unit_scores.append(float(np.sum(ious)) / n_gt if n_gt else 0.0)
     return mean_or_nan(unit_scores)
 
 
-def _ap50_numpy(images: list[ImageMasks], max_dets: int, iou_thr: float = 0.5) -> float:
+def _scores(im: ImageMasks, constant: bool) -> list[float]:
+    return [1.0] * len(im.pred) if constant else [p.score for p in im.pred]
+
+
+def _ap50_numpy(images: list[ImageMasks], max_dets: int, constant: bool, iou_thr: float = 0.5) -> float:
     """COCOeval's segm AP at one IoU threshold, one category, area "all" (same ops, same ties)."""
     scores, matched, num_gt = [], [], 0
     for im in images:  # image-id order, as COCOeval concatenates its per-image results
         num_gt += len(im.gt)
-        order = np.argsort([-p.score for p in im.pred], kind="mergesort")[:max_dets]
+        im_scores = _scores(im, constant)
+        order = np.argsort([-sc for sc in im_scores], kind="mergesort")[:max_dets]
         taken = np.zeros(len(im.gt), bool)
         for d in order:
             best, m = min(iou_thr, 1 - 1e-10), -1
@@ -203,7 +216,7 @@ def _ap50_numpy(images: list[ImageMasks], max_dets: int, iou_thr: float = 0.5) -
             if m >= 0:
                 taken[m] = True
             matched.append(m >= 0)
-            scores.append(im.pred[d].score)
+            scores.append(im_scores[d])
     if num_gt == 0:
         return float("nan")
     if not scores:
@@ -220,7 +233,7 @@ def _ap50_numpy(images: list[ImageMasks], max_dets: int, iou_thr: float = 0.5) -
     return float(np.mean(q))
 
 
-def _ap50_pycocotools(images: list[ImageMasks], max_dets: int) -> float:
+def _ap50_pycocotools(images: list[ImageMasks], max_dets: int, constant: bool) -> float:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -232,8 +245,8 @@ def _ap50_pycocotools(images: list[ImageMasks], max_dets: int) -> float:
             gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": img_id, "category_id": 1,
                                       "segmentation": rle, "area": float(mask_utils.area(rle)),
                                       "bbox": mask_utils.toBbox(rle).tolist(), "iscrowd": 0})
-        dets += [{"image_id": img_id, "category_id": 1, "segmentation": rle, "score": p.score}
-                 for p, rle in zip(im.pred, im.pred_rle, strict=True)]
+        dets += [{"image_id": img_id, "category_id": 1, "segmentation": rle, "score": sc}
+                 for sc, rle in zip(_scores(im, constant), im.pred_rle, strict=True)]
     if not gt["annotations"]:
         return float("nan")
     if not dets:  # COCO.loadRes cannot take an empty list
@@ -250,17 +263,20 @@ def _ap50_pycocotools(images: list[ImageMasks], max_dets: int) -> float:
     return float(ev.stats[1])
 
 
-def ap50(results: Sequence[SampleResult], backend: str = "numpy", max_dets: int = 100) -> float:
+def ap50(results: Sequence[SampleResult], backend: str = "numpy", max_dets: int = 100,
+         constant_score: bool = False) -> float:
     """COCO segm AP@0.5 over every image of ``results`` (fraction; NaN without any ground truth)."""
-    return image_ap50(prepare(results), backend, max_dets)
+    return image_ap50(prepare(results), backend, max_dets, constant_score)
 
 
-def image_ap50(images: list[ImageMasks], backend: str = "numpy", max_dets: int = 100) -> float:
-    """AP50 over prepared images (fraction; NaN without any ground truth)."""
+def image_ap50(images: list[ImageMasks], backend: str = "numpy", max_dets: int = 100,
+               constant_score: bool = False) -> float:
+    """AP50 over prepared images (fraction; NaN without any ground truth); ``constant_score``: every
+    prediction scores 1.0 (GLaMM)."""
     if backend == "numpy":
-        return _ap50_numpy(images, max_dets)
+        return _ap50_numpy(images, max_dets, constant_score)
     if backend == "pycocotools":
-        return _ap50_pycocotools(images, max_dets)
+        return _ap50_pycocotools(images, max_dets, constant_score)
     raise ValueError(f"AP backend {backend!r}; expected 'numpy' or 'pycocotools'")
 
 

