@@ -1,5 +1,6 @@
 """``python -m convert FAMILY --src SRC --out OUT [--verify] [--dtype ...] [--config ARCH] [--base DIR] [--overwrite]``
-and ``python -m convert calico-assemble --blip2 A --dinov2 B --llm C --out OUT`` (convert/assemble.py).
+``python -m convert calico-assemble --blip2 A --dinov2 B --llm C --out OUT`` (convert/assemble.py) and
+``python -m convert inspect SRC [--family F]`` (convert/inspect.py).
 
 User errors (missing/unexpected keys, shape mismatches, truncated or corrupt files, an existing OUT)
 print one message on stderr and exit 2; a failed ``--verify`` exits 1. Either way nothing is left at OUT.
@@ -23,7 +24,8 @@ class VerifyFailed(Exception):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     epilog = "families:\n" + "\n".join(f"  {name:<12} {families.get(name).help}" for name in sorted(families.FAMILIES))
     epilog += ("\n\nsubcommand:\n  calico-assemble  one CALICO checkpoint from converted parts "
-               "(python -m convert calico-assemble --help)")
+               "(python -m convert calico-assemble --help)\n  inspect          the key tree of a checkpoint and "
+               "the family rules it matches (python -m convert inspect --help)")
     p = argparse.ArgumentParser(prog="python -m convert", epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Convert a PyTorch checkpoint into a calico_jax checkpoint "
@@ -36,6 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default=None,
                    help="architecture: a JSON file of the original constructor arguments, or a preset name")
     p.add_argument("--base", default=None, help="converted base model directory (families that need one: peft-lora)")
+    p.add_argument("--parts", nargs="+", default=None, metavar="DIR",
+                   help="converted part directories for towers the checkpoint omits (families that take them: calico)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--tol", type=float, default=None, help="--verify tolerance on max_rel_err (default 1e-5)")
     return p.parse_args(argv)
@@ -59,7 +63,10 @@ def run(args: argparse.Namespace) -> int:
     ckpt = open_checkpoint(args.src)
     if args.base is not None and "base" not in inspect.signature(family.plan).parameters:
         raise CheckpointError(f"--base is not used by {args.family}")
-    plan = family.plan(ckpt, args.config, **({"base": args.base} if args.base is not None else {}))
+    if args.parts is not None and "parts" not in inspect.signature(family.plan).parameters:
+        raise CheckpointError(f"--parts is not used by {args.family}")
+    extra = {name: value for name, value in (("base", args.base), ("parts", args.parts)) if value is not None}
+    plan = family.plan(ckpt, args.config, **extra)
     params = build_params(ckpt, plan, np.float32)
     n = sum(x.size for x in jax.tree.leaves(params))
     print(f"{args.family}: {len(plan.tensors)} tensors -> {plan.model} ({n:,} parameters) in {time.time() - t0:.1f}s")
@@ -88,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["calico-assemble"]:  # a subcommand with its own arguments (convert/assemble.py)
         from convert.assemble import main as assemble_main
         return assemble_main(argv[1:])
+    if argv[:1] == ["inspect"]:          # key tree of any checkpoint, no tensor read (convert/inspect.py)
+        from convert.inspect import main as inspect_main
+        return inspect_main(argv[1:])
     args = parse_args(argv)
     from calico_jax.config import ConfigError
     from convert.io import CheckpointError

@@ -18,6 +18,7 @@ from calico_jax.models.blip2 import Blip2VisionConfig
 from calico_jax.models.cam import CamConfig
 from calico_jax.models.cem import CemConfig
 from calico_jax.models.clip import ClipVisionConfig
+from calico_jax.models.dinov2 import PRESETS as DINOV2_PRESETS
 from calico_jax.models.dinov2 import Dinov2Config
 from calico_jax.models.eva_vit import EvaVitConfig
 from calico_jax.models.llama import LlamaConfig
@@ -42,14 +43,15 @@ PAPER_TRAINABLE = (r"llm/.*/lora_(a|b)", r"cem/.*", r"cam_.*", r"sam/mask_decode
 
 @dataclasses.dataclass(frozen=True)
 class CalicoConfig(Config):
-    """Defaults: InstructBLIP-Vicuna-7B vision, DINOv2 ViT-g/14, Vicuna-7B (GLaMM vocabulary 32007,
+    """Defaults: InstructBLIP-Vicuna-7B vision, DINOv2 ViT-B/14 with 4 registers (the first author's
+    ``dinov2_vitb14_reg``), Vicuna-7B (GLaMM vocabulary 32007,
     LoRA r=8 α=16 on q/v), SAM ViT-H, CAMs at {11, 22}. ``image_path="clip_mlp"``: the GLaMM/LLaVA image
     path instead (``clip`` patch tokens -> ``mm_projector`` Linear-GELU-Linear; no Q-Former, no CAMs).
     ``image_path="linear"``: the paper's "Q-Former replaced by a linear projection" ablation (all EVA
     tokens X_global -> ``linear_projection``; no CAMs, which re-query the Q-Former)."""
 
     vision: Blip2VisionConfig = Blip2VisionConfig()
-    dinov2: Dinov2Config = Dinov2Config()
+    dinov2: Dinov2Config = Dinov2Config.from_original(**DINOV2_PRESETS["dinov2_vitb14_reg"])
     llm: LlamaConfig = LlamaConfig(vocab_size=32007, lora=LoraConfig())
     sam: SamConfig = SamConfig()
     cem: CemConfig = CemConfig()
@@ -62,6 +64,7 @@ class CalicoConfig(Config):
     image_path: str = "qformer"                           # "qformer" (S_I = 32) | "clip_mlp" (GLaMM) | "linear"
     clip: ClipVisionConfig = ClipVisionConfig()           # used by image_path="clip_mlp" only
     vocab_from_tokenizer: bool = False                    # training: llm.vocab_size := len(tokenizer) (from scratch)
+    qformer_text_input: bool = False                      # InstructBLIP: the Q-Former of Eq. 2 also reads the prompt
 
     def __post_init__(self):
         for tower, policy in self.remat_policies().items():
@@ -86,6 +89,9 @@ class CalicoConfig(Config):
         if self.preprocess.sam_size != self.sam.image_encoder.img_size:
             raise ConfigError(f"CalicoConfig: preprocess.sam_size {self.preprocess.sam_size} != "
                               f"sam.image_encoder.img_size {self.sam.image_encoder.img_size}")
+        if self.qformer_text_input and (self.image_path != "qformer" or not self.vision.qformer.text_embeddings):
+            raise ConfigError("CalicoConfig: qformer_text_input needs image_path 'qformer' and a Q-Former with "
+                              "instruction embeddings (vision.qformer.text_embeddings, the InstructBLIP layout)")
         if self.cem.enabled and self.cem.use_dinov2 and not self.preprocess.dinov2_size:
             raise ConfigError("CalicoConfig: the CEM reads DINOv2 features but preprocess.dinov2_size is 0")
         if self.cem.enabled and self.vision.vision.hidden_size % self.cem.num_heads:
