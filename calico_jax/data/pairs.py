@@ -325,17 +325,25 @@ def _parse_spec(spec: str) -> tuple[str, dict]:
     for o in opts:
         k, sep, v = o.partition("=")
         if not sep or k not in ("convention", "whole", "part_maps", "part_names", "images"):
-            raise SystemExit(f"--coco {spec!r}: bad option {o!r} (convention|whole|part_maps|part_names|images=...)")
+            raise DataError(f"--coco {spec!r}: bad option {o!r} (convention|whole|part_maps|part_names|images=...)")
         kw[k] = v
     return path, kw
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m calico_jax.data.pairs", description=__doc__.split("\n")[0])
-    ap.add_argument("--coco", action="append", required=True,
-                    help="COCO part file, optionally PATH,convention=paco,whole=W.json,part_maps=DIR,images=DIR")
-    ap.add_argument("--images", action="append", required=True,
-                    help="image directory (once for all files, or once per --coco in order)")
+    ap.add_argument("--coco", action="append", default=[],
+                    help="COCO part file, optionally PATH,convention=paco,whole=W.json,part_maps=DIR,images=DIR; "
+                         "with --from-mixed-parts: SOURCE=FILE (repeatable per source)")
+    ap.add_argument("--images", action="append", default=[],
+                    help="image directory (once for all files, or once per --coco in order); with "
+                         "--from-mixed-parts: SOURCE=DIR or one DIR")
+    ap.add_argument("--from-mixed-parts", dest="from_mixed_parts", default=None, metavar="FILE",
+                    help="convert the MixedParts authors' records (calico_jax/data/mixed_parts.py) instead")
+    ap.add_argument("--task", choices=TASKS, default=None, help="--from-mixed-parts: task of every record "
+                                                                 "(default: inferred from the question)")
+    ap.add_argument("--prompt", choices=("ours", "author"), default="ours",
+                    help="--from-mixed-parts: our prompt prefix or the author loader's first turn")
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--per_task", type=int, default=None)
@@ -345,28 +353,41 @@ def main(argv=None) -> int:
     ap.add_argument("--check_images", choices=("none", "exists", "decode"), default="decode")
     ap.add_argument("--strict", action="store_true")
     a = ap.parse_args(argv)
-    if len(a.images) not in (1, len(a.coco)):
+    if not a.coco or not a.images:
+        ap.error("--coco and --images are required")
+    if not a.from_mixed_parts and len(a.images) not in (1, len(a.coco)):
         ap.error("give --images once, or once per --coco")
     report = Report(a.strict)
-    table = tuple(tuple(g) for g in json.loads(Path(a.pair_table).read_text())) if a.pair_table else ()
-    cfg = PairConfig(num_images=a.num_images, per_task=a.per_task, pair_table=table,
-                     auto_pairs=not a.no_auto_pairs, check_images=a.check_images)
     try:
-        datasets = []
-        for i, spec in enumerate(a.coco):
-            path, kw = _parse_spec(spec)
-            root = kw.pop("images", a.images[i if len(a.images) > 1 else 0])
-            datasets.append((load_part_dataset(path, kw.pop("convention", "auto"), report=report, **kw), root))
-        data = PairBuilder(datasets, cfg, a.seed, report).build()
-    except DataError as e:
+        if a.from_mixed_parts:
+            from calico_jax.data.mixed_parts import from_args
+            data = from_args(a, report)
+        else:
+            data = _build(a, report)
+        write_pairs(data, a.out)
+    except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    write_pairs(data, a.out)
     for task, n in data["counts"].items():
         print(f"{task}: {n} samples")
     print(f"images: {len(data['images'])}, masks: {len(data['masks'])}")
     print(report.summary())
     return 0
+
+
+def _build(a, report: Report) -> dict:
+    try:
+        table = tuple(tuple(g) for g in json.loads(Path(a.pair_table).read_text())) if a.pair_table else ()
+    except (OSError, ValueError, TypeError) as e:
+        raise DataError(f"--pair_table {a.pair_table}: {e}") from None
+    cfg = PairConfig(num_images=a.num_images, per_task=a.per_task, pair_table=table,
+                     auto_pairs=not a.no_auto_pairs, check_images=a.check_images)
+    datasets = []
+    for i, spec in enumerate(a.coco):
+        path, kw = _parse_spec(spec)
+        root = kw.pop("images", a.images[i if len(a.images) > 1 else 0])
+        datasets.append((load_part_dataset(path, kw.pop("convention", "auto"), report=report, **kw), root))
+    return PairBuilder(datasets, cfg, a.seed, report).build()
 
 
 __all__ = ["TASKS", "PREFIX", "QUESTIONS", "PairConfig", "PairBuilder", "main",

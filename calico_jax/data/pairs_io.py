@@ -13,8 +13,10 @@ JSON schema (``format: "calico_jax.pairs"``, ``version: 1``)::
 
 ``segs`` is in ``[SEG]`` order; ``image`` in a seg is the 0-based position in the sample (``(IMAGE{k+1})``
 in the text); masks are COCO RLE at the original image size, shared between samples. An image path
-is ``sources[images[i].source].images_root / images[i].file``. The released
-``mixed_parts_{train,val,test}.json`` schema is UNKNOWN: :func:`read_pairs` is where to adapt it.
+is ``sources[images[i].source].images_root / images[i].file``. The MixedParts authors' own records
+(``mixed_parts_{train,val,test}.json``, the first author's loader format) are converted into this schema by
+:mod:`calico_jax.data.mixed_parts` (``python -m calico_jax.data.pairs --from-mixed-parts``); its samples also
+carry ``original`` (the record's ``dataset_name``, ``img_ids``, ``q``, ``a``) and ``template: null``.
 """
 from __future__ import annotations
 
@@ -96,7 +98,8 @@ def read_pairs(path, validate: bool = True, images_root: str | dict[int, str] | 
         raise DataError(f"cannot read pairs file {path}: {e}") from e
     if data.get("format") != "calico_jax.pairs" or data.get("version") != 1:
         raise DataError(f"{path}: not a calico_jax.pairs v1 file (format={data.get('format')!r}, "
-                        f"version={data.get('version')!r}); adapt read_pairs for other schemas")
+                        f"version={data.get('version')!r}); MixedParts records: python -m calico_jax.data.pairs "
+                        "--from-mixed-parts")
     if validate:
         for s in data["samples"]:
             validate_sample(s, len(data["images"]), len(data["masks"]), data["masks"])
