@@ -98,8 +98,8 @@ def read_pairs(path, validate: bool = True, images_root: str | dict[int, str] | 
         raise DataError(f"cannot read pairs file {path}: {e}") from e
     if data.get("format") != "calico_jax.pairs" or data.get("version") != 1:
         raise DataError(f"{path}: not a calico_jax.pairs v1 file (format={data.get('format')!r}, "
-                        f"version={data.get('version')!r}); MixedParts records: python -m calico_jax.data.pairs "
-                        "--from-mixed-parts")
+                        f"version={data.get('version')!r}); adapt read_pairs for other schemas (MixedParts "
+                        "records: python -m calico_jax.data.pairs --from-mixed-parts)")
     if validate:
         for s in data["samples"]:
             validate_sample(s, len(data["images"]), len(data["masks"]), data["masks"])
