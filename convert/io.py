@@ -25,6 +25,7 @@ SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
+_DTYPE_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
 SAFETENSORS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
 
@@ -70,6 +71,9 @@ class _SafetensorsFile:
     def shape(self, key: str) -> tuple[int, ...]:
         return self.entries[key][1]
 
+    def dtype(self, key: str) -> str:
+        return _DTYPE_NAMES[np.dtype(self.entries[key][0])]
+
     def get(self, key: str) -> np.ndarray:
         dtype, shape, begin, end = self.entries[key]
         if self._mm is None:
@@ -110,6 +114,9 @@ class _TorchFile:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.entries[key].shape)
 
+    def dtype(self, key: str) -> str:
+        return str(self.entries[key].dtype).removeprefix("torch.")
+
     def get(self, key: str) -> np.ndarray:
         import torch
         t = self.entries[key]
@@ -148,6 +155,14 @@ class Checkpoint:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self._where[key].shape(key)
+
+    def dtype(self, key: str) -> str:
+        """The stored dtype's name (safetensors ``F32``/``BF16``/...; ``float32``/``bfloat16`` for pickles)."""
+        return self._where[key].dtype(key)
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted({f.path for f in self._where.values()})
 
     def get(self, key: str) -> np.ndarray:
         """The tensor as a numpy array (bf16 stays bf16 via ml_dtypes for safetensors)."""
