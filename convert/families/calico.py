@@ -227,6 +227,10 @@ def plan(ckpt: Checkpoint, config_arg: str | None, parts: list[str] | None = Non
     if not has_lora and config.llm.lora is not None:
         config = config.replace(llm=config.llm.replace(lora=None))
         notes.append("no LoRA factors in the checkpoint (merged into the LLaMA weights): llm.lora = none")
+    problems = calico_checks.module_problems(ckpt, keys, config)   # from shapes alone, before any matching
+    if problems:
+        raise CheckpointError(f"{ckpt.path}: {len(problems)} module(s) do not match the CALICO config:\n    "
+                              + "\n    ".join(problems))
     sam_prefix = sam._find_prefix(list(keys), ckpt.path)
     compiled = [(re.compile(p), t) for p, t in rules(arg, config, sam_prefix)]
     matched, unmatched, skipped = _match(keys, compiled, config.cam.layers, ckpt.path)
@@ -246,10 +250,9 @@ def plan(ckpt: Checkpoint, config_arg: str | None, parts: list[str] | None = Non
     config, filled, part_notes = calico_checks.fill_from_parts(config, tensors, parts or [])
     tensors.update(filled)
     notes += part_notes
-    problems = calico_checks.module_problems(ckpt, keys, config, tensors, bool(parts))
-    if problems:
-        raise CheckpointError(f"{ckpt.path}: {len(problems)} module(s) do not match the CALICO config:\n    "
-                              + "\n    ".join(problems))
+    missing = calico_checks.missing_towers(config, tensors, bool(parts))
+    if missing:
+        raise CheckpointError(f"{ckpt.path}: {len(missing)} tower(s) missing:\n    " + "\n    ".join(missing))
     notes += split_qkv_bias(tensors, ckpt)
     notes.append(f"SAM under {sam_prefix!r}; CAM layers {list(config.cam.layers)}; vocab {config.llm.vocab_size}")
     return Plan("calico", config, tensors, [], skipped, notes)

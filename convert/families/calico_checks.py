@@ -3,8 +3,8 @@
 * :func:`module_problems`: each author module against the CALICO config, from the tensor shapes alone (no tensor
   is read): ``extraction_layer`` an ``nn.MultiheadAttention(D_C, kdim=vdim=D_S)``; ``adaptive_layers`` /
   ``reintegration_layers`` a ``ModuleList`` of one ``nn.Linear`` per CAM layer; ``query_tokens``, ``mm_projector``,
-  the Q-Former, EVA and DINOv2 depths and widths; towers the checkpoint lacks without a ``--parts`` for them.
-  Every problem is returned, so the user sees them in one message.
+  the Q-Former, EVA and DINOv2 depths and widths. Every problem is returned, so the user sees them in one
+  message; :func:`missing_towers` names the towers neither the checkpoint nor ``--parts`` provides.
 * :func:`fill_from_parts`: tensors the checkpoint lacks, taken from converted part directories (``--parts``).
 * :func:`dinov2_preset`: the torch-hub DINOv2 preset the ``model.dino_model`` shapes match.
 """
@@ -100,8 +100,7 @@ def _mha(keys, shape, config) -> list[str]:
     return out
 
 
-def module_problems(ckpt: Checkpoint, keys: dict[str, str], config, tensors: dict[str, Tensor],
-                    has_parts: bool) -> list[str]:
+def module_problems(ckpt: Checkpoint, keys: dict[str, str], config) -> list[str]:
     """Every mismatch between the author modules and the config (see the module docstring)."""
     def shape(k: str) -> tuple[int, ...]:
         return tuple(ckpt.shape(keys[k]))
@@ -135,6 +134,12 @@ def module_problems(ckpt: Checkpoint, keys: dict[str, str], config, tensors: dic
         if regs != config.dinov2.num_register_tokens:
             out.append(f"dino_model: {regs} register tokens, the config has "
                        f"dinov2.num_register_tokens={config.dinov2.num_register_tokens}")
+    return out
+
+
+def missing_towers(config, tensors: dict[str, Tensor], has_parts: bool) -> list[str]:
+    """The towers neither the checkpoint nor a ``--parts`` directory provides."""
+    out = []
     need = ["vision_model", "qformer", "query_tokens", "language_projection", "sam", "llm"]
     if config.cem.enabled and config.cem.use_dinov2:
         need.append("dinov2")
