@@ -36,8 +36,10 @@ InstructBLIP, ``dinov2``, ``cem``, ``cam_{l}``, ``cam_query_tokens``, ``llm`` (H
 The config (:class:`CalicoConfig`) is the whole model: architecture, ablation switches, the pre-processing
 its inputs need (``preprocess``), the training loss (``loss``), the trainable patterns and each tower's remat
 policy; ``docs/paper_map.md`` maps every paper symbol to its code and every choice the paper leaves open to
-the switch that decides it (here: the Q-Former gets no instruction text -- queries only, the CAMs carry the
-prompt; X_global is EVA's post-layernorm output, all 1 + N tokens; DINOv2 runs at ``preprocess.dinov2_size``).
+the switch that decides it (here: by default the Q-Former gets no instruction text -- queries only, the CAMs
+carry the prompt; ``qformer_text_input`` feeds it the prompt tokens ``qformer_input_ids`` [B, T_q] in Eq. 2 as
+InstructBLIP does, the CAMs' Eq. 8 stays queries-only; X_global is EVA's post-layernorm output, all 1 + N
+tokens; DINOv2 runs at ``preprocess.dinov2_size``).
 """
 from __future__ import annotations
 
@@ -110,17 +112,22 @@ class Calico(nn.Module):
                                                 cfg.seg.projection, self.dtype)
 
     # --- pieces (each usable alone through ``apply(..., method=...)``)
-    def encode_images(self, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """𝓘 on [n, H, W, 3] -> (X_global [n, S_C, D_C], I^0 = f_image(𝓠(q, X_global)) [n, S_I, D])."""
+    def encode_images(self, pixel_values: jax.Array, qformer_input_ids: jax.Array | None = None,
+                      qformer_attention_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """𝓘 on [n, H, W, 3] -> (X_global [n, S_C, D_C], I^0 = f_image(𝓠(q, X_global[, text])) [n, S_I, D]);
+        the instruction tokens [n, T_q] only with ``qformer_text_input`` (InstructBLIP)."""
         if self.config.image_path == "clip_mlp":
             feats = self.vision_tower(pixel_values)
             return feats, self.mm_projector["2"](layers.gelu(self.mm_projector["0"](feats)))
         if self.config.image_path == "linear":
             x_global = self.vision_model(pixel_values)["last_hidden_state"]
             return x_global, self.linear_projection(x_global)
-        # No instruction text for the Q-Former: the CAMs carry the prompt (see the module docstring).
+        # By default no instruction text for the Q-Former (Eq. 2): the CAMs carry the prompt.
+        if self.config.qformer_text_input and qformer_input_ids is None:
+            raise ValueError("qformer_text_input is on: pass qformer_input_ids / qformer_attention_mask")
         out = image_features(self.vision_model, self.qformer, self.query_tokens, self.language_projection,
-                             pixel_values, dtype=self.dtype)
+                             pixel_values, dtype=self.dtype, input_ids=qformer_input_ids,
+                             attention_mask=qformer_attention_mask)
         return out["vision"], out["image_tokens"]
 
     def fuse(self, x_global: jax.Array, dino_pixel_values: jax.Array | None) -> jax.Array:
@@ -157,7 +164,8 @@ class Calico(nn.Module):
         return apply_seg_projection(self.text_hidden_fcs_0, hidden, self.dtype)
 
     def embed_inputs(self, input_ids, attention_mask, pixel_values, dino_pixel_values=None, *, labels=None,
-                     image_valid=None, prompt_lengths=None) -> dict[str, jax.Array]:
+                     image_valid=None, prompt_lengths=None, qformer_input_ids=None,
+                     qformer_attention_mask=None) -> dict[str, jax.Array]:
         """Steps 1-3: the LLM's input embeddings over the expanded sequence and what the CAMs need.
 
         -> ``embeds`` [B, T', D], ``mask`` [B, T'], ``newpos`` [B, T] (original -> expanded position),
@@ -168,7 +176,12 @@ class Calico(nn.Module):
         nq = cfg.num_image_tokens
         rows = jnp.arange(b)[:, None]
 
-        x_global, image_tokens = self.encode_images(pixel_values.reshape(b * n, *pixel_values.shape[2:]))
+        q_ids = q_mask = None
+        if cfg.qformer_text_input and qformer_input_ids is not None:   # one instruction per sample, every image
+            q_ids = jnp.repeat(jnp.asarray(qformer_input_ids, jnp.int32), n, axis=0)
+            q_mask = None if qformer_attention_mask is None else jnp.repeat(qformer_attention_mask, n, axis=0)
+        x_global, image_tokens = self.encode_images(pixel_values.reshape(b * n, *pixel_values.shape[2:]), q_ids,
+                                                    q_mask)
         newpos, text_target, image_positions, has_image, t_exp = expand_sequence(
             input_ids, cfg.image_token_index, n, nq)
         valid_img = has_image if image_valid is None else has_image & image_valid.astype(bool)
@@ -222,11 +235,12 @@ class Calico(nn.Module):
 
     # --- generation (driven by calico_jax.generate.decode_loop; the KV cache carries the CAMs' effect)
     def prefill(self, input_ids, attention_mask, pixel_values, dino_pixel_values=None, *, max_new_tokens: int,
-                cache_dtype: Any = None) -> LlamaOutput:
+                cache_dtype: Any = None, qformer_input_ids=None, qformer_attention_mask=None) -> LlamaOutput:
         """Steps 1-4 on a LEFT-padded prompt (every row of the batch has the same image count, so all end
         at the last expanded slot T'-1, which the CAMs read as t^l) into a fresh KV cache with room for
         ``max_new_tokens`` -> last-position logits, the prompt's final hidden states and the cache."""
-        inp = self.embed_inputs(input_ids, attention_mask, pixel_values, dino_pixel_values)
+        inp = self.embed_inputs(input_ids, attention_mask, pixel_values, dino_pixel_values,
+                                qformer_input_ids=qformer_input_ids, qformer_attention_mask=qformer_attention_mask)
         b, t = inp["embeds"].shape[:2]
         cache = KVCache.init(self.config.llm, b, t + max_new_tokens, cache_dtype or self.dtype)
         return self.llm(attention_mask=inp["mask"], inputs_embeds=inp["embeds"], cache=cache,
@@ -241,12 +255,14 @@ class Calico(nn.Module):
     # --- the full forward
     def __call__(self, input_ids, attention_mask, pixel_values, dino_pixel_values=None, sam_pixel_values=None,
                  resized_hw=None, original_hw=None, *, labels=None, image_valid=None, prompt_lengths=None,
-                 seg_image=None, sam_image_embeddings=None, deterministic: bool = True) -> dict[str, jax.Array]:
+                 seg_image=None, sam_image_embeddings=None, qformer_input_ids=None, qformer_attention_mask=None,
+                 deterministic: bool = True) -> dict[str, jax.Array]:
         cfg = self.config
         b = pixel_values.shape[0]
         rows = jnp.arange(b)[:, None]
         inp = self.embed_inputs(input_ids, attention_mask, pixel_values, dino_pixel_values, labels=labels,
-                                image_valid=image_valid, prompt_lengths=prompt_lengths)
+                                image_valid=image_valid, prompt_lengths=prompt_lengths,
+                                qformer_input_ids=qformer_input_ids, qformer_attention_mask=qformer_attention_mask)
         t_exp, valid_img, newpos = inp["embeds"].shape[1], inp["image_valid"], inp["newpos"]
         out = self.llm(attention_mask=inp["mask"], inputs_embeds=inp["embeds"], hooks=self.cam_hooks(inp) or None,
                        last_prompt_index=inp["last_prompt_index"], deterministic=deterministic)
@@ -285,7 +301,9 @@ class Calico(nn.Module):
         p, dp, s = cfg.vision.vision.patch_size, cfg.dinov2.patch_size, cfg.sam.image_encoder.img_size
         p = cfg.clip.image_size if cfg.image_path == "clip_mlp" else p   # CLIP: fixed position table
         p = cfg.vision.vision.image_size if cfg.image_path == "linear" else p   # token count = native grid
-        return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "pixel_values": jnp.zeros((1, 1, p, p, 3)),
+        text = {"qformer_input_ids": jnp.zeros((1, 1), jnp.int32)} if cfg.qformer_text_input else {}
+        return {**text, "input_ids": ids, "attention_mask": jnp.ones_like(ids),
+                "pixel_values": jnp.zeros((1, 1, p, p, 3)),
                 "dino_pixel_values": jnp.zeros((1, 1, dp, dp, 3)), "sam_pixel_values": jnp.zeros((1, 1, s, s, 3)),
                 "resized_hw": jnp.full((1, 1, 2), s, jnp.int32), "original_hw": jnp.full((1, 1, 2), s, jnp.int32),
                 "seg_image": None if ident else jnp.zeros((1, cfg.seg.max_seg), jnp.int32)}

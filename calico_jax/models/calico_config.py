@@ -65,6 +65,7 @@ class CalicoConfig(Config):
     clip: ClipVisionConfig = ClipVisionConfig()           # used by image_path="clip_mlp" only
     vocab_from_tokenizer: bool = False                    # training: llm.vocab_size := len(tokenizer) (from scratch)
     qformer_text_input: bool = False                      # InstructBLIP: the Q-Former of Eq. 2 also reads the prompt
+    qformer_max_tokens: int = 128                         # its instruction length T_q (LAVIS max_txt_len)
 
     def __post_init__(self):
         for tower, policy in self.remat_policies().items():
@@ -92,6 +93,9 @@ class CalicoConfig(Config):
         if self.qformer_text_input and (self.image_path != "qformer" or not self.vision.qformer.text_embeddings):
             raise ConfigError("CalicoConfig: qformer_text_input needs image_path 'qformer' and a Q-Former with "
                               "instruction embeddings (vision.qformer.text_embeddings, the InstructBLIP layout)")
+        if self.qformer_text_input and self.qformer_max_tokens > self.vision.qformer.max_position_embeddings:
+            raise ConfigError(f"CalicoConfig: qformer_max_tokens {self.qformer_max_tokens} > the Q-Former's "
+                              f"max_position_embeddings {self.vision.qformer.max_position_embeddings}")
         if self.cem.enabled and self.cem.use_dinov2 and not self.preprocess.dinov2_size:
             raise ConfigError("CalicoConfig: the CEM reads DINOv2 features but preprocess.dinov2_size is 0")
         if self.cem.enabled and self.vision.vision.hidden_size % self.cem.num_heads:

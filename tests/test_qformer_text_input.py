@@ -1,0 +1,108 @@
+"""``CalicoConfig.qformer_text_input`` (InstructBLIP's instruction text into the Q-Former of Eq. 2), off by default:
+the on path vs transformers' InstructBLIP on a tiny config, its tokenizer, and the training task's batch."""
+from __future__ import annotations
+
+import flax.linen
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from calico_jax import author_layout, pretrained  # noqa: E402
+from calico_jax.data.qformer_text import QFormerText, build_tiny_qformer_tokenizer, load_qformer_tokenizer  # noqa: E402
+from calico_jax.models.calico import Calico, CalicoConfig  # noqa: E402
+from tests.helpers import rel_err  # noqa: E402
+
+
+def text_config() -> CalicoConfig:
+    tiny = CalicoConfig.tiny()
+    q = tiny.vision.qformer.replace(vocab_size=96, max_position_embeddings=32)
+    return tiny.replace(vision=tiny.vision.replace(qformer=q), qformer_text_input=True, qformer_max_tokens=24)
+
+
+def random_params(cfg, seed=0):
+    shapes = flax.linen.unbox(pretrained.abstract_params(Calico(cfg)))
+    g = np.random.default_rng(seed)
+    return jax.tree.map(lambda v: g.normal(0, 0.2, v.shape).astype(np.float32), shapes)
+
+
+def hf_instructblip(cfg, params):
+    """transformers' InstructBLIP (stub LLM) with our vision params (HF names = our canonical names)."""
+    from convert.families.lavis_blip2 import hf_model
+    model = hf_model(cfg.vision)
+    state = {}
+    for path, v in jax.tree_util.tree_leaves_with_path(
+            {k: params[k] for k in ("vision_model", "qformer", "query_tokens", "language_projection")}):
+        keys = tuple(p.key for p in path)
+        state[author_layout.canonical_from_flax(keys)] = torch.from_numpy(author_layout.to_torch_layout(keys[-1], v))
+    for name in [k for k in state if k.endswith("self_attn.q_bias")]:   # HF: one qkv bias, K third zero
+        q, v = state.pop(name), state.pop(name[:-len("q_bias")] + "v_bias")
+        state[name[:-len("q_bias")] + "qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("language_model.") for k in missing), (missing, unexpected)
+    return model.eval()
+
+
+def test_on_path_matches_instructblip():
+    cfg = text_config()
+    params = random_params(cfg)
+    assert "word_embeddings" in params["qformer"]["embeddings"]   # the switch creates the instruction embeddings
+    model = hf_instructblip(cfg, params)
+    r = np.random.default_rng(1)
+    pixels = r.standard_normal((3, 3, 28, 28)).astype(np.float32)
+    ids = r.integers(1, 96, (3, 9)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 5:] = 0   # a padded instruction
+    with torch.no_grad():
+        ref = model.get_image_features(pixel_values=torch.from_numpy(pixels), qformer_input_ids=torch.from_numpy(ids),
+                                       qformer_attention_mask=torch.from_numpy(mask), interpolate_pos_encoding=True)
+    module = Calico(cfg)
+    x_global, tokens = jax.jit(lambda p, x, i, m: module.apply({"params": p}, x, i, m, method="encode_images"))(
+        params, jnp.asarray(pixels.transpose(0, 2, 3, 1)), jnp.asarray(ids, jnp.int32), jnp.asarray(mask))
+    assert rel_err(x_global, ref.last_hidden_state) < 1e-5
+    assert rel_err(tokens, ref.pooler_output) < 1e-5
+    plain = Calico(cfg.replace(qformer_text_input=False))
+    _, no_text = jax.jit(lambda p, x: plain.apply({"params": p}, x, method="encode_images"))(
+        params, jnp.asarray(pixels.transpose(0, 2, 3, 1)))
+    assert rel_err(no_text, ref.pooler_output) > 1e-3   # the text changes the visual tokens
+
+
+def test_forward_needs_the_text():
+    cfg = text_config()
+    module = Calico(cfg)
+    inputs = {k: v for k, v in module.dummy_inputs().items() if k != "qformer_input_ids"}
+    with pytest.raises(ValueError, match="qformer_input_ids"):
+        jax.eval_shape(lambda: module.init(jax.random.key(0), **inputs))
+
+
+def test_qformer_tokenizer(tmp_path):
+    build_tiny_qformer_tokenizer(tmp_path / "qformer_tokenizer")
+    tok = load_qformer_tokenizer(tmp_path / "qformer_tokenizer")
+    assert tok.bos_token == "[DEC]" and tok.truncation_side == "left" and len(tok) <= 96
+    text = QFormerText(tok, 24)
+    out = text("The <image> (IMAGE1) and <image> (IMAGE2) show a dog. What are the common parts?")
+    ids, mask = out["qformer_input_ids"], out["qformer_attention_mask"]
+    assert ids.shape == mask.shape == (24,) and ids.dtype == np.int32 and mask.sum() == 24
+    assert tok.unk_token_id not in ids.tolist()
+    assert tok.decode(ids[mask.astype(bool)], skip_special_tokens=True).replace(" ", "").endswith("commonparts?")
+    short = text("a dog")   # right-padded with [PAD]
+    # [CLS] a d ##o ##g [SEP], then [PAD]
+    assert short["qformer_attention_mask"].sum() == 6 and short["qformer_input_ids"][6:].tolist() == [0] * 18
+
+
+def test_task_batch_spec_and_forward_shapes():
+    from calico_jax.train.calico_task import CalicoTask
+    from configs import tiny
+    cfg = tiny.get_config()
+    cfg = cfg.replace(model=text_config().replace(vocab_from_tokenizer=False))
+    task = CalicoTask(cfg, plan_only=True)
+    spec = task.batch_spec(2)
+    assert spec["qformer_input_ids"] == ((2, 24), jnp.int32) and spec["qformer_attention_mask"] == ((2, 24), jnp.int32)
+    batch = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in spec.items()}
+    params = flax.linen.unbox(pretrained.abstract_params(task.module))
+    out = jax.eval_shape(lambda p, b: task.forward(p, b, True), params, batch)
+    assert out["logits"].shape[0] == 2
+    assert "qformer_input_ids" not in CalicoTask(tiny.get_config(), plan_only=True).batch_spec(2)
