@@ -124,3 +124,20 @@ def test_extraction_layer_not_mha(model, tmp_path):
     rc, _, err = run_convert("calico", "--src", tmp_path / "calico.safetensors", "--out", tmp_path / "out",
                              "--config", _settings(tmp_path, cfg))
     assert rc == 2 and "extraction_layer: keys ['norm.weight'] are not nn.MultiheadAttention's" in err, err
+
+
+def test_cam_queries_from_query_tokens(model, tmp_path):
+    """The author layout has one q: the CAMs' own copy (cam.queries='shared') starts from model.query_tokens."""
+    cfg, params = model
+    state = torch_export.author_state(cfg, params, full=True)
+    del state["model.cam_query_tokens"]
+    state.update(torch_export.adapter_state(params))
+    from safetensors.numpy import save_file
+    save_file(state, tmp_path / "calico.safetensors")
+    rc, stdout, err = run_convert("calico", "--src", tmp_path / "calico.safetensors", "--out", tmp_path / "out",
+                                  "--config", _settings(tmp_path, cfg))
+    assert rc == 0, err
+    assert "cam_query_tokens: not in the checkpoint, copied from query_tokens" in stdout
+    _, loaded, _ = calico_jax.load(tmp_path / "out")
+    np.testing.assert_array_equal(np.asarray(loaded["cam_query_tokens"]), params["query_tokens"])
+    assert np.any(params["cam_query_tokens"] != params["query_tokens"])

@@ -213,6 +213,19 @@ def _match(sources: dict[str, str], compiled: list, cam_layers, path) -> tuple[d
     return tensors, unmatched, skipped
 
 
+def _cam_queries_from_q(config: CalicoConfig, tensors: dict[str, Tensor]) -> list[str]:
+    """The author code has one q (``query_tokens``, trained) for 𝓘 and the CAMs: a config whose CAMs have their
+    own copy (``cam.queries`` shared / per_cam) starts that copy from it -- the same model until trained."""
+    names = {"shared": ["cam_query_tokens"], "per_cam": [f"cam_query_tokens_{i}" for i in config.cam.layers]}
+    missing = [n for n in names.get(config.cam.queries, []) if n not in tensors] if config.cam.layers else []
+    if not missing or "query_tokens" not in tensors:
+        return []
+    for n in missing:
+        tensors[n] = tensors["query_tokens"]
+    return [f"{', '.join(missing)}: not in the checkpoint, copied from query_tokens (cam.queries="
+            f"{config.cam.queries!r}; the author code uses query_tokens itself, i.e. cam.queries='base')"]
+
+
 def plan(ckpt: Checkpoint, config_arg: str | None, parts: list[str] | None = None) -> Plan:
     arg = load_json_arg(config_arg, {}, 'CALICO conversion settings ({"config": ..., "patterns": ...})') \
         if config_arg else {}
@@ -249,7 +262,7 @@ def plan(ckpt: Checkpoint, config_arg: str | None, parts: list[str] | None = Non
             'pairs under "patterns" in a --config JSON file (see convert/families/calico.py)')
     config, filled, part_notes = calico_checks.fill_from_parts(config, tensors, parts or [])
     tensors.update(filled)
-    notes += part_notes
+    notes += part_notes + _cam_queries_from_q(config, tensors)
     missing = calico_checks.missing_towers(config, tensors, bool(parts))
     if missing:
         raise CheckpointError(f"{ckpt.path}: {len(missing)} tower(s) missing:\n    " + "\n    ".join(missing))
