@@ -25,6 +25,7 @@ ITEM_MODULES = {
     "sam_image_encoder": "bench.vision", "sam_mask_decoder": "bench.vision",
     "llama_prefill": "bench.llm", "llama_decode": "bench.llm", "llama_generate": "bench.llm", "train_step": "bench.llm",
     "data_pipeline": "bench.data", "calico_tiny_inference": "bench.vision",
+    "nscale": "bench.nscale",   # cost and demo accuracy vs images per sample (N = 2..5)
 }
 
 
