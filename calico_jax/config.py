@@ -52,6 +52,8 @@ def _from_json(tp: Any, value: Any, where: str) -> Any:
         return value if inner is tp else _from_json(inner, value, where)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is not bool and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
 
 

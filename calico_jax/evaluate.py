@@ -98,24 +98,74 @@ def _draw(root: Path, sample: dict, images, pred, pairs) -> None:
                                               f"ground truth: {sample['answer']}\n", encoding="utf-8")
 
 
+def _check_mask(m, where: str) -> None:
+    """One predicted mask record's schema: label (str), image (int), optional score (number), rle {size, counts}."""
+    if not isinstance(m, dict):
+        raise ValueError(f"{where}: a {type(m).__name__}, not an object")
+    missing = [k for k in ("label", "image", "rle") if k not in m]
+    if missing:
+        raise ValueError(f"{where} misses {missing}")
+    if not isinstance(m["label"], str):
+        raise ValueError(f"{where}.label: expected a string, got {m['label']!r}")
+    if not isinstance(m["image"], int) or isinstance(m["image"], bool) or m["image"] < 0:
+        raise ValueError(f"{where}.image: expected an image index >= 0, got {m['image']!r}")
+    if "score" in m and (not isinstance(m["score"], (int, float)) or isinstance(m["score"], bool)):
+        raise ValueError(f"{where}.score: expected a number, got {m['score']!r}")
+    rle = m["rle"]
+    size = rle.get("size") if isinstance(rle, dict) else None
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)) \
+            or not isinstance(rle.get("counts"), (str, list)):
+        raise ValueError(f"{where}.rle: expected {{'size': [H, W], 'counts': str}}, got {str(rle)[:80]}")
+    from calico_jax.data.rle import decode
+    try:
+        decoded = decode(rle)
+    except Exception as e:   # pycocotools raises several kinds on malformed counts
+        raise ValueError(f"{where}.rle: cannot decode ({type(e).__name__}: {e})") from None
+    if decoded.shape != tuple(size):
+        raise ValueError(f"{where}.rle: counts describe {decoded.shape}, size says {tuple(size)}")
+
+
 def read_predictions(path: Path) -> dict[str, dict]:
+    """A ``--save_predictions`` file -> {sample id: record}; every schema problem is a ValueError naming
+    the file and the field (``samples[3].masks[0].rle``)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"--predictions {path}: cannot read ({e})") from None
-    if data.get("format") != PRED_FORMAT:
-        raise ValueError(f"--predictions {path}: format is {data.get('format')!r}, expected {PRED_FORMAT!r}")
+    if not isinstance(data, dict) or data.get("format") != PRED_FORMAT:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"--predictions {path}: format is {got!r}, expected {PRED_FORMAT!r}")
+    if not isinstance(data.get("samples"), list):
+        raise ValueError(f"--predictions {path}: 'samples' must be a list, got {data.get('samples')!r}"[:200])
     out = {}
-    for n, rec in enumerate(data.get("samples", [])):
+    for n, rec in enumerate(data["samples"]):
+        where = f"--predictions {path}: samples[{n}]"
+        if not isinstance(rec, dict):
+            raise ValueError(f"{where}: a {type(rec).__name__}, not an object")
         for key in ("id", "masks"):
             if key not in rec:
-                raise ValueError(f"--predictions {path}: samples[{n}] has no {key!r}")
+                raise ValueError(f"{where} has no {key!r}")
+        if not isinstance(rec["id"], str) or not isinstance(rec["masks"], list):
+            raise ValueError(f"{where}: 'id' must be a string and 'masks' a list")
         for j, m in enumerate(rec["masks"]):
-            missing = [k for k in ("label", "image", "rle") if k not in m]
-            if missing:
-                raise ValueError(f"--predictions {path}: samples[{n}].masks[{j}] misses {missing}")
+            _check_mask(m, f"{where}.masks[{j}]")
         out[rec["id"]] = rec
     return out
+
+
+def check_against_pairs(path, preds: dict[str, dict], pairs) -> None:
+    """Each predicted mask points at one of its sample's images and has that image's size."""
+    by_id = {s["id"]: s for s in pairs.samples}
+    for sid, rec in preds.items():
+        s = by_id[sid]
+        for j, m in enumerate(rec["masks"]):
+            where = f"--predictions {path}: sample {sid!r} masks[{j}]"
+            if m["image"] >= len(s["images"]):
+                raise ValueError(f"{where}.image = {m['image']}: the sample has {len(s['images'])} images")
+            im = pairs.images[s["images"][m["image"]]]
+            if "height" in im and list(m["rle"]["size"]) != [im["height"], im["width"]]:
+                raise ValueError(f"{where}.rle: size {m['rle']['size']} but the image is "
+                                 f"{im['height']}x{im['width']}")
 
 
 def _bool(text: str) -> bool:
@@ -170,7 +220,9 @@ def _load_predictions(args, pairs, samples) -> dict:
         preds = read_predictions(Path(args.predictions))
         unknown = sorted(set(preds) - {s["id"] for s in pairs.samples})
         if unknown:
-            raise ValueError(f"--predictions: {len(unknown)} sample ids not in {args.pairs}, e.g. {unknown[:3]}")
+            raise ValueError(f"--predictions {args.predictions}: {len(unknown)} sample ids not in {args.pairs}, "
+                             f"e.g. {unknown[:3]}")
+        check_against_pairs(args.predictions, preds, pairs)
         missing = sum(s["id"] not in preds for s in samples)
         if missing:
             print(f"warning: {missing} of {len(samples)} samples have no prediction (scored as empty)",

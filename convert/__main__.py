@@ -66,7 +66,16 @@ def run(args: argparse.Namespace) -> int:
     if args.parts is not None and "parts" not in inspect.signature(family.plan).parameters:
         raise CheckpointError(f"--parts is not used by {args.family}")
     extra = {name: value for name, value in (("base", args.base), ("parts", args.parts)) if value is not None}
-    plan = family.plan(ckpt, args.config, **extra)
+    try:
+        plan = family.plan(ckpt, args.config, **extra)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, KeyError) as e:   # a config field of the wrong type or missing (ConfigError)
+        raise CheckpointError(f"{args.src}: its config (config.json or --config) does not describe a "
+                              f"{args.family} model: {type(e).__name__}: {e}") from None
+    # Families build their config from the checkpoint's own fields; the typed round trip names a field
+    # of the wrong type (hidden_size "x") before any module is built from it.
+    type(plan.config).from_dict(plan.config.to_dict(), where=f"{args.src} (config of {plan.model})")
     params = build_params(ckpt, plan, np.float32)
     n = sum(x.size for x in jax.tree.leaves(params))
     print(f"{args.family}: {len(plan.tensors)} tensors -> {plan.model} ({n:,} parameters) in {time.time() - t0:.1f}s")

@@ -230,6 +230,9 @@ def hf_config(ckpt: Checkpoint, config_arg: str | None, what: str) -> dict[str, 
         return load_json_arg(config_arg, {}, what)
     if ckpt.config is None:
         raise CheckpointError(f"{ckpt.path}: no config.json next to the weights; pass --config CONFIG.json ({what})")
+    if not isinstance(ckpt.config, dict):
+        raise CheckpointError(f"{ckpt.path}: config.json holds a {type(ckpt.config).__name__}, "
+                              f"not a JSON object ({what})")
     return ckpt.config
 
 

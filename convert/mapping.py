@@ -142,6 +142,10 @@ def _fmt(items: list[str], limit: int = 60) -> str:
     return f"\n    {shown}{more}"
 
 
+# Stored dtype names of floating tensors: safetensors' (F32, BF16, ...) and torch's (float32, bfloat16, ...).
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "FLOAT16", "BFLOAT16", "FLOAT32", "FLOAT64", "FLOAT", "HALF", "DOUBLE"}
+
+
 def build_params(ckpt: Checkpoint, plan: Plan, dtype: Any = np.float32, progress: bool = True) -> dict:
     """Loads every canonical tensor into the module's params tree, or raises one CheckpointError."""
     abstract = nn.unbox(abstract_params(plan.module()))
@@ -159,14 +163,19 @@ def build_params(ckpt: Checkpoint, plan: Plan, dtype: Any = np.float32, progress
                for p, v in targets.items() if p not in filled]
     # Shapes of plain (single-source) tensors come from the file headers: every problem is found
     # before any tensor data is read, and reported in one message.
-    mismatched = []
+    mismatched, wrong_dtype = [], []
     for canonical, path in resolved.items():
         tensor = plan.tensors[canonical]
         if tensor.combine is None:
             got = _flax_shape(path[-1], tuple(ckpt.shape(tensor.sources[0])))
             if got != tuple(targets[path].shape):
                 mismatched.append(_mismatch(ckpt, tensor, path, got, tuple(targets[path].shape)))
+            stored = ckpt.dtype(tensor.sources[0])
+            if np.issubdtype(targets[path].dtype, np.floating) and stored.upper() not in _FLOAT_DTYPES:
+                wrong_dtype.append(f"{tensor.sources[0]} is {stored}, {'/'.join(path)} is a float parameter")
     problems = []
+    if wrong_dtype:   # an integer or bool tensor where weights belong: a corrupt or mislabelled file
+        problems.append(f"{len(wrong_dtype)} non-float tensor(s):{_fmt(wrong_dtype)}")
     if missing:
         problems.append(f"{len(missing)} missing key(s):{_fmt(missing)}")
     if unexpected:

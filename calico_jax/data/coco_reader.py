@@ -73,17 +73,48 @@ def _read_json(path) -> dict:
     return data
 
 
+_IMAGE_FIELDS = {"id": int, "file_name": str, "height": int, "width": int}
+_CATEGORY_FIELDS = {"id": int, "name": str, "supercategory?": str}
+_ANNOTATION_FIELDS = {"id": int, "image_id": int, "category_id": int, "obj_ann_id?": int}
+
+
+def _bad_fields(rec, spec: dict[str, type]) -> list[str]:
+    """The fields of a record that are missing or of the wrong type (``key?``: optional; sizes must be
+    positive)."""
+    if not isinstance(rec, dict):
+        return [f"(a {type(rec).__name__}, not an object)"]
+    bad = []
+    for key, tp in spec.items():
+        optional, key = key.endswith("?"), key.rstrip("?")
+        if optional and rec.get(key) is None:
+            continue
+        v = rec.get(key)
+        if not isinstance(v, tp) or isinstance(v, bool) or (key in ("height", "width") and v <= 0):
+            bad.append(f"{key}={v!r}" if key in rec else f"{key} missing")
+    return bad
+
+
 def _read_raw(path, report: Report, extra_cat_keys=("part_categories",)) -> _Raw:
     data = _read_json(path)
     name = os.path.basename(str(path))
+    if not isinstance(data.get("categories", []), list):
+        raise DataError(f"{path}: 'categories' is a {type(data['categories']).__name__}, not a list")
     images: dict[int, dict] = {}
-    for im in data["images"]:
+    for i, im in enumerate(data["images"]):
+        bad = _bad_fields(im, _IMAGE_FIELDS)
+        if bad:
+            report.skip("bad_image_record", f"{name}: images[{i}]", ", ".join(bad))
+            continue
         if im.get("id") in images:
             report.skip("duplicate_image_id", f"{name}: image id={im.get('id')}", "kept the first")
             continue
         images[im.get("id")] = im
     cats: dict[int, dict] = {}
-    for c in data.get("categories", []):
+    for i, c in enumerate(data.get("categories", [])):
+        bad = _bad_fields(c, _CATEGORY_FIELDS)
+        if bad:
+            report.skip("bad_category_record", f"{name}: categories[{i}]", ", ".join(bad))
+            continue
         if c.get("id") in cats:
             report.skip("duplicate_category_id", f"{name}: category id={c.get('id')}", "kept the first")
             continue
@@ -93,7 +124,12 @@ def _read_raw(path, report: Report, extra_cat_keys=("part_categories",)) -> _Raw
             if isinstance(c, dict) and c.get("id") not in cats:
                 cats[c["id"]] = dict(c, _part_only=True)
     seen, anns = set(), []
-    for a in tqdm(data["annotations"], desc=f"read {name}", leave=False, disable=len(data["annotations"]) < 20000):
+    for i, a in enumerate(tqdm(data["annotations"], desc=f"read {name}", leave=False,
+                               disable=len(data["annotations"]) < 20000)):
+        bad = _bad_fields(a, _ANNOTATION_FIELDS)
+        if bad:
+            report.skip("bad_annotation_record", f"{name}: annotations[{i}]", ", ".join(bad))
+            continue
         rec = f"{name}: annotation id={a.get('id')} (image id={a.get('image_id')})"
         if a.get("id") in seen:
             report.skip("duplicate_annotation_id", rec, "kept the first")

@@ -25,6 +25,7 @@ from calico_jax.config import Config, ConfigError, optional_inner
 from calico_jax.models.calico import CalicoConfig
 
 C = typing.TypeVar("C", bound=Config)
+DTYPES = ("float32", "bfloat16", "float16")   # compute / frozen-storage dtypes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +115,9 @@ class ExperimentConfig(Config):
     peak_tflops: float = 0.0              # per device, for MFU; 0 = from the device-kind table
 
     def __post_init__(self):
+        for name in ("dtype", "frozen_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
         if self.batch_size % self.optim.grad_accum:
             raise ConfigError(f"batch_size {self.batch_size} is not divisible by optim.grad_accum "
                               f"{self.optim.grad_accum}")
@@ -139,7 +143,10 @@ def _parse(tp: Any, text: str, where: str) -> Any:
                 raise ValueError(text)
             return value
         if isinstance(tp, type) and issubclass(tp, Config):   # a whole section as JSON
-            return tp.from_dict(json.loads(text), where=f"--config.{where}")
+            value = json.loads(text)
+            if not isinstance(value, dict):
+                raise ConfigError(f"--config.{where}: {tp.__name__} is a section: give a JSON object, got {text!r}")
+            return tp.from_dict(value, where=f"--config.{where}")
         if origin is tuple:
             inner = (typing.get_args(tp) or (str,))[0]
             if text.startswith("["):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from calico_jax.config import ConfigError
 from calico_jax.train.calico_task import CalicoTask
 from calico_jax.train.task import Task
 
@@ -21,5 +22,5 @@ def register(name: str, cls: type[Task]) -> type[Task]:
 def build(cfg, workdir: Path | None = None, plan_only: bool = False) -> Task:
     """The task ``cfg.task`` names. ``plan_only``: no data or tokenizer (AOT planning, dry run)."""
     if cfg.task not in TASKS:
-        raise ValueError(f"task {cfg.task!r} unknown; known: {sorted(TASKS)}")
+        raise ConfigError(f"task {cfg.task!r} unknown; known: {sorted(TASKS)}")
     return TASKS[cfg.task](cfg, workdir, plan_only)
