@@ -1,5 +1,5 @@
-"""``python -m convert calico`` on the first author's layout: .bin shards with mixed bf16/fp32 and PEFT-wrapped
-LLaMA names, a merged-LoRA checkpoint, and module-shape mismatches reported together."""
+"""``python -m convert calico`` on the first author's layout: .bin shards with mixed bf16/fp32, PEFT-wrapped
+LLaMA names and one q (no CAM copy), a merged-LoRA checkpoint, and module-shape mismatches reported together."""
 from __future__ import annotations
 
 import json
@@ -45,6 +45,7 @@ def test_bin_shards_mixed_dtypes_peft_names(model, tmp_path):
     the LLM and SAM stored bf16, the rest fp32: converted values equal the stored ones."""
     cfg, params = model
     state = torch_export.author_state(cfg, params, full=True)
+    del state["model.cam_query_tokens"]   # the author layout has one q: the CAMs' copy starts from query_tokens
     state.update(torch_export.adapter_state(params))
     bf16 = lambda k: k.startswith(("model.layers", "model.grounding_encoder", "base_model"))  # noqa: E731
     tensors = {}
@@ -66,10 +67,15 @@ def test_bin_shards_mixed_dtypes_peft_names(model, tmp_path):
     rc, stdout, err = run_convert("calico", "--src", src, "--out", tmp_path / "out",
                                   "--config", _settings(tmp_path, cfg))
     assert rc == 0, err
+    assert "cam_query_tokens: not in the checkpoint, copied from query_tokens" in stdout
     _, loaded, loaded_cfg = calico_jax.load(tmp_path / "out")
     assert loaded_cfg == cfg
     got = flat(loaded)
+    np.testing.assert_array_equal(got["cam_query_tokens"], params["query_tokens"])
+    assert np.any(params["cam_query_tokens"] != params["query_tokens"])
     for k, v in flat(params).items():
+        if k == "cam_query_tokens":
+            continue
         stored_bf16 = k.startswith(("sam/", "llm/model/layers_"))   # the keys bf16() selected above
         want = v.astype(ml_dtypes.bfloat16).astype(np.float32) if stored_bf16 else v
         np.testing.assert_array_equal(got[k], want, err_msg=k)
@@ -125,19 +131,3 @@ def test_extraction_layer_not_mha(model, tmp_path):
                              "--config", _settings(tmp_path, cfg))
     assert rc == 2 and "extraction_layer: keys ['norm.weight'] are not nn.MultiheadAttention's" in err, err
 
-
-def test_cam_queries_from_query_tokens(model, tmp_path):
-    """The author layout has one q: the CAMs' own copy (cam.queries='shared') starts from model.query_tokens."""
-    cfg, params = model
-    state = torch_export.author_state(cfg, params, full=True)
-    del state["model.cam_query_tokens"]
-    state.update(torch_export.adapter_state(params))
-    from safetensors.numpy import save_file
-    save_file(state, tmp_path / "calico.safetensors")
-    rc, stdout, err = run_convert("calico", "--src", tmp_path / "calico.safetensors", "--out", tmp_path / "out",
-                                  "--config", _settings(tmp_path, cfg))
-    assert rc == 0, err
-    assert "cam_query_tokens: not in the checkpoint, copied from query_tokens" in stdout
-    _, loaded, _ = calico_jax.load(tmp_path / "out")
-    np.testing.assert_array_equal(np.asarray(loaded["cam_query_tokens"]), params["query_tokens"])
-    assert np.any(params["cam_query_tokens"] != params["query_tokens"])
