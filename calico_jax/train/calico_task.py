@@ -25,10 +25,18 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from calico_jax.data import synthetic
 from calico_jax.data.pairs_io import read_pairs
 from calico_jax.data.pipeline import Pipeline, PipelineConfig
+from calico_jax.data.qformer_text import (
+    QFORMER_KEYS,
+    QFORMER_TOKENIZER_DIR,
+    QFormerText,
+    build_tiny_qformer_tokenizer,
+    load_qformer_tokenizer,
+)
 from calico_jax.data.tokenize import SEG_TOKEN, build_tiny_tokenizer, load_tokenizer
 from calico_jax.losses import calico_loss, pixel_mask
 from calico_jax.models.calico import Calico, CalicoConfig
@@ -75,6 +83,8 @@ def batch_spec(cfg, model: CalicoConfig, rows: int) -> dict:
             "seg_image": ((B, S), i32), "task": ((B,), i32), "sample_index": ((B,), i32)}
     if pre.dinov2_size:
         spec["images_dinov2"] = ((B, N, pre.dinov2_side, pre.dinov2_side, 3), f32)
+    if model.qformer_text_input:   # the Q-Former's instruction tokens (calico_jax.data.qformer_text)
+        spec.update({k: ((B, model.qformer_max_tokens), i32) for k in QFORMER_KEYS})
     return spec
 
 
@@ -105,6 +115,12 @@ class CalicoTask(Task):
             elif cfg.eval_every > 0:
                 self.held_out = read_pairs(eval_path)
         self.model_config = mcfg
+        self.qformer_text = None   # InstructBLIP instruction tokens, from TOKENIZER/qformer_tokenizer/
+        if mcfg.qformer_text_input and not plan_only:
+            qdir = Path(self.tokenizer_dir) / QFORMER_TOKENIZER_DIR
+            if not qdir.is_dir() and not cfg.data.pairs:   # the synthetic recipe builds its own, next to the LLM's
+                build_tiny_qformer_tokenizer(qdir)
+            self.qformer_text = QFormerText(load_qformer_tokenizer(qdir), mcfg.qformer_max_tokens)
         self.module = Calico(mcfg, jnp.dtype(cfg.dtype))
         self.trainable = mcfg.active_trainable()
         self.tokens_per_example, self.images_per_example = cfg.data.max_tokens, cfg.data.max_images
@@ -115,6 +131,8 @@ class CalicoTask(Task):
             {"params": params}, batch["input_ids"], batch["attention_mask"], batch["images_blip"],
             batch.get("images_dinov2"), batch["images_sam"], batch["sam_sizes"], batch["mask_sizes"],
             labels=batch.get("labels"), image_valid=batch["image_valid"], seg_image=batch["seg_image"],
+            qformer_input_ids=batch.get("qformer_input_ids"),
+            qformer_attention_mask=batch.get("qformer_attention_mask"),
             deterministic=deterministic, rngs=rngs)
 
     def init_variables(self, rng):
@@ -128,7 +146,16 @@ class CalicoTask(Task):
 
     def dataset(self, process_index: int, process_count: int):
         per_process = dataclasses.replace(self.pcfg, batch_size=self.cfg.batch_size // process_count)
-        return Pipeline(self.pairs, self.tokenizer, per_process, process_index, process_count).dataset()
+        ds = Pipeline(self.pairs, self.tokenizer, per_process, process_index, process_count).dataset()
+        return self.with_qformer_text(ds, self.pairs)
+
+    def with_qformer_text(self, ds, pairs):
+        """Adds the Q-Former instruction tokens of each row's sample (by ``sample_index``) with ``qformer_text_input``
+        (computed once per pairs file, so the pipeline itself is unchanged)."""
+        if self.qformer_text is None:
+            return ds
+        table = self.qformer_text.batch([s["prompt"] for s in pairs.samples])
+        return ds.map(lambda batch: {**batch, **{k: v[np.asarray(batch["sample_index"])] for k, v in table.items()}})
 
     def batch_spec(self, rows: int) -> dict:
         return batch_spec(self.cfg, self.model_config, rows)
@@ -141,7 +168,8 @@ class CalicoTask(Task):
         """The first ``eval_batches`` batches of the held-out set (same order every time)."""
         ecfg = dataclasses.replace(self.pcfg, hflip=0.0, color_jitter=0.0, num_epochs=1, worker_count=0,
                                    batch_size=eval_rows(self.cfg, process_count))
-        it = iter(Pipeline(self.held_out, self.tokenizer, ecfg, process_index, process_count).dataset())
+        it = iter(self.with_qformer_text(Pipeline(self.held_out, self.tokenizer, ecfg, process_index,
+                                                  process_count).dataset(), self.held_out))
         try:
             for _ in range(self.cfg.data.eval_batches):
                 yield next(it)
