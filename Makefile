@@ -1,4 +1,5 @@
-# make test: create .venv if missing, install calico-jax with its test extra (CI pins), lint (ruff), run pytest.
+# make test: create .venv if missing, install calico-jax with its test and AOT-plan extras (CI pins), lint (ruff),
+# run pytest.
 # make lint: ruff only (rules in pyproject.toml [tool.ruff]).
 # make demo: same venv; synthetic data -> train a small CALICO on CPU -> evaluate held-out pairs (runs/demo/).
 PYTHON ?= python3
@@ -13,7 +14,7 @@ DEMO_ARGS ?=
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test]'
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test,tpu-aot,gpu-aot]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -7,11 +7,14 @@ from pathlib import Path
 import jax
 
 from calico_jax.checkpoints import write_atomic
+from calico_jax.train.targets import CHIPS
 
 METRIC_KEYS = ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "lr", "grad_norm")
-# Dense bf16 peak TFLOP/s per device, by substring of ``device_kind``.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "TPU v6": 918.0, "TPU v5p": 459.0,
-               "TPU v5": 197.0, "TPU v4": 275.0}
+# Dense bf16 peak TFLOP/s per device by the exact ``device_kind`` (a substring match took v5p, whose kind is
+# "TPU v5", for v5e's "TPU v5 lite"): the chips of the AOT targets plus a few PCIe/inference parts.
+PEAK_TFLOPS = {**{kind: chip.peak_tflops for kind, chip in CHIPS.items()},
+               "NVIDIA H100 PCIe": 756.0, "NVIDIA A100 80GB PCIe": 312.0, "NVIDIA A100-PCIE-40GB": 312.0,
+               "NVIDIA L4": 121.0}
 
 
 class MetricsFile:
@@ -57,8 +60,7 @@ def peak_tflops(cfg) -> float:
     """Per-device peak for MFU: ``cfg.peak_tflops``, else the device-kind table, else 0 (no MFU)."""
     if cfg.peak_tflops > 0:
         return cfg.peak_tflops
-    kind = jax.devices()[0].device_kind
-    return next((v for k, v in PEAK_TFLOPS.items() if k in kind), 0.0)
+    return PEAK_TFLOPS.get(jax.devices()[0].device_kind, 0.0)
 
 
 def step_record(step: int, m: dict, dt: float, skipped: int, cfg, task, flops: float, peak: float,

@@ -110,9 +110,21 @@ class CompiledStep:
 
 
 def compiler_options(mesh: jax.sharding.Mesh) -> dict | None:
-    """XLA:CPU's default copy insertion copies every donated parameter at the start of the step; its
-    region analysis proves those copies unnecessary (bench/results/llm_opt.md: -8..11 % of a step)."""
-    return {"xla_cpu_copy_insertion_use_region_analysis": True} if mesh.devices.flat[0].platform == "cpu" else None
+    """Per platform, never mixed. XLA:CPU: its default copy insertion copies every donated parameter at the start
+    of the step; region analysis proves those copies unnecessary (bench/results/llm_opt.md: -8..11 % of a step).
+    XLA:GPU without an attached GPU (an AOT plan for a described device): Triton GEMM tiling fails there
+    ("Couldn't find output tile sizes"), so GEMMs go to cuBLAS; a compile on a real GPU keeps XLA's default."""
+    device = mesh.devices.flat[0]
+    if device.platform == "cpu":
+        return {"xla_cpu_copy_insertion_use_region_analysis": True}
+    if device.platform == "gpu" and not _attached(device):
+        return {"xla_gpu_enable_triton_gemm": False}
+    return None
+
+
+def _attached(device) -> bool:
+    """False for the devices of ``jax.experimental.topologies`` (a compile-only client: nothing can run there)."""
+    return "CompileOnly" not in type(device.client).__name__
 
 
 def compile_step(tr, state: Any, frozen: Any, micro: list) -> CompiledStep:

@@ -89,8 +89,8 @@ def build(cfg, task: Task, mesh: jax.sharding.Mesh) -> Trainer:
     patterns = tuple(task.trainable)
 
     # Parameters: shapes and shardings, split into trainable and frozen.
-    with _Context(mesh):
-        boxed = jax.eval_shape(task.init_variables, jax.random.key(0))["params"]
+    with _Context(mesh):   # the key is made inside the trace: an eager one would run on the mesh's devices,
+        boxed = jax.eval_shape(lambda: task.init_variables(jax.random.key(0)))["params"]   # which may be AOT-only
     full_sh = fit_shardings(nn.unbox(boxed), param_shardings(boxed, mesh))
     a_train, a_frozen = partition(nn.unbox(boxed), patterns, strict=True)
     s_train, s_frozen = partition(full_sh, patterns)

@@ -1,0 +1,28 @@
+"""``train.py --compile_only`` dispatch: the plan (train step or predict program) or the search, for a target.
+
+Exit codes: 0 the plan fits; 2 a bad target, a missing extra, or a plan that does not fit (one line on stderr).
+"""
+from __future__ import annotations
+
+import sys
+
+
+def run_plan(cfg, args) -> int:
+    from calico_jax.train import targets
+    from calico_jax.train.plan import PlanDoesNotFit, compile_only
+    spec = args.target or f"cpu:{args.devices or 0}"
+    try:
+        target = targets.parse(spec)
+        if args.search:
+            from calico_jax.train.plan_search import search
+            return 0 if search(cfg, target, cache_dir=args.plan_cache or None, json_path=args.plan_json or None,
+                               memory_gb=args.memory_gb) else 2
+        if args.program == "predict":
+            from calico_jax.train.plan_predict import compile_predict
+            compile_predict(cfg, target, memory_gb=args.memory_gb, json_path=args.plan_json or None)
+        else:
+            compile_only(cfg, target, memory_gb=args.memory_gb, json_path=args.plan_json or None)
+    except (ValueError, PlanDoesNotFit) as e:   # TargetError, bad mesh shapes, over budget
+        print(f"train.py: {e}", file=sys.stderr)
+        return 2
+    return 0

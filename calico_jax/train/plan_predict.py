@@ -1,0 +1,85 @@
+"""AOT plan of the predict program (:func:`calico_jax.infer._generate`: prefill with the CAMs, KV-cache decode,
+SAM image embeddings) for one batch, sharded by the logical-axis rules on a target's devices.
+
+All weights are stored in ``cfg.frozen_dtype`` (an exported model for inference has no optimizer or fp32 masters);
+the batch is one sample of ``data.max_images`` images with a ``PROMPT_TOKENS``-token prompt and
+``InferenceConfig.max_new_tokens`` decode steps, replicated (one sample cannot be split over ``data``). Memory
+covers the whole call (the KV cache for all decode steps is allocated up front); FLOPs count the prefill, the SAM
+image encoder and one decode step (the decode ``while`` loop's trip count depends on the answer).
+"""
+from __future__ import annotations
+
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from calico_jax.train import roofline
+from calico_jax.train.plan import GB, PlanDoesNotFit, _compile, _finish, _sizes, as_target, not_fit_message
+from calico_jax.train.sharding import RULES, make_mesh, param_shardings
+from calico_jax.train.step import compiler_options
+from calico_jax.train.tasks import build as build_task
+from calico_jax.train.trainer import fit_shardings
+
+PROMPT_TOKENS = 128
+
+
+def lower_predict(cfg, mesh, rows: int = 1):
+    """(traced, lowered predict program, abstract params) for ``rows`` samples."""
+    from calico_jax.infer import InferenceConfig, _generate
+    task = build_task(cfg, None, plan_only=True)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+        boxed = jax.eval_shape(lambda: task.init_variables(jax.random.key(0)))["params"]
+    shardings = fit_shardings(nn.unbox(boxed), param_shardings(boxed, mesh))
+    dtype = jnp.dtype(cfg.frozen_dtype)
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype if jnp.issubdtype(a.dtype, jnp.floating)
+                                                            else a.dtype, sharding=s), nn.unbox(boxed), shardings)
+    rep = NamedSharding(mesh, P())
+    spec = task.batch_spec(rows)
+    arg = lambda name, shape=None, dtype=None: jax.ShapeDtypeStruct(  # noqa: E731
+        shape or spec[name][0], dtype or spec[name][1], sharding=rep)
+    ids = arg("input_ids", (rows, PROMPT_TOKENS), jnp.int32)
+    mask = arg("input_ids", (rows, PROMPT_TOKENS), jnp.bool_)
+    dino = arg("images_dinov2") if "images_dinov2" in spec else None
+    with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+        traced = _generate.trace(params, ids, mask, arg("images_blip"), dino, arg("images_sam"), module=task.module,
+                                 max_new_tokens=InferenceConfig().max_new_tokens, eos=2, pad=0)
+        return traced, traced.lower(), params
+
+
+def compile_predict(cfg, target, verbose: bool = True, memory_gb: float = 0.0, json_path=None) -> dict:
+    """The plan of the predict program for one sample on ``target``; raises :class:`~.plan.PlanDoesNotFit`."""
+    target = as_target(target)
+    mesh = make_mesh(cfg.mesh, target.devices)
+    t0 = time.perf_counter()
+    traced, lowered, params = lower_predict(cfg, mesh)
+    compiled, need, avail = _compile(lowered, compiler_options(mesh))
+    budget = memory_gb * GB or avail or target.memory_bytes
+    report = {"program": "predict", "target": target.spec, "device_kind": target.devices[0].device_kind,
+              "platform": target.platform, "devices": target.num_devices, "mesh": dict(mesh.shape),
+              "memory_per_device_gb": budget / GB, "compile_s": time.perf_counter() - t0,
+              "weights_gb_total": sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params)) / GB, "remat": {}}
+    if compiled is None:
+        report.update({"fits": False, "per_device_memory_gb": need / GB})
+        _finish(report, json_path, verbose=False)
+        raise PlanDoesNotFit(not_fit_message(cfg, target, need, budget, mesh), report)
+    sz = _sizes(compiled)
+    cost = roofline.compiled_cost(compiled)
+    coll = roofline.collectives([roofline.hlo_text(compiled)])
+    flops, whiles = roofline.traced_flops(traced)   # the decode loop's body counts once (see the module doc)
+    est = roofline.estimate(flops / target.num_devices, cost["bytes"], sum(c["bytes"] for c in coll.values()),
+                            target.chip)
+    report.update({"per_device_memory_gb": sz["peak"] / GB, **{f"{k}_gb": v / GB for k, v in sz.items()},
+                   "step_tflops": flops / 1e12, "while_loops": whiles, "xla_step_tflops": roofline.lowered_flops(
+                       lowered) / 1e12, "step_bytes_per_device_gb": cost["bytes"] / GB,
+                   "collectives_per_step": coll,
+                   "estimate": {**est, "note": "roofline estimate of one predict call; not a measurement"}
+                   if est else {}})
+    report["fits"] = bool(budget == 0 or sz["peak"] <= budget)
+    _finish(report, json_path, verbose)
+    if not report["fits"]:
+        raise PlanDoesNotFit(not_fit_message(cfg, target, sz["peak"], budget, mesh), report)
+    return report
