@@ -6,8 +6,9 @@
 Parts (directories written by ``python -m convert``):
 
 * ``--blip2``: ``blip2_vision`` (hf-blip2 / lavis-blip2): ``vision_model``, ``qformer``, ``query_tokens``,
-  ``language_projection``. The Q-Former's instruction embeddings (InstructBLIP) are dropped: CALICO's
-  Q-Former reads no instruction text;
+  ``language_projection``. The Q-Former's instruction embeddings (InstructBLIP) are dropped unless
+  ``qformer_text_input`` is on (by default CALICO's Q-Former reads no instruction text); the part's ``tokenizer/``
+  (hf-blip2: InstructBLIP's Q-Former tokenizer) becomes ``OUT/tokenizer/qformer_tokenizer/``;
 * ``--dinov2``: ``dinov2`` (hf-dinov2 / dinov2) -> ``dinov2`` (needed when the CEM uses DINOv2);
 * ``--llm``: ``glamm_parts`` (glamm) -> ``llm``, ``sam``, ``text_hidden_fcs_0_*`` (and ``seg.token_id``
   from its tokenizer), or a plain ``llama`` (hf-llama) together with ``--sam`` (``sam`` / ``hf-sam``);
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 NEW_MODULES = r"cem/.*|cam_\d+/.*|cam_query_tokens(_\d+)?|llm/.*/lora_[ab]|text_hidden_fcs_0_[02]/.*"
-UNUSED = {r"qformer/embeddings/.*": "Q-Former instruction embeddings (CALICO's Q-Former reads no instruction text)"}
+UNUSED = {r"qformer/embeddings/.*": "Q-Former instruction embeddings (qformer_text_input is off: no instruction text)"}
 PART_MODELS = {"blip2": ("blip2_vision",), "dinov2": ("dinov2",), "llm": ("glamm_parts", "llama"), "sam": ("sam",)}
 
 
@@ -243,10 +244,13 @@ def run(args: argparse.Namespace) -> int:
     source = {"family": "calico-assemble", **{role: str(Path(getattr(args, role)).absolute())
                                               for role in parts}}
     tok = Path(args.llm) / "tokenizer"   # glamm copies its tokenizer there; predict/evaluate read it from OUT
+    qtok = Path(args.blip2) / "tokenizer"   # hf-blip2: InstructBLIP's Q-Former tokenizer (qformer_text_input)
     with checkpoints.atomic_directory(out, overwrite=args.overwrite) as tmp:
         pretrained.write(tmp, "calico", config, params, dtype=args.dtype, source=source)
         if tok.is_dir():
             shutil.copytree(tok, tmp / "tokenizer")
+        if qtok.is_dir():
+            shutil.copytree(qtok, tmp / "tokenizer" / "qformer_tokenizer")
     print(f"wrote {out}"
           + ("" if tok.is_dir() else f" (no tokenizer: {tok} is missing; add OUT/tokenizer/ for predict)"))
     return 0

@@ -108,3 +108,17 @@ def test_task_batch_spec_and_forward_shapes():
     out = jax.eval_shape(lambda p, b: task.forward(p, b, True), params, batch)
     assert out["logits"].shape[0] == 2
     assert "qformer_input_ids" not in CalicoTask(tiny.get_config(), plan_only=True).batch_spec(2)
+
+
+def test_hf_blip2_keeps_the_qformer_tokenizer(tmp_path):
+    """An InstructBLIP directory's qformer_tokenizer/ (InstructBlipProcessor.save_pretrained) -> OUT/tokenizer/."""
+    from tests.helpers import run_convert
+    from tests.test_convert_blip2 import hf_model
+    hf_model("instructblip").save_pretrained(tmp_path / "src")
+    build_tiny_qformer_tokenizer(tmp_path / "src" / "qformer_tokenizer")
+    rc, stdout, err = run_convert("hf-blip2", "--src", tmp_path / "src", "--out", tmp_path / "out")
+    assert rc == 0, err
+    assert "Q-Former tokenizer: " in stdout
+    tok = load_qformer_tokenizer(tmp_path / "out" / "tokenizer")
+    assert tok.convert_tokens_to_ids("##q") == load_qformer_tokenizer(tmp_path / "src" / "qformer_tokenizer") \
+        .convert_tokens_to_ids("##q")

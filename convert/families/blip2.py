@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from calico_jax.config import ConfigError
+from calico_jax.data.qformer_text import QFORMER_TOKENIZER_DIR
 from calico_jax.models.blip2 import Blip2VisionConfig
 from convert.families import Family
 from convert.io import Checkpoint, CheckpointError
@@ -96,7 +97,13 @@ def _plan(ckpt: Checkpoint, config_arg: str | None) -> Plan:
                  f"{config.text_hidden_size}-wide LLM tokens")
     notes.append("language_model.* is not converted here: run `python -m convert hf-llama` (issue 7) on the "
                  "language model")
-    return Plan("blip2_vision", config, tensors, unexpected, skipped, notes)
+    # InstructBlipProcessor.save_pretrained keeps the Q-Former's tokenizer in qformer_tokenizer/: it becomes
+    # OUT/tokenizer/ (calico-assemble moves it to OUT/tokenizer/qformer_tokenizer/, for qformer_text_input).
+    qtok = ckpt.path / QFORMER_TOKENIZER_DIR
+    files = sorted(p for p in qtok.iterdir() if p.is_file()) if qtok.is_dir() else []
+    if files:
+        notes.append(f"Q-Former tokenizer: {len(files)} file(s) from {qtok} copied to tokenizer/")
+    return Plan("blip2_vision", config, tensors, unexpected, skipped, notes, files=files)
 
 
 # ---- --verify -------------------------------------------------------------------------------------
