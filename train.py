@@ -7,9 +7,13 @@
 Rerunning the same command in the same workdir resumes from the newest checkpoint. SIGTERM
 (preemption) writes a final checkpoint and exits.
 
-Several hosts: every process runs the same command with ``--multihost`` (``jax.distributed.initialize()``
-reads the TPU / SLURM / Open MPI environment); each process loads its own shard of the data
-(``process_index::process_count``) and checkpoints may go to a bucket (``--config.checkpoint.directory=gs://…``):
+Several processes: every process runs the same command with ``--multihost`` (``jax.distributed.initialize()``
+reads the TPU / SLURM / Open MPI environment, or ``--coordinator_address/--num_processes/--process_id`` and the
+``JAX_COORDINATOR_ADDRESS``-style variables say it: :mod:`calico_jax.distributed`); each process loads its own
+block of every global batch, and checkpoints may go to a bucket (``--config.checkpoint.directory=gs://…``):
+
+    # N processes on this machine (tests, one process per GPU): sets the variables, implies --multihost
+    python -m calico_jax.launch --local 2 --devices-per-process 4 -- train.py --config configs/tiny.py --workdir W
 
     # TPU pod slice (all workers)
     gcloud compute tpus tpu-vm ssh $TPU --zone $ZONE --worker=all --command \
@@ -28,6 +32,7 @@ import sys
 
 def main(argv=None, on_step=None) -> int:
     """``on_step(step)``: called after every training step (tests inject faults with it)."""
+    from calico_jax import distributed
     from calico_jax.train.config import ConfigError, load, split_overrides
     overrides, rest = split_overrides(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -38,16 +43,21 @@ def main(argv=None, on_step=None) -> int:
                     help="print params_total/params_trainable/trainable_fraction/forward_tflops (no weights)")
     ap.add_argument("--devices", type=int, default=0, help="with --compile_only: simulated device count")
     ap.add_argument("--platform", default=None, help="with --compile_only/--dry_run: jax platform (default cpu)")
-    ap.add_argument("--multihost", action="store_true", help="call jax.distributed.initialize() first")
+    distributed.add_arguments(ap)
     args = ap.parse_args(rest)
+    try:
+        spec = distributed.spec_from(args)
+    except distributed.DistributedError as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        return 2
     if args.compile_only or args.dry_run:
         os.environ.setdefault("JAX_PLATFORMS", args.platform or "cpu")
         if args.devices:
             import jax
             jax.config.update("jax_num_cpu_devices", args.devices)
     import jax
-    if args.multihost:
-        jax.distributed.initialize()
+    if spec is not None:
+        distributed.initialize(spec)
     try:
         cfg = load(args.config, overrides)
     except ConfigError as e:
@@ -63,12 +73,16 @@ def main(argv=None, on_step=None) -> int:
         return 0
     if not args.workdir:
         ap.error("--workdir is required (unless --compile_only)")
+    from calico_jax.train.checkpoint import CheckpointError
     from calico_jax.train.loop import NonFiniteError, train
     try:
         out = train(cfg, args.workdir, on_step=on_step)
     except NonFiniteError as e:
         print(f"train.py: stopped: {e}", file=sys.stderr)
         return 3
+    except CheckpointError as e:   # disk full, a failed writer: the previous checkpoints stay readable
+        print(f"train.py: stopped: {e}", file=sys.stderr)
+        return distributed.leave(4)
     print(f"done: step {out['step']}" + (" (preempted: final checkpoint written)" if out["preempted"] else ""))
     return 0
 

@@ -113,10 +113,11 @@ def test_two_process_shards_are_disjoint_and_cover_the_global_batch(runs):
         ids = [set(s[step]["sample_index"].tolist()) for s in shards]
         assert len(ids[0]) == len(ids[1]) == 2 and ids[0].isdisjoint(ids[1])
         assert ids[0] | ids[1] == set(full["sample_index"].tolist())
-        # Same rows, same pixels: process p holds global rows p, p + 2 of the single-process batch.
+        # Same rows, same pixels: process p holds global rows [2p, 2p + 2) of the single-process batch (the rows
+        # jax.make_array_from_process_local_data places on its devices).
         for p in range(2):
-            np.testing.assert_array_equal(shards[p][step]["input_ids"], full["input_ids"][p::2])
-            np.testing.assert_array_equal(shards[p][step]["images_sam"], full["images_sam"][p::2])
+            np.testing.assert_array_equal(shards[p][step]["input_ids"], full["input_ids"][2 * p:2 * p + 2])
+            np.testing.assert_array_equal(shards[p][step]["images_sam"], full["images_sam"][2 * p:2 * p + 2])
 
 
 def test_non_zero_process_builds_nothing_and_waits_at_the_barrier(tmp_path, monkeypatch):

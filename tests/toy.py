@@ -13,6 +13,7 @@ import numpy as np
 
 from calico_jax import layers
 from calico_jax.config import Config
+from calico_jax.data.pipeline import shard
 from calico_jax.losses import LossConfig, causal_lm_loss, mask_losses
 from calico_jax.train.config import DataConfig, ExperimentConfig
 from calico_jax.train.task import Task, eval_rows
@@ -114,7 +115,9 @@ class ToyTask(Task):
         if not self.nan_idx:
             ds = ds.seed(cfg.seed).shuffle().repeat(None)
         ds = ds.map(self._example(cfg.seed, self.nan_idx))
-        ds = ds[process_index::process_count].to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+        block = cfg.batch_size // cfg.optim.grad_accum // process_count   # this process's rows of a micro-batch
+        ds = shard(ds, process_index, process_count, block)
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
         return ds.batch(cfg.batch_size // process_count, drop_remainder=True)
 
     def batch_spec(self, rows: int) -> dict:
@@ -127,10 +130,11 @@ class ToyTask(Task):
         return True
 
     def eval_dataset(self, process_index: int, process_count: int):
-        """Held-out: examples of seed + 1, the same ones at every evaluation, this process's rows."""
-        make, rows = self._example(self.cfg.seed + 1, frozenset()), eval_rows(self.cfg, 1)
+        """Held-out: examples of seed + 1, the same ones at every evaluation, this process's block of rows."""
+        make, rows = self._example(self.cfg.seed + 1, frozenset()), eval_rows(self.cfg, process_count)
         for b in range(self.cfg.data.eval_batches):
-            items = [make.map(i) for i in range(b * rows + process_index, (b + 1) * rows, process_count)]
+            first = (b * process_count + process_index) * rows
+            items = [make.map(i) for i in range(first, first + rows)]
             yield {k: np.stack([x[k] for x in items]) for k in items[0]}
 
     def eval_metrics(self, params, batch):   # no noise (rng None); batch means weighted by rows

@@ -9,10 +9,15 @@ Stages (grain 0.2 dataset API)::
       .random_map(Augment)                     seeded per element: h-flip (image and its masks together),
                                                colour jitter (image only)
       .map(Process)                            BLIP / DINOv2 / SAM processors, mask transform, padding
-      [process_index::process_count]           per-process shard
+      BlockShard(process_index, process_count) per-process shard: block i of every batch (see below)
       .to_iter_dataset(ReadOptions)            skips samples whose image failed to load (logged, named)
       .batch(batch_size)                       stacks: every element already has the static shapes
       .mp_prefetch(workers)                    optional (worker_count > 0)
+
+Sharding over processes: element ``k`` of process ``i``'s stream is element
+``(k // b) * n * b + i * b + k % b`` of the global one (``n`` processes, ``b`` = ``shard_block`` rows: a
+micro-batch's rows per process), so process ``i`` reads rows ``[i*b, (i+1)*b)`` of every global micro-batch -- the
+rows its devices hold -- and the global batches are those of one process reading everything, in order.
 
 Batch dict (B = batch_size per process, N = max_images, S = max_segs, T = max_tokens)::
 
@@ -100,6 +105,7 @@ class PipelineConfig:
     prefetch_buffer_size: int = 8
     worker_count: int = 0                # > 0: grain mp_prefetch processes
     worker_buffer_size: int = 2
+    shard_block: int = 0                 # rows per process of one global micro-batch; 0 = batch_size
 
 
 # -------------------------------------------------------------------------------------- records
@@ -225,6 +231,34 @@ class Process(grain.transforms.Map):
 
 
 # ------------------------------------------------------------------------------------- pipeline
+class BlockShard(grain.MapDataset):
+    """Block ``index`` of ``count`` of every ``count * block`` consecutive elements of ``parent`` (a process's
+    contiguous rows of each global micro-batch; ``[index::count]`` would interleave them)."""
+
+    def __init__(self, parent: grain.MapDataset, index: int, count: int, block: int):
+        super().__init__(parent)
+        if not 0 <= index < count or block < 1:
+            raise ValueError(f"BlockShard: block {index} of {count} with {block} rows is not a shard")
+        self._index, self._count, self._block = index, count, block
+        self._length = len(parent) // (count * block) * block
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.slice(i)
+        group, row = divmod(i, self._block)
+        return self._parent[(group * self._count + self._index) * self._block + row]
+
+    def __str__(self) -> str:
+        return f"BlockShard(block {self._index} of {self._count}, {self._block} rows)"
+
+
+def shard(ds: grain.MapDataset, index: int, count: int, block: int) -> grain.MapDataset:
+    return ds if count == 1 else BlockShard(ds, index, count, block)
+
+
 class Pipeline:
     """Builds the grain dataset for one process. ``report`` holds the samples dropped up front."""
 
@@ -251,7 +285,7 @@ class Pipeline:
         if cfg.hflip or cfg.color_jitter:
             ds = ds.random_map(Augment(cfg.hflip, cfg.color_jitter))
         ds = ds.map(Process(cfg, self.pad_id))
-        return ds[self.process_index::self.process_count]
+        return shard(ds, self.process_index, self.process_count, cfg.shard_block or cfg.batch_size)
 
     def dataset(self) -> grain.IterDataset:
         cfg = self.cfg

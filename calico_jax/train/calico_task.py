@@ -145,7 +145,8 @@ class CalicoTask(Task):
                        "num_masks": parts["num_masks"].astype(jnp.float32), "token_accuracy": parts["token_accuracy"]}
 
     def dataset(self, process_index: int, process_count: int):
-        per_process = dataclasses.replace(self.pcfg, batch_size=self.cfg.batch_size // process_count)
+        rows = self.cfg.batch_size // process_count   # shard_block: this process's rows of each micro-batch
+        per_process = dataclasses.replace(self.pcfg, batch_size=rows, shard_block=rows // self.cfg.optim.grad_accum)
         ds = Pipeline(self.pairs, self.tokenizer, per_process, process_index, process_count).dataset()
         return self.with_qformer_text(ds, self.pairs)
 

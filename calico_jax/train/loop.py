@@ -5,11 +5,18 @@ step: :mod:`calico_jax.train.trainer`, :mod:`calico_jax.train.step`); 5. restore
 fresh; 6. steps: log, evaluate, checkpoint, stop on SIGTERM (a final checkpoint) or on too many non-finite steps.
 
 Rerunning in the same workdir resumes exactly (params, optimizer, RNG, data order).
+
+Several processes (:mod:`calico_jax.distributed`): each one feeds the block of every global batch its devices
+hold (:func:`~calico_jax.distributed.batch_block`: process ``i`` of ``n`` reads rows ``[i*B/n, (i+1)*B/n)`` of each
+micro-batch), so the global batches -- rows in order -- are those of a one-process run; process 0 alone writes
+``config.json``, ``metrics.jsonl`` and the progress bar; a SIGTERM to any process stops all of them after the same
+step (one small collective per step) with a final checkpoint.
 """
 from __future__ import annotations
 
 import logging
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +24,7 @@ from typing import Any
 
 import jax
 
+from calico_jax import distributed
 from calico_jax.train import config as config_lib
 from calico_jax.train import tasks as tasks_lib
 from calico_jax.train.checkpoint import Checkpointer
@@ -42,7 +50,9 @@ def train(cfg, workdir: str | Path, task: Task | None = None, eval_fn: Callable[
     # 1. workdir
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    config_lib.save(cfg, workdir)
+    first = jax.process_index() == 0
+    if first:
+        config_lib.save(cfg, workdir)
     # 2. mesh
     devices = jax.devices()[:cfg.num_devices] if cfg.num_devices > 0 else jax.devices()
     mesh = make_mesh(cfg.mesh, devices)
@@ -53,10 +63,13 @@ def train(cfg, workdir: str | Path, task: Task | None = None, eval_fn: Callable[
         eval_fn = make_evaluator(tr)   # None when the task does not evaluate
     # 5. checkpoint
     ckpt = Checkpointer(cfg.checkpoint.directory or workdir / "checkpoints", cfg.checkpoint)
-    data_it = iter(task.dataset(jax.process_index(), jax.process_count()))
+    data_it = iter(task.dataset(*data_shard(tr)))
     with tr.context():
-        restored = ckpt.restore_latest(tr.abstract_state, data_it)
+        restored = ckpt.restore_latest(tr.abstract_state, data_it, global_rows=cfg.batch_size)
     state, meta = restored if restored is not None else (None, {})
+    if restored is not None and first:
+        print(f"train: resuming from checkpoint step {int(state['step'])} in {ckpt.directory}", file=sys.stderr,
+              flush=True)
     (fresh, frozen), source = load_frozen(tr, meta.get("frozen_source"))
     state = fresh if state is None else state
     meta = {"frozen_source": source, "config": cfg.name}
@@ -64,18 +77,23 @@ def train(cfg, workdir: str | Path, task: Task | None = None, eval_fn: Callable[
     if record is not None:
         meta["model"] = record
     # 6. steps
-    run = _Run(cfg, tr, ckpt, MetricsFile(workdir / "metrics.jsonl", int(state["step"]), workdir / "tensorboard"),
-               eval_fn, on_step, meta, len(devices), int(state["skipped"]))
+    metrics = (MetricsFile(workdir / "metrics.jsonl", int(state["step"]), workdir / "tensorboard") if first
+               else _NoMetrics())
+    run = _Run(cfg, tr, ckpt, metrics, eval_fn, on_step, meta, len(devices), int(state["skipped"]))
     stop = {"signal": None}
     prev = signal.signal(signal.SIGTERM, lambda sig, _: stop.update(signal=sig))
-    bar = tqdm(total=cfg.total_steps, initial=int(state["step"]), disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.total_steps, initial=int(state["step"]), disable=not (cfg.progress and first),
+               dynamic_ncols=True)
+    preempted = False
     try:
         for step in range(int(state["step"]), cfg.total_steps):
             state, rec = run.step(state, frozen, next(data_it), step + 1)
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", ex_s=f"{rec['examples_per_s']:.1f}")
-            run.after_step(step + 1, state, frozen, data_it, lambda: stop["signal"] is not None)
-            if stop["signal"] is not None:
+            # One decision for every process (a signal may reach them during different steps).
+            if run.after_step(step + 1, state, frozen, data_it,
+                              lambda: distributed.any_process(stop["signal"] is not None)):
+                preempted = True
                 log.warning("SIGTERM: saved a final checkpoint at step %d", step + 1)
                 break
     finally:
@@ -85,8 +103,28 @@ def train(cfg, workdir: str | Path, task: Task | None = None, eval_fn: Callable[
         signal.signal(signal.SIGTERM, prev)
         if hasattr(data_it, "close"):
             data_it.close()
-    return {"step": int(state["step"]), "last": run.last, "preempted": stop["signal"] is not None,
+    return {"step": int(state["step"]), "last": run.last, "preempted": preempted,
             "state": state, "frozen": frozen, "skipped": run.skipped, "trainer": tr}
+
+
+def data_shard(tr) -> tuple[int, int]:
+    """(block, blocks) of every micro-batch this process feeds; the loop requires block = process index."""
+    block, blocks = distributed.batch_block(tr.batch_sh, tr.cfg.batch_size // tr.cfg.optim.grad_accum)
+    if (block, blocks) != (jax.process_index(), jax.process_count()):
+        raise ValueError(f"process {jax.process_index()} of {jax.process_count()} holds batch block {block} of "
+                         f"{blocks}: each process must hold its own block (mesh {tr.cfg.mesh} over devices ordered "
+                         "by process)")
+    return block, blocks
+
+
+class _NoMetrics:
+    """The metrics file of processes other than 0 (every value is global: process 0 writes it)."""
+
+    def write(self, rec: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _Run:
@@ -127,12 +165,16 @@ class _Run:
                 f"{steps[-1] if steps else 'none'}. Lower optim.learning_rate or inspect the data around this step.")
         return state, rec
 
-    def after_step(self, s: int, state, frozen, data_it, stopping: Callable[[], bool]) -> None:
+    def after_step(self, s: int, state, frozen, data_it, stop_requested: Callable[[], bool]) -> bool:
+        """Evaluation, the test hook, the checkpoint; returns whether training stops here (SIGTERM)."""
         cfg = self.cfg
         if self.eval_fn is not None and cfg.eval_every and s % cfg.eval_every == 0:
             evals = self.eval_fn(state, frozen, s)
             self.metrics.write({"step": s, **{f"eval_{k}": float(v) for k, v in evals.items()}})
         if self.on_step is not None:
             self.on_step(s)
-        if s % cfg.checkpoint_every == 0 or s == cfg.total_steps or stopping():
+        self.ckpt.check()
+        stopping = stop_requested()
+        if s % cfg.checkpoint_every == 0 or s == cfg.total_steps or stopping:
             self.ckpt.save(s, state, data_it, self.meta)
+        return stopping
