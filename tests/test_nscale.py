@@ -22,6 +22,6 @@ def test_demo_metrics_without_a_model_and_table(tmp_path):
              "latency_range_ms": [1.0, 3.0]} for n in (2, 3)]
     demo = [{"N": 2, "samples": 3, "AP50": 50.0, "mIoU": 40.0, "Recall": 30.0, "SS": 90.0, "S-IoU": 80.0}]
     lines = nscale.markdown(cost, demo, note).splitlines()
-    assert lines[2] == "| 2 | 20.0 | 0.020 | 2.0 (1.0–3.0) | 3 | 50.0 | 40.0 | 30.0 | 90.0 | 80.0 |"
-    assert lines[3] == "| 3 | 30.0 | 0.030 | 2.0 (1.0–3.0) | — | — | — | — | — | — |"
+    assert lines[2] == "| 2 | 20.0 | 0.020 | 1.0 / 2.0 | 3 | 50.0 | 40.0 | 30.0 | 90.0 | 80.0 |"
+    assert lines[3] == "| 3 | 30.0 | 0.030 | 1.0 / 2.0 | — | — | — | — | — | — |"
     assert lines[-1] == note
