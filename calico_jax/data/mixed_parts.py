@@ -51,8 +51,7 @@ from pathlib import Path
 
 from calico_jax.data.coco_parts import clean_name
 from calico_jax.data.coco_reader import _read_json
-from calico_jax.data.pairs import PREFIX, TASKS, _check_image, _images_phrase
-from calico_jax.data.pairs_io import validate_sample
+from calico_jax.data.pairs_io import PREFIX, TASKS, _check_image, _images_phrase, validate_sample
 from calico_jax.data.report import DataError, Report
 from calico_jax.data.rle import rle_area, to_rle
 

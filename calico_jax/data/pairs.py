@@ -37,7 +37,6 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from PIL import Image
 from tqdm import tqdm
 
 from calico_jax.data.coco_parts import (
@@ -50,10 +49,18 @@ from calico_jax.data.coco_parts import (
     rle_area,
     rle_union,
 )
-from calico_jax.data.pairs_io import SEG_RE, Pairs, read_pairs, validate_sample, write_pairs
+from calico_jax.data.pairs_io import (
+    PREFIX,
+    SEG_RE,
+    TASKS,
+    Pairs,
+    _check_image,
+    _images_phrase,
+    read_pairs,
+    validate_sample,
+    write_pairs,
+)
 
-TASKS = ("common_object", "common_parts", "unique_parts")
-PREFIX = "{images} provide an overview of the pictures. "
 QUESTIONS = {
     "common_object": ["Can you segment the common object in these images?",
                       "What object appears in all of these images? Please output segmentation masks.",
@@ -94,40 +101,12 @@ class _View:
     rles: list
 
 
-def _images_phrase(n: int) -> str:
-    tags = [f"<image> (IMAGE{k + 1})" for k in range(n)]
-    return "The " + (tags[0] if n == 1 else ", ".join(tags[:-1]) + " and " + tags[-1])
-
-
 def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def _article(word: str) -> str:
     return "an" if word[:1] in "aeiou" else "a"
-
-
-def _check_image(path: Path, hw: tuple[int, int], record: str, mode: str, report: Report) -> bool:
-    if mode == "none":
-        return True
-    if not path.is_file():
-        report.skip("missing_image", record, str(path))
-        return False
-    if mode == "exists":
-        return True
-    try:
-        with Image.open(path) as im:
-            size = (im.height, im.width)
-            rotated = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))   # fast JPEG decode, still full read
-            im.load()
-    except Exception as e:  # noqa: BLE001 -- PIL raises many types on corrupt files
-        report.skip("corrupt_image", record, f"{path}: {type(e).__name__}: {e}")
-        return False
-    if tuple(hw) != size and not (rotated and tuple(hw) == size[::-1]):
-        report.skip("image_size_mismatch", record, f"file {size} != annotation {tuple(hw)}")
-        return False
-    return True
 
 
 class PairBuilder:

@@ -1,4 +1,6 @@
-"""MixedParts-style pairs files: the JSON schema, the writer and the (validating) reader.
+"""MixedParts-style pairs files: the JSON schema (tasks, prompt prefix), the writer, the (validating) reader and
+the image check, shared by the pair builder (:mod:`calico_jax.data.pairs`) and the MixedParts converter
+(:mod:`calico_jax.data.mixed_parts`).
 
 JSON schema (``format: "calico_jax.pairs"``, ``version: 1``)::
 
@@ -25,11 +27,42 @@ import re
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from calico_jax.data.report import DataError
+from calico_jax.data.report import DataError, Report
 from calico_jax.data.rle import decode
 
 SEG_RE = re.compile(r"\[SEG\] \(IMAGE(\d+)\)")
+TASKS = ("common_object", "common_parts", "unique_parts")
+PREFIX = "{images} provide an overview of the pictures. "   # the first user turn's start, before the question
+
+
+def _images_phrase(n: int) -> str:
+    tags = [f"<image> (IMAGE{k + 1})" for k in range(n)]
+    return "The " + (tags[0] if n == 1 else ", ".join(tags[:-1]) + " and " + tags[-1])
+
+
+def _check_image(path: Path, hw: tuple[int, int], record: str, mode: str, report: Report) -> bool:
+    if mode == "none":
+        return True
+    if not path.is_file():
+        report.skip("missing_image", record, str(path))
+        return False
+    if mode == "exists":
+        return True
+    try:
+        with Image.open(path) as im:
+            size = (im.height, im.width)
+            rotated = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))   # fast JPEG decode, still full read
+            im.load()
+    except Exception as e:  # noqa: BLE001 -- PIL raises many types on corrupt files
+        report.skip("corrupt_image", record, f"{path}: {type(e).__name__}: {e}")
+        return False
+    if tuple(hw) != size and not (rotated and tuple(hw) == size[::-1]):
+        report.skip("image_size_mismatch", record, f"file {size} != annotation {tuple(hw)}")
+        return False
+    return True
 
 
 def write_pairs(data: dict, out) -> Path:
@@ -108,4 +141,4 @@ def read_pairs(path, validate: bool = True, images_root: str | dict[int, str] | 
     return Pairs(data, images_root)
 
 
-__all__ = ["SEG_RE", "Pairs", "read_pairs", "write_pairs", "validate_sample"]
+__all__ = ["SEG_RE", "TASKS", "PREFIX", "Pairs", "read_pairs", "write_pairs", "validate_sample"]
