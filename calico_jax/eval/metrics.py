@@ -16,8 +16,10 @@ switch, and three presets (``MetricConfig.preset(name)``, ``python -m calico_jax
   SS / S-IoU, which GLaMM does not compute, keep the ``calico`` switches. Compare with GLaMM-style numbers
   (the paper's AP50 / mIoU / Recall columns for GLaMM-derived baselines).
 * ``osprey``: Osprey's SS / S-IoU literally: pooled over every GT mask (``label_average="pooled"``) with
-  Osprey's label cleaning (``label_cleaning="osprey"``, :mod:`calico_jax.eval.labels`). The mask metrics
-  keep the ``calico`` switches. Compare with Osprey-style SS / S-IoU numbers.
+  Osprey's label cleaning (``label_cleaning="osprey"``, :mod:`calico_jax.eval.labels`). Which predicted label
+  a GT mask is scored with stays ``label_pairing``: Osprey asks its model about each GT mask, which a model
+  that grounds its own answer is not. The mask metrics keep the ``calico`` switches. Compare with
+  Osprey-style SS / S-IoU numbers.
 
 The metrics:
 
