@@ -73,6 +73,8 @@ def records():
         {**good[0], "a": "The images show a dog_301."},                                    # bad_code
         {**good[0], "q": "Look at these."},                                                # unknown_task
         {**good[0], "q": 5},                                                               # bad_record
+        {**good[0], "groundings": {"img_1": [grounding("dog", {"size": "a", "counts": "b"})],
+                                   "img_2": good[0]["groundings"]["img_2"]}},              # bad_record
     ]
     return good, bad
 
@@ -125,10 +127,10 @@ def test_convert_hand_made_records(files, tmp_path, capsys):
     assert pairs.main(cli(files, "all.json", "--out", str(out))) == 0
     data = json.loads(out.read_text())
     p = read_pairs(out, images_root=None)   # validates every sample's [SEG] / identifier / mask references
-    assert data["report"]["counts"] == {"bad_code": 1, "bad_record": 1, "mask_outside_image": 2,
+    assert data["report"]["counts"] == {"bad_code": 1, "bad_record": 2, "mask_outside_image": 2,
                                         "missing_grounding": 1, "unknown_image_id": 1, "unknown_source": 1,
                                         "unknown_task": 1}
-    assert "skipped: 8" in capsys.readouterr().out
+    assert "skipped: 9" in capsys.readouterr().out
     s0, s1, s2 = p.samples
     assert [s["task"] for s in p.samples] == ["common_object", "common_parts", "unique_parts"]
     assert s0["answer"] == "The images show a <p> dog </p> [SEG] (IMAGE1) and a <p> dog </p> [SEG] (IMAGE2)."

@@ -79,6 +79,8 @@ class Source:
         return None
 
     def object_class(self, ann_id, image_id) -> str | None:
+        if not isinstance(ann_id, (int, str)):
+            return None
         for anns in self.anns:
             a = anns.get(ann_id, anns.get(_as_int(ann_id)))
             if a is not None and a.get("image_id") == image_id and a.get("category_id") in self.cats:
@@ -108,13 +110,15 @@ def load_sources(coco: list[tuple[str, str]], images: dict[str, str]) -> dict[st
         src = out.setdefault(name, Source(name, len(out), [], str(root)))
         data = _read_json(path)
         src.paths.append(str(path))
-        for im in data["images"]:
-            if isinstance(im, dict):
-                src.images.setdefault(im.get("id"), im)
-        src.anns.append({a.get("id"): a for a in data["annotations"] if isinstance(a, dict)})
-        for c in data.get("categories", []) or []:
-            if isinstance(c, dict):
-                src.cats.setdefault(c.get("id"), c)
+        for im in data["images"]:   # entries without a usable id are unreachable, not an error
+            if isinstance(im, dict) and isinstance(im.get("id"), (int, str)):
+                src.images.setdefault(im["id"], im)
+        src.anns.append({a["id"]: a for a in data["annotations"]
+                         if isinstance(a, dict) and isinstance(a.get("id"), (int, str))})
+        cats = data.get("categories")
+        for c in cats if isinstance(cats, list) else []:
+            if isinstance(c, dict) and isinstance(c.get("id"), (int, str)):
+                src.cats.setdefault(c["id"], c)
     unknown = sorted(set(images) - set(out) - {""})
     if unknown:
         raise DataError(f"--images: sources {unknown} have no --coco file")
@@ -164,6 +168,8 @@ class MixedPartsConverter:
         raise _Skip
 
     def _image(self, src: Source, iid, k: int, rec: str) -> dict:
+        if not isinstance(iid, (int, str)) or isinstance(iid, bool):
+            self._skip("bad_record", rec, f"img_ids[{k}]={iid!r}: expected an int or string id")
         im = src.image(iid)
         if im is None:
             self._skip("unknown_image_id", rec, f"img_ids[{k}]={iid!r} is not an image of {', '.join(src.paths)}")
@@ -172,6 +178,8 @@ class MixedPartsConverter:
                     "height": int(im["height"]), "width": int(im["width"])}
         except (KeyError, TypeError, ValueError) as e:
             self._skip("bad_record", rec, f"img_ids[{k}]={iid!r}: its COCO image entry lacks or mistypes {e}")
+        if info["height"] <= 0 or info["width"] <= 0:
+            self._skip("bad_record", rec, f"img_ids[{k}]={iid!r}: COCO image size {info['height']}x{info['width']}")
         key = (src.index, info["image_id"])
         if key not in self._image_ok:   # each image checked once, reported once
             self._image_ok[key] = _check_image(Path(src.root) / info["file"], (info["height"], info["width"]),
@@ -207,7 +215,12 @@ class MixedPartsConverter:
             if not isinstance(g, dict) or "segmentation" not in g or not isinstance(g.get("name"), str):
                 self._skip("bad_record", rec, f"{where}: needs 'segmentation' and a string 'name'")
             info = infos[img - 1]
-            rle = to_rle(g["segmentation"], info["height"], info["width"], f"{rec} {where}", self.report)
+            try:
+                rle = to_rle(g["segmentation"], info["height"], info["width"], f"{rec} {where}", self.report)
+            except DataError:   # --strict: to_rle's own report of a mask outside the image, an empty one, ...
+                raise
+            except (TypeError, ValueError, OverflowError) as e:   # malformed counts / coordinates
+                self._skip("bad_record", rec, f"{where}.segmentation: {type(e).__name__}: {e}"[:300])
             if rle is None:
                 raise _Skip
             phrase, kind = display_name(g["name"]), "object" if len(digits) == 3 else "part"
