@@ -2,6 +2,7 @@
 
     python train.py --config configs/tiny.py [--config.key=value ...] --workdir DIR
     python train.py --config configs/calico_7b.py --compile_only --devices 8 [--platform cpu]
+    python train.py --config configs/calico_7b.py --compile_only --target v5p:2x2x1 [--plan_json FILE] [--search]
     python train.py --config configs/calico_7b.py --dry_run     # params + forward TFLOPs, no weights
 
 Rerunning the same command in the same workdir resumes from the newest checkpoint. SIGTERM
@@ -44,6 +45,17 @@ def main(argv=None, on_step=None) -> int:
     ap.add_argument("--devices", type=int, default=0, help="with --compile_only: simulated device count")
     ap.add_argument("--platform", default=None, help="with --compile_only/--dry_run: jax platform (default cpu)")
     distributed.add_arguments(ap)
+    ap.add_argument("--target", default="", help="with --compile_only: cpu:N, a TPU topology (v5p:2x2x1, v5e:2x4, "
+                    "v4:2x2x1, v5e:2x2,slices=2; extra tpu-aot) or a GPU node (h100:8, h200:8, a100-80g:8, "
+                    "a100-40g:8; extra gpu-aot)")
+    ap.add_argument("--program", default="train", choices=("train", "predict"),
+                    help="with --compile_only: the train step, or the predict program (prefill + decode, 1 sample)")
+    ap.add_argument("--plan_json", default="", help="with --compile_only: also write the plan as JSON here")
+    ap.add_argument("--memory_gb", type=float, default=0.0, help="with --compile_only: memory per device "
+                    "(default: the target chip's)")
+    ap.add_argument("--search", action="store_true", help="with --compile_only --target: try a small grid of "
+                    "meshes / remat / micro-batches, print the setting that fits with the best estimate")
+    ap.add_argument("--plan_cache", default="", help="with --search: cache dir (default ~/.cache/calico_jax/plans)")
     args = ap.parse_args(rest)
     try:
         spec = distributed.spec_from(args)
@@ -52,6 +64,10 @@ def main(argv=None, on_step=None) -> int:
         return 2
     if args.compile_only or args.dry_run:
         os.environ.setdefault("JAX_PLATFORMS", args.platform or "cpu")
+        from calico_jax.train.targets import aot_environment
+        aot_environment()
+        if args.target.startswith("cpu:"):
+            args.devices = int(args.target[4:] or 0)
         if args.devices:
             import jax
             jax.config.update("jax_num_cpu_devices", args.devices)
@@ -68,9 +84,8 @@ def main(argv=None, on_step=None) -> int:
         dry_run(cfg)
         return 0
     if args.compile_only:
-        from calico_jax.train.plan import compile_only
-        compile_only(cfg, args.devices or len(jax.devices()))
-        return 0
+        from calico_jax.train.plan_cli import run_plan
+        return run_plan(cfg, args)
     if not args.workdir:
         ap.error("--workdir is required (unless --compile_only)")
     from calico_jax.train.checkpoint import CheckpointError
