@@ -131,3 +131,22 @@ def test_extraction_layer_not_mha(model, tmp_path):
                              "--config", _settings(tmp_path, cfg))
     assert rc == 2 and "extraction_layer: keys ['norm.weight'] are not nn.MultiheadAttention's" in err, err
 
+
+
+def test_dinov2_preset_from_shapes(tmp_path):
+    """model.dino_model width, depth and registers name the torch-hub preset (headers only)."""
+    from safetensors.numpy import save_file
+
+    from convert.families.calico_checks import dinov2_preset
+    from convert.io import open_checkpoint
+    state = {"model.dino_model.cls_token": np.zeros((1, 1, 768), np.float32),
+             "model.dino_model.register_tokens": np.zeros((1, 4, 768), np.float32),
+             **{f"model.dino_model.blocks.{i}.norm1.weight": np.zeros(768, np.float32) for i in range(12)}}
+    save_file(state, tmp_path / "x.safetensors")
+    ckpt = open_checkpoint(tmp_path / "x.safetensors")
+    name, cfg = dinov2_preset(ckpt, {k: k for k in ckpt.keys()})
+    assert name == "dinov2_vitb14_reg" and cfg == CalicoConfig().dinov2.to_dict()   # the 7B default
+    del state["model.dino_model.register_tokens"]
+    save_file(state, tmp_path / "y.safetensors")
+    ckpt = open_checkpoint(tmp_path / "y.safetensors")
+    assert dinov2_preset(ckpt, {k: k for k in ckpt.keys()})[0] == "dinov2_vitb14"
