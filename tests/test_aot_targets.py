@@ -161,7 +161,7 @@ def test_over_budget_on_a_memory_budget_and_the_hints(capsys):
     msg = not_fit_message(small_calico({"data": 1, "fsdp": 4, "tensor": 1}), T(), 20 * 1024 ** 3,
                           15.75 * 1024 ** 3, mesh)
     assert "needs 20.00 GiB per device, 15.75 GiB available" in msg
-    assert "--config.model.llm.remat=full" in msg and "FSDP" not in msg
+    assert "--config.model.llm.remat=full, --config.model.vision.qformer.remat=full" in msg and "FSDP" not in msg
 
 
 def test_missing_extra_names_it(monkeypatch):

@@ -40,6 +40,11 @@ REMAT_FIELDS = {"llm": "model.llm.remat", "vision": "model.vision.vision.remat",
                 "dinov2": "model.dinov2.remat", "qformer": "model.vision.qformer.remat", "clip": "model.clip.remat"}
 
 
+# Towers the backward pass goes through (LoRA in the LLM, the CAMs re-query the Q-Former): only their remat saves
+# memory; the frozen encoders keep no activations for a backward pass.
+BACKWARD_TOWERS = ("llm", "qformer")
+
+
 class PlanDoesNotFit(RuntimeError):
     """The plan needs more memory per device than the target has; ``str()`` is the one-line answer."""
 
@@ -207,11 +212,9 @@ def not_fit_message(cfg, target, need: float, avail: float, mesh) -> str:
     if mesh.shape["fsdp"] * tensor < n:
         hints.append(f"FSDP over all {n} devices (--config.mesh='{{\"data\": 1, \"fsdp\": {n // tensor}, "
                      f"\"tensor\": {tensor}}}')")
-    plain = [t for t, p in _remat(cfg).items() if p == "none" and t in REMAT_FIELDS]
+    plain = [t for t in BACKWARD_TOWERS if _remat(cfg).get(t) == "none"]
     if plain:
-        first = "llm" if "llm" in plain else plain[0]
-        hints.append(f"remat per tower (--config.{REMAT_FIELDS[first]}=full; also "
-                     f"{', '.join(t for t in plain if t != first) or 'none left'})")
+        hints.append("remat per tower (" + ", ".join(f"--config.{REMAT_FIELDS[t]}=full" for t in plain) + ")")
     accum, shards = cfg.optim.grad_accum, mesh.shape["data"] * mesh.shape["fsdp"]
     micro = cfg.batch_size // accum // shards
     if micro > 1 and cfg.batch_size % (accum * 2 * shards) == 0:

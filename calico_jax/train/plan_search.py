@@ -15,17 +15,20 @@ from importlib import metadata
 from pathlib import Path
 
 from calico_jax.train.config import apply_overrides
-from calico_jax.train.plan import REMAT_FIELDS, PlanDoesNotFit, compile_only
+from calico_jax.train.plan import BACKWARD_TOWERS, REMAT_FIELDS, PlanDoesNotFit, compile_only
 
 DEFAULT_CACHE = Path("~/.cache/calico_jax/plans")
-REMAT_SETS = {"all": ("llm", "vision", "sam", "dinov2", "qformer", "clip"), "llm": ("llm",), "none": ()}
+REMAT_SETS = {"llm+qformer": BACKWARD_TOWERS, "llm": ("llm",), "none": ()}
 
 
 def candidates(cfg, n: int) -> list[tuple[str, list[tuple[str, str]]]]:
     """(label, --config overrides) from the least memory per device to the most."""
-    meshes = [(1, n, 1)] + ([(1, n // 2, 2), (2, n // 2, 1)] if n >= 4 and n % 2 == 0 else [])
+    # FSDP over all devices first; pure data parallelism last (replicated frozen weights: most memory, but no
+    # per-micro-step all-gathers of them, which bound the FSDP step on 8 x H100: bench/results/aot.md)
+    meshes = [(1, n, 1)] + ([(1, n // 2, 2), (2, n // 2, 1)] if n >= 4 and n % 2 == 0 else []) + [(n, 1, 1)]
+    meshes = list(dict.fromkeys(meshes))   # n = 1: one mesh
     grid = []
-    for remat in ("all", "llm", "none"):
+    for remat in REMAT_SETS:
         for micro in (1, 2, 4):
             for rank, (d, f, t) in enumerate(meshes):
                 rows = cfg.batch_size // micro
