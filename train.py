@@ -73,7 +73,11 @@ def main(argv=None, on_step=None) -> int:
             jax.config.update("jax_num_cpu_devices", args.devices)
     import jax
     if spec is not None:
-        distributed.initialize(spec)
+        try:
+            distributed.initialize(spec)
+        except distributed.DistributedError as e:
+            print(f"train.py: {e}", file=sys.stderr)
+            return 2
     try:
         cfg = load(args.config, overrides)
     except ConfigError as e:

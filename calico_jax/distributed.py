@@ -104,6 +104,8 @@ def initialize(spec: Spec) -> None:
     try:   # jax's own timeout a little later, so the watchdog's message comes first
         jax.distributed.initialize(spec.coordinator, spec.num_processes, spec.process_id,
                                    initialization_timeout=int(spec.timeout) + 30)
+    except (ValueError, RuntimeError) as e:   # e.g. --multihost outside any detectable cluster
+        raise DistributedError(f"multihost: cannot join the job through {where}: {e}") from None
     finally:
         watchdog.cancel()
 

@@ -42,16 +42,17 @@ def test_two_processes_train_like_one(runs):
                                                                              "process_1-of-2.json"]
 
 
-def test_export_and_evaluate_read_the_two_process_checkpoint(runs, tmp_path):
+def test_export_and_evaluate_read_the_two_process_checkpoint(runs, tmp_path_factory, tmp_path):
     wd = runs[2]
-    p = H.run(1, ["-m", "calico_jax.export", "--workdir", str(wd), "--out", str(tmp_path / "model")], timeout=300)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-    assert (tmp_path / "model" / "params").is_dir() and (tmp_path / "model" / "tokenizer").is_dir()
-    report = tmp_path / "report.json"
-    p = H.run(1, ["-m", "calico_jax.evaluate", "--ckpt", str(tmp_path / "model"), "--pairs",
-                  str(wd / "data" / "heldout" / "pairs.json"), "--limit", "2", "--max_new_tokens", "8",
-                  "--no_progress", "--out", str(report)], timeout=300)
+    with H.cache_dir(tmp_path_factory.getbasetemp() / "jax_cache_tiny"):   # evaluate reuses export's init compile
+        p = H.run(1, ["-m", "calico_jax.export", "--workdir", str(wd), "--out", str(tmp_path / "model")], timeout=300)
+        assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+        assert (tmp_path / "model" / "params").is_dir() and (tmp_path / "model" / "tokenizer").is_dir()
+        report = tmp_path / "report.json"
+        p = H.run(1, ["-m", "calico_jax.evaluate", "--ckpt", str(wd), "--pairs", str(wd / "data" / "heldout" /
+                      "pairs.json"), "--limit", "2", "--max_new_tokens", "8", "--no_progress", "--out", str(report)],
+                  timeout=300)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     rep = json.loads(report.read_text())
-    assert rep["num_samples"] == 2 and rep["source"]["ckpt"] == str(tmp_path / "model")
+    assert rep["num_samples"] == 2 and rep["source"]["ckpt"] == str(wd)
     assert set(rep["mean"]) >= {"AP50", "mIoU", "Recall", "SS", "S-IoU"}

@@ -112,11 +112,8 @@ class Checkpointer:
     def check(self) -> None:
         """Raises :class:`CheckpointError` if the last async save has failed (cheap; called every step, so a
         full disk stops training at once rather than at the next save)."""
-        if self.pending is not None:
-            try:
-                self.mngr.check_for_errors()
-            except Exception as e:  # noqa: BLE001
-                raise self._error(self.pending, e) from e
+        if self.pending is not None and not self.mngr.is_saving_in_progress():
+            self.wait()   # the save has ended: returns at once, or raises its error
 
     def wait(self) -> None:
         try:
