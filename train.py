@@ -80,6 +80,9 @@ def main(argv=None, on_step=None) -> int:
             return 2
     try:
         cfg = load(args.config, overrides)
+        from calico_jax.train.tasks import TASKS  # config files may register their task: look after loading
+        if cfg.task not in TASKS:
+            raise ConfigError(f"--config.task: task {cfg.task!r} unknown; known: {sorted(TASKS)}")
     except ConfigError as e:
         print(f"train.py: {e}", file=sys.stderr)
         return 2
@@ -96,6 +99,9 @@ def main(argv=None, on_step=None) -> int:
     from calico_jax.train.loop import NonFiniteError, train
     try:
         out = train(cfg, args.workdir, on_step=on_step)
+    except ConfigError as e:       # found when the run is built (an unknown task, a config the data contradicts)
+        print(f"train.py: {e}", file=sys.stderr)
+        return 2
     except NonFiniteError as e:
         print(f"train.py: stopped: {e}", file=sys.stderr)
         return 3
