@@ -188,3 +188,19 @@ def test_search_grid_least_memory_first_and_cache_key():
     assert config_hash(cfg, "v5p:2x2x1") != config_hash(cfg.replace(batch_size=80), "v5p:2x2x1")
     with pytest.raises(PlanDoesNotFit):   # PlanDoesNotFit carries the report for the cache
         raise PlanDoesNotFit("x", {"fits": False})
+
+
+def test_collectives_are_read_from_the_optimised_hlo():
+    hlo = """  %all-gather.3 = bf16[4096,1024]{1,0} all-gather(%p), dimensions={0}, metadata={op_name="jit(f)/llm/dot"}
+  %ags = (bf16[10]{0}, bf16[40]{0}) all-gather-start(%x)
+  %agd = bf16[40]{0} all-gather-done(%ags)
+  %rs = f32[2,8]{1,0} reduce-scatter(%y), dimensions={0}, to_apply=%add
+  ROOT %all-reduce.1 = f32[8]{0} all-reduce(%y), to_apply=%add"""
+    c = roofline.collectives([hlo], top=1)
+    assert c["all-gather"] == {"count": 2, "bytes": 4096 * 1024 * 2 + 40 * 2}   # async pair counted once
+    assert c["reduce-scatter"] == {"count": 1, "bytes": 64} and c["all-reduce"] == {"count": 1, "bytes": 32}
+    assert c["largest"] == [{"bytes": 4096 * 1024 * 2, "op": "all-gather", "shape": "bf16[4096,1024]{1,0}",
+                             "op_name": "jit(f)/llm/dot"}]
+    chip = targets.CHIPS["TPU v5"]
+    est = roofline.estimate(459e12, 2765e9 / 2, 0.0, chip)     # 1 s of compute, 0.5 s of HBM traffic
+    assert est["bound"] == "compute" and est["step_s"] == pytest.approx(1.0) and est["mfu"] == pytest.approx(1.0)

@@ -190,7 +190,7 @@ def _costs(progs, accum, target) -> dict:
     whole = sum(counts[k][0] * r for k, r in runs.items())
     xla = sum(roofline.lowered_flops(progs["lowered"][k]) * r for k, r in runs.items())
     dev = {k: roofline.compiled_cost(compiled[k]) for k in runs}
-    coll = {k: roofline.collectives([roofline.hlo_text(compiled[k])]) for k in runs}
+    coll = {k: roofline.collectives([roofline.hlo_text(compiled[k])], top=8) for k in runs}
     per_step = {op: {"count": sum(coll[k][op]["count"] * r for k, r in runs.items()),
                      "bytes": sum(coll[k][op]["bytes"] * r for k, r in runs.items())} for op in roofline.COLLECTIVES}
     bytes_dev = sum(dev[k]["bytes"] * r for k, r in runs.items())

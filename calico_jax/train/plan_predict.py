@@ -68,14 +68,15 @@ def compile_predict(cfg, target, verbose: bool = True, memory_gb: float = 0.0, j
         raise PlanDoesNotFit(not_fit_message(cfg, target, need, budget, mesh), report)
     sz = _sizes(compiled)
     cost = roofline.compiled_cost(compiled)
-    coll = roofline.collectives([roofline.hlo_text(compiled)])
+    coll = roofline.collectives([roofline.hlo_text(compiled)], top=8)
     flops, whiles = roofline.traced_flops(traced)   # the decode loop's body counts once (see the module doc)
+    largest = coll.pop("largest")
     est = roofline.estimate(flops / target.num_devices, cost["bytes"], sum(c["bytes"] for c in coll.values()),
                             target.chip)
     report.update({"per_device_memory_gb": sz["peak"] / GB, **{f"{k}_gb": v / GB for k, v in sz.items()},
                    "step_tflops": flops / 1e12, "while_loops": whiles, "xla_step_tflops": roofline.lowered_flops(
                        lowered) / 1e12, "step_bytes_per_device_gb": cost["bytes"] / GB,
-                   "collectives_per_step": coll,
+                   "collectives_per_step": coll, "largest_collectives": largest,
                    "estimate": {**est, "note": "roofline estimate of one predict call; not a measurement"}
                    if est else {}})
     report["fits"] = bool(budget == 0 or sz["peak"] <= budget)

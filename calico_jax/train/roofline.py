@@ -34,15 +34,27 @@ def _shape_bytes(text: str) -> int:
     return max(sizes, default=0)
 
 
-def collectives(hlo_texts: Iterable[str]) -> dict[str, dict[str, int]]:
-    """{op: {"count", "bytes"}} over the optimised HLO modules (bytes = the op's result buffer per device)."""
-    out = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def collectives(hlo_texts: Iterable[str], top: int = 0) -> dict[str, dict]:
+    """{op: {"count", "bytes"}} over the optimised HLO modules (bytes = the op's result buffer per device); with
+    ``top``, also "largest": the ``top`` biggest instructions (bytes, op, shape, the jax op_name they came from)."""
+    out: dict[str, dict] = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
+    largest = []
     for text in hlo_texts:
         for line in text.splitlines():
             m = _INSTR.match(line)
             if m:
+                size = _shape_bytes(m.group(1))
                 out[m.group(2)]["count"] += 1
-                out[m.group(2)]["bytes"] += _shape_bytes(m.group(1))
+                out[m.group(2)]["bytes"] += size
+                if top:
+                    name = _OP_NAME.search(line)
+                    largest.append((size, m.group(2), m.group(1)[:80], name.group(1)[-160:] if name else ""))
+    if top:
+        out["largest"] = [dict(zip(("bytes", "op", "shape", "op_name"), x))
+                          for x in sorted(largest, key=lambda x: -x[0])[:top]]
     return out
 
 
