@@ -81,10 +81,12 @@ class Prediction:
 
 # ------------------------------------------------------------------------------------ jitted programs
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "eos", "pad"))
-def _generate(params, input_ids, attention_mask, pixels, dino, sam_pixels, *, module: Calico, max_new_tokens: int,
-              eos: int, pad: int):
+def _generate(params, input_ids, attention_mask, pixels, dino, sam_pixels, qformer_text=None, *, module: Calico,
+              max_new_tokens: int, eos: int, pad: int):
+    """``qformer_text``: {qformer_input_ids, qformer_attention_mask} [B, T_q] with ``qformer_text_input``, else None."""
     apply = functools.partial(module.apply, {"params": params})
-    first = apply(input_ids, attention_mask, pixels, dino, max_new_tokens=max_new_tokens, method="prefill")
+    first = apply(input_ids, attention_mask, pixels, dino, max_new_tokens=max_new_tokens, method="prefill",
+                  **(qformer_text or {}))
     out = decode_loop(first, lambda tok, cache: apply(tok, cache, method="decode_step"),
                       max_new_tokens=max_new_tokens, stop_token_ids=(eos,), pad_token_id=pad, return_hidden=True)
     sam_embeddings = apply(sam_pixels, method="sam_embeddings")
@@ -105,8 +107,16 @@ def _bucket(n: int, size: int) -> int:
 
 # ---------------------------------------------------------------------------------------- predictor
 class Predictor:
-    def __init__(self, module: Calico, params: Any, tokenizer, config: InferenceConfig = InferenceConfig()):
+    """``qformer_text``: the Q-Former's instruction tokenizer (:class:`calico_jax.data.qformer_text.QFormerText`),
+    needed exactly when the model's ``qformer_text_input`` is on; it reads the same question as the LLM."""
+
+    def __init__(self, module: Calico, params: Any, tokenizer, config: InferenceConfig = InferenceConfig(),
+                 qformer_text=None):
         self.module, self.params, self.tokenizer = module, params, tokenizer
+        if module.config.qformer_text_input and qformer_text is None:
+            raise ValueError("the model has qformer_text_input on: pass its Q-Former tokenizer (qformer_text=; "
+                             "load_predictor reads TOKENIZER/qformer_tokenizer/)")
+        self.qformer_text = qformer_text if module.config.qformer_text_input else None
         self.config = c = config
         self.prompter = SampleTokenizer(tokenizer, max_len=1 << 20, use_im_start_end=c.use_im_start_end,
                                         system=c.system)
@@ -185,9 +195,11 @@ class Predictor:
         ids, mask = left_align(raw, mask, tok.pad_token_id, c.prompt_bucket)
         px = [self._pixels(images) for images, _ in rows]
         stack = lambda k: None if px[0][k] is None else jnp.asarray(np.stack([p[k] for p in px]))  # noqa: E731
+        qtext = None if self.qformer_text is None else {
+            k: jnp.asarray(v) for k, v in self.qformer_text.batch([q for _, q in rows]).items()}
         tokens, lengths, hidden, sam_emb = _generate(
             self.params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), stack("pixels"), stack("dino"),
-            stack("sam"), module=self.module, max_new_tokens=c.max_new_tokens, eos=int(tok.eos_token_id),
+            stack("sam"), qtext, module=self.module, max_new_tokens=c.max_new_tokens, eos=int(tok.eos_token_id),
             pad=int(tok.pad_token_id))
         tokens, lengths = np.asarray(tokens), np.asarray(lengths)
 
@@ -253,6 +265,11 @@ def load_predictor(path: str | Path, preprocess: Preprocess | None = None, **ove
         module.config.preprocess.check_same(preprocess, str(path))
     try:
         tokenizer = load_tokenizer(tok_dir)
+        qformer_text = None
+        if module.config.qformer_text_input:
+            from calico_jax.data.qformer_text import QFORMER_TOKENIZER_DIR, QFormerText, load_qformer_tokenizer
+            qformer_text = QFormerText(load_qformer_tokenizer(Path(tok_dir) / QFORMER_TOKENIZER_DIR),
+                                       module.config.qformer_max_tokens)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: no usable tokenizer in {tok_dir} ({e})") from None
-    return Predictor(module, params, tokenizer, InferenceConfig(**overrides))
+    return Predictor(module, params, tokenizer, InferenceConfig(**overrides), qformer_text)

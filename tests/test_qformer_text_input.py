@@ -122,3 +122,44 @@ def test_hf_blip2_keeps_the_qformer_tokenizer(tmp_path):
     tok = load_qformer_tokenizer(tmp_path / "out" / "tokenizer")
     assert tok.convert_tokens_to_ids("##q") == load_qformer_tokenizer(tmp_path / "src" / "qformer_tokenizer") \
         .convert_tokens_to_ids("##q")
+
+
+def test_predictor_feeds_the_question_to_the_qformer(tmp_path):
+    """Inference with the switch on: load_predictor reads TOKENIZER/qformer_tokenizer/, and the predictor's
+    generation is the one run with the question's Q-Former tokens (which change the prefill)."""
+    from calico_jax import export
+    from calico_jax.data.tokenize import SEG_TOKEN, build_tiny_tokenizer
+    from calico_jax.infer import Predictor, _generate, load_predictor
+    from calico_jax.predict import build_question
+
+    tok_dir = tmp_path / "tok"
+    tokenizer = build_tiny_tokenizer(tok_dir, ["The images show <p> wheel </p> [SEG] (IMAGE1)."] * 4, vocab_size=200)
+    qtok = build_tiny_qformer_tokenizer(tok_dir / "qformer_tokenizer")
+    cfg = text_config()
+    cfg = cfg.replace(llm=cfg.llm.replace(vocab_size=len(tokenizer)),
+                      seg=cfg.seg.replace(token_id=tokenizer.convert_tokens_to_ids(SEG_TOKEN), identifier_ids=()))
+    params = random_params(cfg, seed=1)
+    with pytest.raises(ValueError, match="qformer_text_input on"):
+        Predictor(Calico(cfg), params, tokenizer)
+    model_dir = export.save(tmp_path / "model", cfg, params, tok_dir)
+    pred = load_predictor(model_dir, max_new_tokens=4, prompt_bucket=1)   # no padding: one compiled program
+    assert pred.qformer_text is not None
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (40, 48, 3), dtype=np.uint8) for _ in range(2)]
+    question = build_question(2, "common-parts")
+    out = pred.predict([(images, question)])[0]
+
+    ids = np.asarray([pred.prompt_ids(question, 2)], np.int32)
+    px = pred._pixels(images)
+    args = (pred.params, jnp.asarray(ids), jnp.ones(ids.shape, bool), jnp.asarray(px["pixels"][None]),
+            None if px["dino"] is None else jnp.asarray(px["dino"][None]), jnp.asarray(px["sam"][None]))
+    kw = dict(module=pred.module, max_new_tokens=4, eos=int(tokenizer.eos_token_id), pad=int(tokenizer.pad_token_id))
+    text = QFormerText(qtok, cfg.qformer_max_tokens)
+    right = {k: jnp.asarray(v) for k, v in text.batch([question]).items()}
+    other = {k: jnp.asarray(v) for k, v in text.batch(["a different instruction"]).items()}
+    tokens, lengths, hidden, _ = _generate(*args, right, **kw)
+    _, _, hidden_other, _ = _generate(*args, other, **kw)
+    assert rel_err(np.asarray(hidden_other)[0, :1], np.asarray(hidden)[0, :1]) > 1e-5   # the text is live
+    gen = np.asarray(tokens)[0, :int(lengths[0])].tolist()
+    gen = gen[:-1] if gen and gen[-1] == tokenizer.eos_token_id else gen
+    assert out.answer == tokenizer.decode(gen).strip() and out.num_tokens == int(lengths[0])
