@@ -35,7 +35,7 @@ def row(name: str, r: dict) -> str:
     mfu = f"{100 * est['mfu']:.0f} %" if est else "-"
     mem = f"{r['per_device_memory_gb']:.2f} / {r['memory_per_device_gb']:.2f}"
     micro = r.get("micro_batch_per_device", "-")
-    tflops = f"{r['step_tflops']:.0f}" if "step_tflops" in r else "-"
+    tflops = f"{r['step_tflops']:.0f}" if r.get("step_tflops") else "-"
     return (f"| {name} | {r['target']} | {r.get('program', 'train')} | {m} | {_remat(r)} | {micro} | {mem} | "
             f"{'yes' if r['fits'] else '**no**'} | {tflops} | {step} | {mfu} | {_collectives(r)} | "
             f"{r['compile_s']:.0f} |")
@@ -45,7 +45,8 @@ def table(directory: Path) -> str:
     head = ("| plan | target | program | mesh d x f x t | remat | micro-batch/dev | GiB/dev (plan / chip) | fits | "
             "step TFLOP | est. step s | est. MFU | collectives per step (count, GiB/dev) | compile s |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    rows = [row(p.stem, json.loads(p.read_text())) for p in sorted(directory.glob("*.json"))]
+    plans = [(p.stem, json.loads(p.read_text())) for p in sorted(directory.glob("*.json"))]
+    rows = [row(name, r) for name, r in plans if isinstance(r, dict) and "target" in r]   # plans, not other JSON
     return "\n".join([head, *rows]) + "\n"
 
 
