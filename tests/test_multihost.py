@@ -234,5 +234,6 @@ def test_faults_lose_nothing(reference, tmp_path):
         assert H.bit_equal(H.load_dump(dump / f"saved-{s}.npz"), H.load_dump(reference / "dump" / f"saved-{s}.npz"))
     print("\nfault table:\n" + "\n".join(json.dumps(r) for r in table))
     (tmp_path / "fault_table.json").write_text(json.dumps(table, indent=1))
-    # steps lost: at most the checkpoint interval (4); a failed write is noticed a step or two after it
-    assert len(table) == 6 and all(r["steps_lost"] <= (6 if "fails" in r["fault"] else 4) for r in table)
+    # steps lost: at most the checkpoint interval (4); a failed write is noticed once it ends (a step or two after
+    # it here), at the latest by the next save (its interval again)
+    assert len(table) == 6 and all(r["steps_lost"] <= (8 if "fails" in r["fault"] else 4) for r in table)
