@@ -1,6 +1,6 @@
 """Markdown table of the AOT plans in a directory (``train.py --compile_only --target ... --plan_json``):
 
-    python -m bench.aot_summary bench/results/aot > bench/results/aot_table.md
+    python -m bench.aot_summary bench/results/aot [--compact]
 
 One row per JSON file (name order): target, program, mesh, remat, micro-batch, memory per device vs the chip's,
 fits, step TFLOPs, estimated step time and MFU (roofline estimates), the collectives per step, compile seconds.
@@ -50,5 +50,25 @@ def table(directory: Path) -> str:
     return "\n".join([head, *rows]) + "\n"
 
 
+def compact(directory: Path) -> str:
+    """The README's table: target, setting, memory, fits, estimate."""
+    head = ("| plan | target | program, mesh d x f x t, remat, micro-batch/dev | GiB/dev (plan / chip) | fits | "
+            "est. step s | est. MFU |\n|---|---|---|---|---|---|---|")
+    out = [head]
+    for p in sorted(directory.glob("*.json")):
+        r = json.loads(p.read_text())
+        if not isinstance(r, dict) or "target" not in r:
+            continue
+        mesh, est = r.get("mesh", {}), r.get("estimate") or {}
+        setting = (f"{r.get('program', 'train')}, {mesh.get('data', 1)}x{mesh.get('fsdp', 1)}x{mesh.get('tensor', 1)}"
+                   f", {_remat(r)}" + (f", {r['micro_batch_per_device']}" if "micro_batch_per_device" in r else ""))
+        mem = f"{r['per_device_memory_gb']:.2f} / {r['memory_per_device_gb']:.2f}"
+        tail = f"{est['step_s']:.2f} ({est['bound']}) | {100 * est['mfu']:.0f} %" if est else "- | -"
+        out.append(f"| {p.stem} | {r['target']} | {setting} | {mem} | {'yes' if r['fits'] else '**no**'} | {tail} |")
+    return "\n".join(out) + "\n"
+
+
 if __name__ == "__main__":
-    sys.stdout.write(table(Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/aot")))
+    args = [a for a in sys.argv[1:] if a != "--compact"]
+    d = Path(args[0] if args else "bench/results/aot")
+    sys.stdout.write(compact(d) if "--compact" in sys.argv else table(d))

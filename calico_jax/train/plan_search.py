@@ -89,7 +89,7 @@ def search(cfg, target, cache_dir: str | Path | None = None, extra: int = 2, max
         if verbose:
             tqdm.write(f"{label}: {rec.get('per_device_memory_gb', 0):.2f} of {rec['memory_per_device_gb']:.2f} GiB"
                        f"{' fits' if rec['fits'] else ' does not fit'}"
-                       + (f", estimated step {est:.2f} s" if est else ""))
+                       + (f", estimated step {est:.3g} s" if est else ""))
         if rec["fits"]:
             fits.append((est if est is not None else float("inf"), label, over, rec))
             left = extra if left is None else left - 1
@@ -108,6 +108,6 @@ def search(cfg, target, cache_dir: str | Path | None = None, extra: int = 2, max
             print(f"search {target.spec}: none of {len(tried)} candidates fits")
         else:
             flags = " ".join(f"--config.{k}={v!r}" if k == "mesh" else f"--config.{k}={v}" for k, v in best[2])
-            print(f"chosen for {target.spec}: {best[1]}; estimated step {best[0]:.2f} s (roofline estimate)\n"
+            print(f"chosen for {target.spec}: {best[1]}; estimated step {best[0]:.3g} s (roofline estimate)\n"
                   f"  {flags}")
     return None if best is None else out
