@@ -2,7 +2,6 @@
 three images, every segmentation encoding), skips counted by reason, --strict, CLI errors; the converted samples
 train the tiny CALICO and are scored by python -m calico_jax.evaluate."""
 import json
-import os
 
 import numpy as np
 import pytest
@@ -233,8 +232,6 @@ def test_converted_samples_evaluate(converted, tmp_path):
         assert rep["per_task"]["common_parts"][metric] == pytest.approx(100.0), metric
 
 
-@pytest.mark.skipif(not os.environ.get("CALICO_SLOW_TESTS"), reason="2 training steps of the tiny CALICO at N = 3 "
-                    "(about a minute of compilation on 2 cores); set CALICO_SLOW_TESTS=1")
 def test_converted_samples_train_tiny_calico(converted, tmp_path):
     from calico_jax.train import config as config_lib
     from calico_jax.train.loop import train
