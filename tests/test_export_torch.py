@@ -46,6 +46,16 @@ def trained(tmp_path_factory):
     return root, cfg, params
 
 
+
+def assert_bit_equal_reload(out, cfg, params):
+    """The converted-back checkpoint has our config and every parameter bit for bit."""
+    _, loaded, loaded_cfg = calico_jax.load(out)
+    assert loaded_cfg == cfg
+    want, got = flat(params), flat(loaded)
+    assert set(want) == set(got)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
 def test_round_trip_bit_equal(trained, tmp_path):
     root, cfg, params = trained
     rc = export_main(["--format", "torch", "--ckpt", str(root / "model"), "--out", str(tmp_path / "pt"), "--full"])
@@ -62,12 +72,7 @@ def test_round_trip_bit_equal(trained, tmp_path):
     rc, stdout, err = run_convert("calico", "--src", tmp_path / "pt", "--out", tmp_path / "back")
     assert rc == 0, err
     assert "LoRA factors: 16 tensor(s)" in stdout
-    _, loaded, loaded_cfg = calico_jax.load(tmp_path / "back")
-    assert loaded_cfg == cfg
-    want, got = flat(params), flat(loaded)
-    assert set(want) == set(got)
-    for k in want:
-        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert_bit_equal_reload(tmp_path / "back", cfg, params)
 
 
 def test_trainable_only_and_parts(trained, tmp_path):
@@ -109,12 +114,7 @@ def test_parts_fill_the_frozen_towers(trained, tmp_path):
     assert rc == 0, err
     n_dino = len(jax.tree.leaves(params["dinov2"]))
     assert f"DINOv2 (model.dino_model.*): {n_dino} tensor(s) from --parts {dirs[1]}" in stdout, stdout
-    _, loaded, loaded_cfg = calico_jax.load(tmp_path / "back")
-    assert loaded_cfg == cfg
-    want, got = flat(params), flat(loaded)
-    assert set(want) == set(got)
-    for k in want:
-        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert_bit_equal_reload(tmp_path / "back", cfg, params)
 
 
 def test_peft_adapter_logits(trained, tmp_path):
