@@ -14,7 +14,6 @@ import dataclasses
 import importlib
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -78,14 +77,9 @@ def measure_limits() -> dict:
 
 
 def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one (platform.processor() is often just the arch)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU model (/proc/cpuinfo where there is one), as the demo records it."""
+    from calico_jax.demo import host_record
+    return host_record()["cpu"]
 
 
 def main(argv: list[str] | None = None) -> int:
