@@ -4,13 +4,16 @@
 
 Faults at step N (1-based), in process P only with ``@P`` (default: every process):
 
-* ``kill:N`` -- SIGKILL after step N (before that step's checkpoint); ``term:N`` -- SIGTERM (preemption: the loop
-  writes a final checkpoint at step N and exits);
+* ``kill:N`` -- SIGKILL after step N (before that step's checkpoint), once the checkpoint in flight, if any, has
+  committed (the fault is "a process dies between checkpoints"; dying during a write is ``killsave``), so the
+  newest complete checkpoint at the kill does not depend on how fast the host writes; ``term:N`` -- SIGTERM
+  (preemption: the loop writes a final checkpoint at step N and exits);
 * ``killsave:N`` -- SIGKILL while step N's checkpoint is being written (inside orbax's write of its ``meta`` item,
   which process 0 writes: the step is half-written, never committed);
 * ``failsave:N`` -- that write fails part-way (a truncated file, then ENOSPC), as on a full disk;
-* ``slow:MS`` -- every step takes MS milliseconds longer and prints ``toy_train: step N`` (tests that signal a
-  running job).
+* ``slow:MS`` -- every step takes MS milliseconds longer and prints ``toy_train: step N``;
+* ``hold:N`` -- after step N, prints ``toy_train: holding at step N`` and waits (at most 120 s) for a SIGTERM, so a
+  test that signals the running job knows the step every process stops after.
 
 Several ``--fault`` options combine.
 
@@ -47,7 +50,36 @@ def install_save_fault(kind: str, at: int) -> None:
     jh.JsonCheckpointHandler._save_fn = save_fn
 
 
-def install_dump(directory: Path) -> None:
+LIVE = []   # the run's Checkpointer (installed by ``install_checkpointer``)
+
+
+def wait_for_commit(timeout: float = 120) -> None:
+    """Until the step of the checkpoint in flight, if any, exists (orbax renames it into place on commit)."""
+    ckpt, deadline = LIVE[0], time.monotonic() + timeout
+    while ckpt.pending is not None and not (ckpt.directory / str(ckpt.pending)).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"toy_train: checkpoint {ckpt.pending} not committed within {timeout} s")
+        time.sleep(0.02)
+
+
+def hold_until_sigterm(step: int, timeout: float = 120) -> None:
+    got = []
+    loop_handler = signal.getsignal(signal.SIGTERM)
+
+    def handler(sig, frame):
+        got.append(sig)
+        loop_handler(sig, frame)
+
+    signal.signal(signal.SIGTERM, handler)
+    print(f"toy_train: holding at step {step}", flush=True)
+    deadline = time.monotonic() + timeout
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.02)
+    signal.signal(signal.SIGTERM, loop_handler)
+
+
+def install_checkpointer(dump_dir: Path | None) -> None:
+    """The loop's Checkpointer, recorded in ``LIVE``; with ``dump_dir`` it also dumps what it saves/restores."""
     import jax
     import numpy as np
     from jax.experimental import multihost_utils
@@ -56,13 +88,19 @@ def install_dump(directory: Path) -> None:
     from calico_jax.train.checkpoint import Checkpointer
 
     def dump(name: str, state) -> None:
+        if dump_dir is None:
+            return
         full = multihost_utils.process_allgather(state, tiled=True)
         if jax.process_index() == 0:
             leaves = jax.tree_util.tree_leaves_with_path(full)
-            directory.mkdir(parents=True, exist_ok=True)
-            np.savez(directory / f"{name}.npz", **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves})
+            dump_dir.mkdir(parents=True, exist_ok=True)
+            np.savez(dump_dir / f"{name}.npz", **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves})
 
-    class Dumping(Checkpointer):
+    class Tracked(Checkpointer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            LIVE.append(self)
+
         def save(self, step, state, data_iter, meta):
             dump(f"saved-{step}", state)
             return super().save(step, state, data_iter, meta)
@@ -73,7 +111,7 @@ def install_dump(directory: Path) -> None:
                 dump(f"restored-{int(out[0]['step'])}", out[0])
             return out
 
-    loop.Checkpointer = Dumping
+    loop.Checkpointer = Tracked
 
 
 def main(argv: list[str]) -> int:
@@ -81,25 +119,30 @@ def main(argv: list[str]) -> int:
     import tests.toy  # noqa: F401 -- registers the "toy" task
     import train
 
-    hooks = []
+    hooks, dump_dir = [], None
     while argv[:1] in (["--fault"], ["--dump"]):
         if argv[0] == "--dump":
-            install_dump(Path(argv[1]))
+            dump_dir = Path(argv[1])
         else:
             kind, at, proc = parse_fault(argv[1])
             if kind in ("killsave", "failsave"):
                 install_save_fault(kind, at)
             elif kind == "slow":
                 hooks.append(lambda step, ms=at: (time.sleep(ms / 1000), print(f"toy_train: step {step}", flush=True)))
+            elif kind == "hold":
+                hooks.append(lambda step, at=at: step == at and hold_until_sigterm(step))
             else:
                 sig = {"kill": signal.SIGKILL, "term": signal.SIGTERM}[kind]
 
                 def hook(step: int, at: int = at, sig=sig, proc=proc) -> None:
                     import jax
                     if step == at and proc in (None, jax.process_index()):
+                        if sig == signal.SIGKILL:
+                            wait_for_commit()
                         os.kill(os.getpid(), sig)
                 hooks.append(hook)
         argv = argv[2:]
+    install_checkpointer(dump_dir)
     return train.main(argv, on_step=(lambda step: [h(step) for h in hooks]) if hooks else None)
 
 
