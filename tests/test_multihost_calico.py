@@ -1,7 +1,8 @@
 """The tiny CALICO (configs/tiny.py, synthetic data) trained by 2 processes x 4 CPU devices (``python -m
 calico_jax.launch --local 2``, gloo over loopback) on a (data 2, fsdp 4) mesh spanning both, against 1 process x 8
 devices with the same global batch: every step's losses and gradient norm agree to fp32 rounding (the cross-process
-all-reduces sum in another order). Then ``python -m calico_jax.export`` and ``python -m calico_jax.evaluate`` read the
+all-reduces sum in another order) -- and the 2-process job is killed (kill -9 of process 1 after step 7) and rerun
+with the same command on the way, resuming from its step-4 checkpoint. Then ``python -m calico_jax.export`` and ``python -m calico_jax.evaluate`` read the
 checkpoint the 2-process job wrote. Both runs compile at XLA's backend optimisation level 0 (compile time; the
 comparison is between the two runs: tests/multihost_helpers.py)."""
 import json
@@ -13,7 +14,7 @@ from tests import multihost_helpers as H
 
 STEPS = 12
 TINY = ["train.py", "--config", "configs/tiny.py", f"--config.total_steps={STEPS}",
-        f"--config.checkpoint_every={STEPS}", "--config.progress=false", "--config.data.synthetic.num_images=12",
+        "--config.checkpoint_every=4", "--config.progress=false", "--config.data.synthetic.num_images=12",
         '--config.mesh={"data": 2, "fsdp": 4}']
 KEYS = ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "grad_norm", "token_accuracy", "num_masks")
 @pytest.fixture(scope="module")
@@ -22,8 +23,14 @@ def runs(tmp_path_factory):
     for n in (2, 1):
         wd = tmp_path_factory.mktemp(f"tiny{n}")
         with H.cache_dir(tmp_path_factory.getbasetemp() / "jax_cache_tiny"):
+            if n == 2:   # tests/toy_train.py: train.py with the fault hook
+                p = H.run(n, ["tests/toy_train.py", "--fault", "kill:7@1", *TINY[1:], "--workdir", str(wd)],
+                          timeout=600)
+                assert p.returncode == 137 and "process 1 (pid" in p.stderr, (p.stdout + p.stderr)[-4000:]
+                assert H.steps(wd) == [4]
             p = H.run(n, [*TINY, "--workdir", str(wd)], timeout=600)
         assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+        assert H.resumed_from(p.stdout + p.stderr) == (4 if n == 2 else None)
         out[n] = wd
     return out
 
