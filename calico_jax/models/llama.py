@@ -173,15 +173,22 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     stores them), mask [B,T,S] (True = attend) -> [B,T,H*D]; softmax in fp32.
 
     Query head h reads k/v head h // (H/KV), as HF's ``repeat_kv``, without materialising the repeat.
+    The products run head-major: per (batch, k/v head) one [G*T, D] x [D, S] and one [G*T, S] x [S, D]
+    GEMM over the G query heads sharing it. With the token axis outside the heads (``btkgd,bskd``) XLA:CPU
+    ran the attention of a training step's forward and backward 1.7x slower (bench/results/train_step_opt.md).
     """
     b, t, h, d = q.shape
-    kv = k.shape[1 if cache_layout else 2]
-    k_spec, v_spec = ("bksd", "bkds") if cache_layout else ("bskd", "bskd")
-    q = q.reshape(b, t, kv, h // kv, d)
-    logits = jnp.einsum(f"btkgd,{k_spec}->bkgts", q, k, preferred_element_type=jnp.float32) * d ** -0.5
+    if not cache_layout:
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)   # [B, KV, S, D]
+    kv = k.shape[1]
+    g = h // kv
+    q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
+    logits = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * d ** -0.5
+    logits = logits.reshape(b, kv, g, t, -1)
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum(f"bkgts,{v_spec}->btkgd", probs, v).reshape(b, t, h * d)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv, g * t, -1)
+    out = jnp.einsum("bkqs,bkds->bkqd" if cache_layout else "bkqs,bksd->bkqd", probs, v)
+    return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h * d)
 
 
 def _tokens_2d(x: jax.Array) -> jax.Array:
