@@ -109,15 +109,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None =
     """Softmax attention on [B, T, H, D] inputs; logits and softmax in float32.
 
     ``mask`` broadcasts to [B, H, Tq, Tk] (True = attend); ``bias`` is added to the logits.
+
+    The products run on head-major copies ([B, H, T, D]): XLA:CPU ran the same einsums on the token-major
+    operands 18-46 % slower (EVA, DINOv2, Q-Former cross-attention, SAM global attention shapes;
+    bench/results/train_step_opt.md).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
