@@ -71,6 +71,28 @@ def markdown(results: list[dict], machine: dict) -> str:
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
+README_BEGIN, README_END = "<!-- bench:cpu:begin -->", "<!-- bench:cpu:end -->"
+
+
+def readme_block_check(path: Path) -> str | None:
+    """Why ``path`` cannot take the tables (missing file or markers), or None."""
+    if not path.is_file():
+        return f"{path}: no such file"
+    text = path.read_text()
+    counts = (text.count(README_BEGIN), text.count(README_END))
+    if counts != (1, 1) or text.index(README_BEGIN) > text.index(README_END):
+        return f"{path}: needs one {README_BEGIN} line followed by one {README_END} line"
+    return None
+
+
+def update_readme(path: Path, tables: str) -> None:
+    """Replaces what lies between the markers with ``tables`` (the rest of the file is kept)."""
+    text = path.read_text()
+    head, rest = text.split(README_BEGIN)
+    _, tail = rest.split(README_END)
+    path.write_text(f"{head}{README_BEGIN}\n{tables}{README_END}{tail}")
+
+
 def measure_limits() -> dict:
     from bench import timing
     return {"peak_gflops": timing.matmul_peak(), "bandwidth_gbs": timing.read_bandwidth()}
@@ -89,10 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results/cpu.json")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--budget_s", type=float, default=60.0, help="per-item time budget for the timed rounds")
+    p.add_argument("--readme", default=None,
+                   help="file whose block between the bench:cpu markers gets the new tables (default: README.md "
+                        "after a full CPU run written to the default --out; '' for none)")
     args = p.parse_args(argv)
     unknown = sorted(set(args.only or ()) - set(ITEM_MODULES))
     if unknown:
         p.error(f"unknown item(s) {unknown}; known: {sorted(ITEM_MODULES)}")
+    readme = args.readme
+    if readme is None and args.only is None and args.suite == "cpu" and args.out == p.get_default("out"):
+        readme = "README.md"
+    if readme and (problem := readme_block_check(Path(readme))):
+        p.error(f"--readme {problem}")   # before any timing: nothing is written
 
     import jax
     import torch
@@ -126,8 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "items": results}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(results, machine))
-    print(markdown(results, machine))
+    tables = markdown(results, machine)
+    out.with_suffix(".md").write_text(tables)
+    if readme:
+        update_readme(Path(readme), tables)
+        print(f"bench: tables written to {out.with_suffix('.md')} and {readme}", file=sys.stderr)
+    print(tables)
     return 0
 
 

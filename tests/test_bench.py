@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from bench import timing
-from bench.__main__ import ITEM_MODULES, markdown
+from bench.__main__ import ITEM_MODULES, README_BEGIN, README_END, main, markdown, update_readme
 
 
 def test_alternate_runs_round_robin():
@@ -68,3 +68,19 @@ def test_every_item_is_defined():
     import importlib
     for name, module in ITEM_MODULES.items():
         assert name in importlib.import_module(module).ITEMS
+
+
+def test_readme_block_is_replaced_and_a_bad_readme_is_refused_before_timing(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_BEGIN}\nold table\n{README_END}\nafter\n")
+    update_readme(readme, "| new |\n")
+    assert readme.read_text() == f"intro\n{README_BEGIN}\n| new |\n{README_END}\nafter\n"
+    update_readme(readme, "| newer |\n")                       # idempotent on its own output
+    assert readme.read_text().count("| newer |") == 1 and "| new |\n" not in readme.read_text()
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("no markers\n")
+    out = tmp_path / "r.json"
+    with __import__("pytest").raises(SystemExit) as e:
+        main(["--only", "qformer", "--readme", str(plain), "--out", str(out)])
+    assert e.value.code == 2 and "needs one <!-- bench:cpu:begin -->" in capsys.readouterr().err
+    assert plain.read_text() == "no markers\n" and not out.exists()

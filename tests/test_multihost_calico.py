@@ -2,9 +2,9 @@
 calico_jax.launch --local 2``, gloo over loopback) on a (data 2, fsdp 4) mesh spanning both, against 1 process x 8
 devices with the same global batch: every step's losses and gradient norm agree to fp32 rounding (the cross-process
 all-reduces sum in another order) -- and the 2-process job is killed (kill -9 of process 1 after step 7) and rerun
-with the same command on the way, resuming from its step-4 checkpoint. Then ``python -m calico_jax.export`` and ``python -m calico_jax.evaluate`` read the
-checkpoint the 2-process job wrote. Both runs compile at XLA's backend optimisation level 0 (compile time; the
-comparison is between the two runs: tests/multihost_helpers.py)."""
+with the same command on the way, resuming from its step-4 checkpoint. Then ``python -m calico_jax.export`` and
+``python -m calico_jax.evaluate`` read the checkpoint the 2-process job wrote. Both runs compile at XLA's backend
+optimisation level 0 (compile time; the comparison is between the two runs: tests/multihost_helpers.py)."""
 import json
 
 import numpy as np
