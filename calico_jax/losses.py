@@ -147,14 +147,18 @@ def mask_losses(logits: jax.Array, targets: jax.Array, valid_pixels: jax.Array,
 
 
 def calico_loss(outputs: Mapping[str, Any], gt_masks: jax.Array, gt_valid: jax.Array | None = None,
-                cfg: LossConfig = LossConfig()) -> tuple[jax.Array, dict[str, jax.Array]]:
+                cfg: LossConfig = LossConfig(),
+                lm_head: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Total loss and its parts from :class:`~calico_jax.models.calico.Calico` outputs.
 
     ``gt_masks`` [B, M, H_pad, W_pad] in {0, 1}, one per [SEG] slot in order; ``gt_valid`` [B, M]
     marks slots with a ground-truth mask (default: all). Uses ``outputs["labels"]`` (the expanded
-    labels), ``mask_logits``, ``mask_hw`` and ``seg_valid``.
+    labels), ``mask_logits``, ``mask_hw`` and ``seg_valid``. With ``lm_head`` (the LLM's output kernel
+    [H, V]) the CE comes from ``outputs["hidden_states"]`` through :func:`causal_lm_loss_from_hidden` (the
+    same value; under jit the model's own logits are then never computed), else from ``outputs["logits"]``.
     """
-    text = causal_lm_loss(outputs["logits"], outputs["labels"])
+    text = (causal_lm_loss(outputs["logits"], outputs["labels"]) if lm_head is None
+            else causal_lm_loss_from_hidden(outputs["hidden_states"], lm_head, outputs["labels"]))
     valid = outputs["seg_valid"] if gt_valid is None else outputs["seg_valid"] & gt_valid.astype(bool)
     pixels = pixel_mask(outputs["mask_hw"], gt_masks.shape[-2:])
     pix, dice = mask_losses(outputs["mask_logits"], gt_masks, pixels, cfg)

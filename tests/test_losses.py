@@ -94,6 +94,17 @@ def test_calico_loss_matches_glamm(pixel):
     # gt_valid removes masks from the count (and from the sums).
     _, p2 = calico_loss(outputs, jnp.asarray(gt), jnp.asarray([[1, 0, 0], [1, 1, 1], [1, 1, 1]]), cfg)
     assert int(p2["num_masks"]) == 4
+    # The training path: CE from the final hidden states and the output kernel, against GLaMM's on their logits.
+    rng = np.random.default_rng(7)
+    hidden = rng.standard_normal((*text_logits.shape[:2], 12)).astype(np.float32)
+    kernel = (rng.standard_normal((12, text_logits.shape[-1])) * 0.5).astype(np.float32)
+    total_h, parts_h = calico_loss({**outputs, "logits": None, "hidden_states": jnp.asarray(hidden)}, jnp.asarray(gt),
+                                   cfg=cfg, lm_head=jnp.asarray(kernel))
+    ref_total, ce, _, _ = glamm_total(logits, gt, sizes, counts, hidden @ kernel, labels, pixel, alpha=0.3, gamma=1.5)
+    for got, want in ((total_h, ref_total), (parts_h["ce"], ce)):
+        assert abs(float(got) - float(want)) <= 1e-5 * max(abs(float(want)), 1e-3), (got, want)
+    acc = np.mean(((hidden @ kernel)[:, :-1].argmax(-1) == shifted)[keep])
+    assert abs(float(parts_h["token_accuracy"]) - acc) < 1e-6
 
 
 def test_padding_pixels_and_slots_do_not_matter():

@@ -267,7 +267,8 @@ class Calico(nn.Module):
         out = self.llm(attention_mask=inp["mask"], inputs_embeds=inp["embeds"], hooks=self.cam_hooks(inp) or None,
                        last_prompt_index=inp["last_prompt_index"], deterministic=deterministic)
 
-        result = {"logits": out.logits, "attention_mask": inp["mask"], "image_positions": inp["image_positions"],
+        result = {"logits": out.logits, "hidden_states": out.hidden_states, "attention_mask": inp["mask"],
+                  "image_positions": inp["image_positions"],
                   "image_valid": valid_img, "last_prompt_index": inp["last_prompt_index"]}
         if labels is not None:
             result["labels"] = jnp.full((b, t_exp), IGNORE_INDEX, jnp.int32).at[rows, inp["text_target"]].set(

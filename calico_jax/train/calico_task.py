@@ -140,7 +140,10 @@ class CalicoTask(Task):
 
     def loss_fn(self, params, batch, rng):
         out = self.forward(params, batch, False, {"dropout": rng})
-        total, parts = calico_loss(out, batch["masks"], batch["mask_valid"], self.model_config.loss)
+        llm = params["llm"]   # the CE straight from the final hidden states: lm_head and CE share one backward
+        lm_head = (llm["model"]["embed_tokens"]["embedding"].T if self.model_config.llm.tie_word_embeddings
+                   else llm["lm_head"]["kernel"])
+        total, parts = calico_loss(out, batch["masks"], batch["mask_valid"], self.model_config.loss, lm_head=lm_head)
         return total, {"ce_loss": parts["ce"], "mask_bce_loss": parts["pixel"], "mask_dice_loss": parts["dice"],
                        "num_masks": parts["num_masks"].astype(jnp.float32), "token_accuracy": parts["token_accuracy"]}
 
