@@ -71,25 +71,34 @@ def test_launch_environment():
 
 
 CHILD = """import os, signal, sys, time
-i = int(os.environ["JAX_PROCESS_ID"])
+from pathlib import Path
+i, n = int(os.environ["JAX_PROCESS_ID"]), int(os.environ["JAX_NUM_PROCESSES"])
 signal.signal(signal.SIGTERM, lambda *a: (print("term", i, flush=True), sys.exit(0)))
-print("up", i, os.environ["JAX_NUM_PROCESSES"], flush=True)
-if i == int(sys.argv[1]):
+print("up", i, n, flush=True)
+ready = Path(sys.argv[2])
+(ready / str(i)).touch()
+if i == int(sys.argv[1]):   # dies once every process is up (a loaded host starts them slowly)
+    deadline = time.monotonic() + 30
+    while len(list(ready.iterdir())) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
     sys.exit(3)
 time.sleep(60)
 """
 
 
-def test_launcher_stops_the_job_when_a_process_dies_and_forwards_sigterm():
+def test_launcher_stops_the_job_when_a_process_dies_and_forwards_sigterm(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-m", "calico_jax.launch", "--local", "3", "--", sys.executable, "-c", CHILD,
-                        "1"], capture_output=True, text=True, timeout=60)
+                        "1", str(tmp_path / "a")], capture_output=True, text=True, timeout=60)
     assert p.returncode == 3, out(p)
     assert "launch: process 1 (pid" in p.stderr and "exited with status 3; stopping the other 2" in p.stderr
     assert {"[p0] up 0 3", "[p2] up 2 3"} <= set(p.stdout.splitlines())
     assert time.monotonic() - t0 < 30                                            # not the children's 60 s sleep
     job = subprocess.Popen([sys.executable, "-m", "calico_jax.launch", "--local", "2", "--", sys.executable, "-c",
-                            CHILD, "-1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            CHILD, "-1", str(tmp_path / "b")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
     lines = []
     while len(lines) < 2:                                                        # both children are up
         lines.append(job.stdout.readline())
