@@ -41,6 +41,25 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
+def flat(tree, prefix: str = "") -> dict[str, np.ndarray]:
+    """Nested param dict -> {"a/b/c": array}."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}{key}/").items()}
+    return {prefix[:-1]: np.asarray(tree)}
+
+
+def assert_bit_equal_reload(path, cfg, params) -> None:
+    """The checkpoint at ``path`` loads with config ``cfg`` and every parameter of ``params`` bit for bit."""
+    import calico_jax
+
+    _, loaded, loaded_cfg = calico_jax.load(path)
+    assert loaded_cfg == cfg
+    want, got = flat(params), flat(loaded)
+    assert set(want) == set(got)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
 def run_convert(*argv: str) -> tuple[int, str, str]:
     """Runs ``python -m convert ARGV`` in this process; returns (exit code, stdout, stderr)."""
     from convert.__main__ import main

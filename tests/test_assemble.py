@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 import calico_jax  # noqa: E402
 from calico_jax.models.calico import Calico  # noqa: E402
-from tests.helpers import nothing_at, run_convert  # noqa: E402
+from tests.helpers import assert_bit_equal_reload, flat, nothing_at, run_convert  # noqa: E402
 from tests.test_convert_blip2 import hf_model as blip2_model  # noqa: E402
 from tests.test_convert_glamm import glamm_checkpoint  # noqa: E402
 from tests.test_dinov2 import hf_model as dinov2_model  # noqa: E402
@@ -52,12 +52,6 @@ def assemble(parts, tmp_path, overrides=OVERRIDES, llm="glamm", dinov2=True, *ex
         (tmp_path / "overrides.json").write_text(json.dumps(overrides))
         args += ["--config", tmp_path / "overrides.json"]
     return run_convert(*args, *extra)
-
-
-def flat(tree, prefix=""):
-    if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}{key}/").items()}
-    return {prefix[:-1]: np.asarray(tree)}
 
 
 def test_assemble_load_forward(parts, tmp_path):
@@ -235,12 +229,7 @@ def test_calico_family_guessed_layout(official, tmp_path):
     assert rc == 0, err
     assert re.search(r"^verify: max_rel_err=\S+ \(tol 1e-05\) PASS$", stdout, re.M), stdout
     assert "skipped 1 key(s): LLaVA mm_projector" in stdout
-    _, loaded, loaded_cfg = calico_jax.load(out)
-    assert loaded_cfg == cfg
-    want, got = flat(params), flat(loaded)
-    assert set(want) == set(got)
-    for k in want:
-        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert_bit_equal_reload(out, cfg, params)
 
 
 def test_calico_family_unmatched_keys_and_patterns(official, tmp_path):

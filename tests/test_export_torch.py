@@ -23,13 +23,7 @@ from calico_jax.models.cam import CamConfig  # noqa: E402
 from calico_jax.models.cem import CemConfig  # noqa: E402
 from calico_jax.models.llama import LlamaForCausalLM  # noqa: E402
 from convert.families.llama import hf_state_dict, torch_llama  # noqa: E402
-from tests.helpers import nothing_at, rel_err, run_convert  # noqa: E402
-
-
-def flat(tree, prefix=""):
-    if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}{key}/").items()}
-    return {prefix[:-1]: np.asarray(tree)}
+from tests.helpers import assert_bit_equal_reload, nothing_at, rel_err, run_convert  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +39,6 @@ def trained(tmp_path_factory):
     calico_jax.pretrained.save(root / "model", "calico", cfg, params)
     return root, cfg, params
 
-
-
-def assert_bit_equal_reload(out, cfg, params):
-    """The converted-back checkpoint has our config and every parameter bit for bit."""
-    _, loaded, loaded_cfg = calico_jax.load(out)
-    assert loaded_cfg == cfg
-    want, got = flat(params), flat(loaded)
-    assert set(want) == set(got)
-    for k in want:
-        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 def test_round_trip_bit_equal(trained, tmp_path):
     root, cfg, params = trained
