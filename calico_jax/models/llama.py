@@ -112,21 +112,25 @@ class LlamaConfig(Config):
 class KVCache(NamedTuple):
     """Preallocated keys/values of every layer (post-RoPE) plus which slots hold real tokens.
 
-    Head-major, with v's slot axis last: one layer's ``k[l, b, h]`` [S, D] and ``v[l, b, h]`` [D, S]
-    are the row-major operands of the two attention matrix-vector products of a decode step, so XLA
-    reads them in place instead of transposing the whole cache every layer and step (which cost a
-    quarter of the decode step with a [L, B, S, KV, D] layout).
+    Head-major, with v's slot axis last: row ``b * KV + h`` of layer l, ``k[l][b*KV+h]`` [S, D] and
+    ``v[l][b*KV+h]`` [D, S], are the row-major operands of the two attention matrix-vector products of a
+    decode step, so XLA reads them in place instead of transposing the whole cache every layer and step
+    (which cost a quarter of the decode step with a [L, B, S, KV, D] layout). One buffer per layer, with
+    batch and head merged: a layer slice of a stacked [L, ...] buffer, or a degenerate batch axis
+    dropped between the in-place write and the attention products, made XLA:CPU copy the layer's
+    cache on every step (bench/results/llm_opt.md).
     """
 
-    k: jax.Array      # [L, B, KV, S, D]
-    v: jax.Array      # [L, B, KV, D, S]
-    valid: jax.Array  # [B, S] bool: slot written and not padding
-    index: jax.Array  # [] int32: next slot to write
+    k: tuple[jax.Array, ...]   # L x [B*KV, S, D]
+    v: tuple[jax.Array, ...]   # L x [B*KV, D, S]
+    valid: jax.Array           # [B, S] bool: slot written and not padding
+    index: jax.Array           # [] int32: next slot to write
 
     @classmethod
     def init(cls, config: LlamaConfig, batch: int, length: int, dtype: Any = jnp.float32) -> KVCache:
         n, kv, d = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-        return cls(jnp.zeros((n, batch, kv, length, d), dtype), jnp.zeros((n, batch, kv, d, length), dtype),
+        return cls(tuple(jnp.zeros((batch * kv, length, d), dtype) for _ in range(n)),
+                   tuple(jnp.zeros((batch * kv, d, length), dtype) for _ in range(n)),
                    jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
 
 
@@ -197,7 +201,7 @@ _causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
 
 def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
                       cache_layout: bool = False) -> jax.Array:
-    """q [B,T,H,D], k/v [B,S,KV,D] (``cache_layout``: k [B,KV,S,D], v [B,KV,D,S] as :class:`KVCache`
+    """q [B,T,H,D], k/v [B,S,KV,D] (``cache_layout``: k [B*KV,S,D], v [B*KV,D,S] as :class:`KVCache`
     stores them), mask [B,T,S] (True = attend) -> [B,T,H*D]; softmax in fp32.
 
     Query head h reads k/v head h // (H/KV), as HF's ``repeat_kv``, without materialising the repeat.
@@ -207,7 +211,7 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     the two cut a decoder layer's forward + backward on XLA:CPU by ~20 % (bench/results/train_step_opt.md).
     """
     b, t, h, d = q.shape
-    kv = k.shape[1 if cache_layout else 2]
+    kv = k.shape[0] // b if cache_layout else k.shape[2]
     g = h // kv
     q = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)
     q = q.reshape(b, kv, g * t, d)
@@ -216,6 +220,7 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
         grouped_mask = jnp.broadcast_to(mask[:, None, None], (b, 1, g, t, mask.shape[-1])).reshape(b, 1, g * t, -1)
         out = _causal_attention(q, k, v, grouped_mask)
     else:
+        k, v = k.reshape(b, kv, *k.shape[1:]), v.reshape(b, kv, *v.shape[1:])
         logits = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32).reshape(b, kv, g, t, -1)
         logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv, g * t, -1)
@@ -248,8 +253,8 @@ class LlamaAttention(nn.Module):
         self.o_proj = proj("o_proj", c.hidden_size, ("heads", "embed"))
 
     def __call__(self, x, cos, sin, mask, cache: tuple | None, deterministic: bool = True):
-        """``cache=(k_all [L,B,KV,S,D], v_all [L,B,KV,D,S], layer, index)``: writes this step's k/v at
-        ``index`` and attends over all S slots; without a cache attends over the T current tokens."""
+        """``cache=(k [B*KV,S,D], v [B*KV,D,S], index)`` (this layer's :class:`KVCache` buffers): writes
+        this step's k/v at ``index`` and attends over all S slots; without a cache attends over the T current tokens."""
         c = self.config
         b, t = x.shape[:2]
         x = _tokens_2d(x)
@@ -259,14 +264,14 @@ class LlamaAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o_proj = lambda out: self.o_proj(_tokens_2d(out), deterministic).reshape(b, t, -1)  # noqa: E731
         if cache is not None:
-            k_all, v_all, layer, index = cache
-            k_new = k.transpose(0, 2, 1, 3)[None].astype(k_all.dtype)   # [1, B, KV, T, D]
-            v_new = v.transpose(0, 2, 3, 1)[None].astype(v_all.dtype)   # [1, B, KV, D, T]
-            k_all = jax.lax.dynamic_update_slice(k_all, k_new, (layer, 0, 0, index, 0))
-            v_all = jax.lax.dynamic_update_slice(v_all, v_new, (layer, 0, 0, 0, index))
-            out = grouped_attention(q, k_all[layer].astype(self.dtype), v_all[layer].astype(self.dtype), mask,
+            k_cache, v_cache, index = cache
+            k_new = k.transpose(0, 2, 1, 3).reshape(-1, t, c.head_dim).astype(k_cache.dtype)   # [B*KV, T, D]
+            v_new = v.transpose(0, 2, 3, 1).reshape(-1, c.head_dim, t).astype(v_cache.dtype)   # [B*KV, D, T]
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, (0, index, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, (0, 0, index))
+            out = grouped_attention(q, k_cache.astype(self.dtype), v_cache.astype(self.dtype), mask,
                                     cache_layout=True)
-            return o_proj(out), (k_all, v_all)
+            return o_proj(out), (k_cache, v_cache)
         return o_proj(grouped_attention(q, k, v, mask)), cache
 
 
@@ -343,15 +348,16 @@ class LlamaModel(nn.Module):
         attn_mask = key_valid[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])
         if hooks and last_prompt_index is None:
             last_prompt_index = last_token_index(mask)
-        k_all, v_all = (None, None) if cache is None else (cache.k, cache.v)
+        new_k, new_v = [], []   # this step's per-layer cache buffers
         for i, layer in enumerate(self.layers):
             if hooks and i in hooks:
                 x = hooks[i](x, last_prompt_index).astype(self.dtype)  # T^i -> CAM(T^i)
-            layer_cache = None if cache is None else (k_all, v_all, i, cache.index)
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.index)
             x, new = layer(x, cos, sin, attn_mask, layer_cache, deterministic)
             if cache is not None:
-                k_all, v_all = new
-        new_cache = None if cache is None else KVCache(k_all, v_all, key_valid, cache.index + t)
+                new_k.append(new[0])
+                new_v.append(new[1])
+        new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), key_valid, cache.index + t)
         return self.norm(x), new_cache
 
 
