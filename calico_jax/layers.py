@@ -17,6 +17,7 @@ attention logits and softmax in float32.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -85,13 +86,43 @@ def conv(features: int, kernel: int, *, name: str, stride: int = 1, padding: int
                    bias_init=param_init(nn.initializers.zeros_init(), ("embed",)))
 
 
-def conv_transpose(features: int, kernel: int, *, name: str, stride: int,
-                   dtype: Dtype = jnp.float32) -> nn.ConvTranspose:
-    """``nn.ConvTranspose2d`` (padding 0) on NHWC; torch (in,out,kh,kw) -> HWIO with transpose_kernel."""
-    return nn.ConvTranspose(features, (kernel, kernel), strides=(stride, stride), padding="VALID",
-                            transpose_kernel=True, dtype=dtype, name=name,
-                            kernel_init=param_init(torch_linear_init, (None, None, "embed", "conv_in")),
-                            bias_init=param_init(nn.initializers.zeros_init(), ("embed",)))
+class PatchConvTranspose(nn.Module):
+    """``nn.ConvTranspose2d(kernel_size=s, stride=s, padding=0)`` on NHWC, left in patch form.
+
+    With kernel == stride the output patches do not overlap: input pixel (i, j) alone produces the s x s
+    output block at (s*i + a, s*j + b), ``x[i, j] @ W[:, a, b] + bias``. So the layer is one GEMM and
+    returns ``[..., s, s, features]`` (the patch of every input pixel, not yet interleaved into the
+    image grid): per-pixel layers (LayerNorm over channels, GELU, another patch conv, a per-pixel
+    product) can follow in this layout and the interleave happens once, on the smallest tensor.
+    On XLA:CPU the dilated convolution and the interleaving transposes of the direct form cost ~3x the
+    GEMM (SAM's mask upscaling, bench/results/sam_opt.md). Parameters as ``nn.ConvTranspose`` with
+    ``transpose_kernel=True``: kernel [s, s, features, in] = torch's (in, out, kh, kw) -> (2, 3, 1, 0).
+    """
+
+    features: int
+    kernel: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        s, c = self.kernel, x.shape[-1]
+        kernel = self.param("kernel", param_init(torch_linear_init, (None, None, "embed", "conv_in")),
+                            (s, s, self.features, c))
+        bias = self.param("bias", param_init(nn.initializers.zeros_init(), ("embed",)), (self.features,))
+        w = jnp.asarray(kernel, self.dtype).transpose(3, 0, 1, 2).reshape(c, s * s * self.features)
+        y = x.astype(self.dtype).reshape(-1, c) @ w
+        return y.reshape(*x.shape[:-1], s, s, self.features) + jnp.asarray(bias, self.dtype)
+
+
+def interleave_patches(x: jax.Array, levels: int) -> jax.Array:
+    """``[..., h, w, a1, b1, ..., a_n, b_n]`` (``levels`` = n nested :class:`PatchConvTranspose` patch
+    axes, channels already contracted away) -> ``[..., h * A, w * B]``: output row
+    ``(i * s_a1 + a1) * s_a2 + a2 ...``, column likewise from j, b1, b2, ..."""
+    lead = x.ndim - 2 - 2 * levels
+    rows = [lead, *(lead + 2 + 2 * k for k in range(levels))]
+    cols = [lead + 1, *(lead + 3 + 2 * k for k in range(levels))]
+    y = x.transpose(*range(lead), *rows, *cols)
+    return y.reshape(*x.shape[:lead], math.prod(x.shape[r] for r in rows), math.prod(x.shape[c] for c in cols))
 
 
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:

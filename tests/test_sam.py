@@ -186,17 +186,28 @@ def test_get_rel_pos(q, k, length):
     assert rel_err(got, want) <= 1e-6
 
 
-def test_conv_transpose_exact():
-    """layers.conv_transpose (transpose_kernel=True, torch (in,out,kh,kw) -> (2,3,1,0)) == ConvTranspose2d."""
+def test_patch_conv_transpose_matches_conv_transpose2d():
+    """Two nested layers.PatchConvTranspose (torch (in,out,kh,kw) -> (2,3,1,0)), interleaved once at the end
+    with layers.interleave_patches == two ConvTranspose2d(kernel 2, stride 2) applied one after the other."""
     from calico_jax import layers
 
-    conv = torch.nn.ConvTranspose2d(6, 4, kernel_size=2, stride=2)
-    randomize(conv, seed=4, std=1.0)
+    conv1, conv2 = torch.nn.ConvTranspose2d(6, 4, kernel_size=2, stride=2), torch.nn.ConvTranspose2d(4, 3, 2, 2)
+    randomize(conv1, seed=4, std=1.0)
+    randomize(conv2, seed=5, std=1.0)
     x = np.random.default_rng(0).normal(size=(2, 6, 5, 3)).astype(np.float32)
-    params = {"kernel": conv.weight.detach().numpy().transpose(2, 3, 1, 0), "bias": conv.bias.detach().numpy()}
-    up = layers.conv_transpose(4, 2, stride=2, name="up")
-    got = up.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)))
-    assert rel_err(np.asarray(got).transpose(0, 3, 1, 2), conv(torch.from_numpy(x))) <= 1e-6
+
+    def params(conv):
+        return {"params": {"kernel": conv.weight.detach().numpy().transpose(2, 3, 1, 0),
+                           "bias": conv.bias.detach().numpy()}}
+
+    one = layers.PatchConvTranspose(4, 2).apply(params(conv1), jnp.asarray(x.transpose(0, 2, 3, 1)))
+    assert one.shape == (2, 5, 3, 2, 2, 4)
+    two = layers.PatchConvTranspose(3, 2).apply(params(conv2), one)              # [2, 5, 3, 2, 2, 2, 2, 3]
+    with torch.no_grad():
+        want1 = conv1(torch.from_numpy(x))
+        want2 = conv2(want1)
+    assert rel_err(layers.interleave_patches(jnp.moveaxis(one, -1, 1), levels=1), want1) <= 1e-6
+    assert rel_err(layers.interleave_patches(jnp.moveaxis(two, -1, 1), levels=2), want2) <= 1e-6
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

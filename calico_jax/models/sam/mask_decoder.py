@@ -51,15 +51,22 @@ class MaskDecoder(nn.Module):
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1:1 + n_mask]
 
+        # output_upscaling (ConvT 2x2/2 -> LayerNorm2d -> GELU -> ConvT 2x2/2 -> GELU) and the per-pixel
+        # hypernetwork product, all in patch form: [b, h, w, 2, 2, 2, 2, c/8], interleaved once at the end.
         h, w = image_embeddings.shape[1:3]
-        up = src.reshape(b, h, w, c)
-        up = layers.conv_transpose(c // 4, 2, stride=2, name="output_upscaling_0", dtype=self.dtype)(up)
-        up = layers.gelu(layer_norm_2d(cfg.upscale_norm_eps, name="output_upscaling_1", dtype=self.dtype)(up))
-        up = layers.gelu(layers.conv_transpose(c // 8, 2, stride=2, name="output_upscaling_3", dtype=self.dtype)(up))
+        # (the per-pixel steps run on 2-D [pixels, channels] views: XLA:CPU's LayerNorm on the 6-D patch
+        # layout ran at half the speed)
+        up = layers.PatchConvTranspose(c // 4, 2, dtype=self.dtype, name="output_upscaling_0")(src.reshape(-1, c))
+        up = layer_norm_2d(cfg.upscale_norm_eps, name="output_upscaling_1", dtype=self.dtype)(up.reshape(-1, c // 4))
+        up = layers.gelu(layers.PatchConvTranspose(c // 8, 2, dtype=self.dtype, name="output_upscaling_3")(
+            layers.gelu(up)))                                                   # [b*h*w*4, 2, 2, c/8]
 
         hyper_in = jnp.stack([MLP(c, c // 8, 3, dtype=self.dtype, name=f"output_hypernetworks_mlps_{i}")(
             mask_tokens_out[:, i]) for i in range(n_mask)], axis=1)                     # [b, n_mask, c/8]
-        masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in, up, precision=jax.lax.Precision.HIGHEST)
+        # pixels x channels times channels x masks (the masks axis minor): XLA:CPU reads `up` as it lies
+        masks = jnp.einsum("bxc,bmc->bxm", up.reshape(b, -1, c // 8), hyper_in, precision=jax.lax.Precision.HIGHEST)
+        masks = masks.reshape(b, h, w, 2, 2, 2, 2, n_mask)
+        masks = layers.interleave_patches(jnp.moveaxis(masks, -1, 1), levels=2)        # [b, n_mask, 4h, 4w]
         iou_pred = MLP(cfg.iou_head_hidden_dim, n_mask, cfg.iou_head_depth, dtype=self.dtype,
                        name="iou_prediction_head")(iou_token_out)
         sl = slice(1, None) if multimask_output else slice(0, 1)
