@@ -52,3 +52,12 @@ def embedding(num: int, features: int, *, name: str | None = None) -> nn.Embed:
     kwargs = {} if name is None else {"name": name}
     return nn.Embed(num, features, embedding_init=layers.param_init(nn.initializers.normal(1.0), (None, "embed")),
                     **kwargs)
+
+
+def repeat_per_prompt(x: jax.Array, batch: int) -> jax.Array:
+    """``repeat_interleave`` of per-image tensors to the prompt batch (each image's prompts contiguous)."""
+    if x.shape[0] == batch:
+        return x
+    if batch % x.shape[0]:
+        raise ValueError(f"prompt batch {batch} is not a multiple of the image batch {x.shape[0]}")
+    return jnp.repeat(x, batch // x.shape[0], axis=0)

@@ -9,18 +9,9 @@ import jax
 import jax.numpy as jnp
 
 from calico_jax import layers
-from calico_jax.models.sam.common import MLP, embedding, layer_norm_2d
+from calico_jax.models.sam.common import MLP, embedding, layer_norm_2d, repeat_per_prompt
 from calico_jax.models.sam.config import MaskDecoderConfig
 from calico_jax.models.sam.transformer import TwoWayTransformer
-
-
-def repeat_per_prompt(x: jax.Array, batch: int) -> jax.Array:
-    """``repeat_interleave`` of per-image tensors to the prompt batch (each image's prompts contiguous)."""
-    if x.shape[0] == batch:
-        return x
-    if batch % x.shape[0]:
-        raise ValueError(f"prompt batch {batch} is not a multiple of the image batch {x.shape[0]}")
-    return jnp.repeat(x, batch // x.shape[0], axis=0)
 
 
 class MaskDecoder(nn.Module):
@@ -45,9 +36,12 @@ class MaskDecoder(nn.Module):
         output_tokens = jnp.broadcast_to(output_tokens[None], (b, *output_tokens.shape))
         tokens = jnp.concatenate([output_tokens, sparse_prompt_embeddings.astype(output_tokens.dtype)], axis=1)
 
-        src = repeat_per_prompt(image_embeddings, b) + dense_prompt_embeddings
-        pos_src = jnp.broadcast_to(image_pe if image_pe.shape[0] == 1 else repeat_per_prompt(image_pe, b), src.shape)
-        hs, src = TwoWayTransformer(cfg.transformer, dtype=self.dtype, name="transformer")(src, pos_src, tokens)
+        # With one dense embedding per image (or one for all: no mask prompts), the image side stays per
+        # image until the first image->token update makes it per prompt (the transformer repeats it there).
+        per_image = dense_prompt_embeddings.shape[0] in (1, image_embeddings.shape[0])
+        src = image_embeddings if per_image else repeat_per_prompt(image_embeddings, b)
+        src = src + dense_prompt_embeddings
+        hs, src = TwoWayTransformer(cfg.transformer, dtype=self.dtype, name="transformer")(src, image_pe, tokens)
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1:1 + n_mask]
 

@@ -87,6 +87,8 @@ class Sam(nn.Module):
         if image_embeddings is None:
             image_embeddings = self.image_embeddings(pixel_values)
         sparse, dense = self.encode_prompts(points, labels, boxes, masks, text_embeds)
+        if masks is None:   # every row is the no-mask embedding: one row lets the decoder work per image
+            dense = dense[:1]
         low_res, iou = self.decode_masks(image_embeddings, self.dense_pe(), sparse, dense, multimask_output)
         return {"image_embeddings": image_embeddings, "low_res_masks": low_res, "iou_predictions": iou}
 
