@@ -12,6 +12,56 @@ from calico_jax.models.sam.common import MLPBlock, repeat_per_prompt
 from calico_jax.models.sam.config import TwoWayTransformerConfig
 
 
+def _block_diagonal(x: jax.Array, num_heads: int) -> jax.Array:
+    """[B, T, H*D] -> [B, H*D, H*T]: column (h, t) holds x[t, h, :] in rows (h, :), zeros elsewhere, so that
+    one GEMM against a token-major [B, L, H*D] operand gives every head's products with the T tokens."""
+    b, t, hd = x.shape
+    x = x.reshape(b, t, num_heads, hd // num_heads)
+    eye = jnp.eye(num_heads, dtype=x.dtype)
+    return jnp.einsum("bthd,hg->bhdgt", x, eye).reshape(b, hd, num_heads * t)
+
+
+def _attend_few_keys(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int) -> jax.Array:
+    """Many queries [B, L, H*D] over a few keys [B, T, H*D] (image -> token): the large side is read
+    token-major, as it lies, by plain GEMMs against block-diagonal copies of the small side."""
+    b, length, hd = q.shape
+    t = k.shape[1]
+    scale = jnp.asarray((hd // num_heads) ** -0.5, q.dtype)
+    logits = jnp.matmul(q * scale, _block_diagonal(k, num_heads), preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits.reshape(b, length, num_heads, t), axis=-1).astype(v.dtype)
+    return probs.reshape(b, length, num_heads * t) @ jnp.swapaxes(_block_diagonal(v, num_heads), 1, 2)
+
+
+def _attend_few_queries(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int) -> jax.Array:
+    """A few queries [B, T, H*D] over many keys [B, L, H*D] (token -> image), the same way: the
+    [H*T, H*D] products of every head's weights with every head's values are formed (the small side's
+    H-fold redundancy) and the diagonal head blocks kept."""
+    b, t, hd = q.shape
+    d = hd // num_heads
+    scale = jnp.asarray(d ** -0.5, q.dtype)
+    logits = jnp.matmul(k, _block_diagonal(q * scale, num_heads), preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits, axis=1).astype(v.dtype)                       # [B, L, H*T] over L
+    full = jnp.einsum("blm,bld->bmd", probs, v).reshape(b, num_heads, t, num_heads, d)
+    return jnp.swapaxes(jnp.diagonal(full, axis1=1, axis2=3), 2, 3).reshape(b, t, hd)
+
+
+def cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int, few: int = 256) -> jax.Array:
+    """softmax(QKᵀ/√d)V per head on token-major [B, T, H*D] inputs -> [B, Tq, H*D].
+
+    Between a handful of prompt tokens and thousands of image tokens (H * T_small <= ``few`` and the
+    other side at least 4x longer) the products run as GEMMs on the token-major large side. The
+    head-major form (:func:`calico_jax.layers.attention`) transposes the large side first, which took
+    ~40 % of these attentions' time on XLA:CPU (bench/results/sam_opt.md). Equal up to fp32 rounding.
+    """
+    tq, tk = q.shape[1], k.shape[1]
+    if num_heads * tk <= few and tq >= 4 * tk:
+        return _attend_few_keys(q, k, v, num_heads)
+    if num_heads * tq <= few and tk >= 4 * tq:
+        return _attend_few_queries(q, k, v, num_heads)
+    heads = [layers.split_heads(x, num_heads) for x in (q, k, v)]
+    return layers.merge_heads(layers.attention(*heads))
+
+
 class Attention(nn.Module):
     """q/k/v projections to ``embedding_dim // downsample_rate``, softmax(QKᵀ/√d_head)V, out_proj back."""
 
@@ -25,16 +75,14 @@ class Attention(nn.Module):
         internal = self.embedding_dim // self.downsample_rate
 
         def proj(x, name):
-            x = layers.dense(internal, ("embed", "heads"), name=name, dtype=self.dtype)(x)
-            return layers.split_heads(x, self.num_heads)
+            return layers.dense(internal, ("embed", "heads"), name=name, dtype=self.dtype)(x)
 
         q, k, v = proj(q, "q_proj"), proj(k, "k_proj"), proj(v, "v_proj")
         b = q.shape[0]
         if k.shape[0] != b:   # keys per image, queries per prompt: each image's prompts attend together
-            q = q.reshape(k.shape[0], -1, *q.shape[2:])
-        out = layers.attention(q, k, v).reshape(b, -1, self.num_heads, internal // self.num_heads)
-        return layers.dense(self.embedding_dim, ("heads", "embed"), name="out_proj",
-                            dtype=self.dtype)(layers.merge_heads(out))
+            q = q.reshape(k.shape[0], -1, internal)
+        out = cross_attention(q, k, v, self.num_heads).reshape(b, -1, internal)
+        return layers.dense(self.embedding_dim, ("heads", "embed"), name="out_proj", dtype=self.dtype)(out)
 
 
 def _per_prompt(x: jax.Array, batch: int) -> jax.Array:
