@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.timing import Result, alternate, side_by_side
+from bench.timing import Result, alternate, ceiling_note, gemm_only_ms, side_by_side
 from calico_jax import pretrained
 
 PROMPT, NEW, CONTEXT = 256, 64, 300
@@ -54,6 +54,12 @@ def _ids(n, batch=1, seed=0):
     return np.random.default_rng(seed).integers(3, HF_KW["vocab_size"], (batch, n)).astype(np.int32)
 
 
+def _gemm_shapes(tokens: int) -> list[tuple[int, int, int, int]]:
+    """(m, k, n, count) of every weight product of one forward over ``tokens`` tokens."""
+    h, f, n = HF_KW["hidden_size"], HF_KW["intermediate_size"], HF_KW["num_hidden_layers"]
+    return [(tokens, h, h, 4 * n), (tokens, h, f, 2 * n), (tokens, f, h, n), (tokens, h, HF_KW["vocab_size"], 1)]
+
+
 def llama_prefill(ctx) -> Result:
     import torch
     ref, module, params = _models()
@@ -62,7 +68,7 @@ def llama_prefill(ctx) -> Result:
     return side_by_side("llama_prefill", fn, (params, jnp.asarray(ids)),
                         lambda: ref(input_ids=torch.from_numpy(ids).long()).logits,
                         peak_gflops=ctx.peak_gflops, bandwidth_gbs=ctx.bandwidth_gbs, repeats=ctx.repeats,
-                        budget_s=ctx.budget_s)
+                        budget_s=ctx.budget_s, note=ceiling_note(_gemm_shapes(PROMPT), ctx.peak_gflops))
 
 
 def llama_decode(ctx) -> Result:
@@ -99,7 +105,9 @@ def llama_decode(ctx) -> Result:
                   compile_s=compile_s, flops=flops, limit="bandwidth", jax_range_ms=(j.min_ms, j.max_ms),
                   torch_range_ms=(t.min_ms, t.max_ms), bytes_min=bytes_min,
                   note=f"bandwidth floor {floor_ms:.1f} ms/token (weights read once + KV cache); the cache "
-                       "position advances by one per timed call on both sides")
+                       "position advances by one per timed call on both sides; GEMV-only ceiling "
+                       f"{100 * floor_ms / gemm_only_ms(_gemm_shapes(1)):.0f} % of the floor (the step's weight "
+                       "matrix-vector products alone)")
 
 
 def llama_generate(ctx) -> Result:

@@ -74,6 +74,30 @@ def read_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> dict[str, flo
     return {k: nbytes / (s.median_ms * 1e-3) / 1e9 for k, s in stats.items()}
 
 
+def gemm_only_ms(shapes: list[tuple[int, int, int, int]], repeats: int = 5) -> float:
+    """Median ms of an item's matrix products alone: ``(m, k, n, count)`` = ``count`` independent
+    [m, k] x [k, n] GEMMs on fresh random weights, outputs kept, in one jitted program. Its FLOP rate
+    over the peak (or the bandwidth floor over it, for matrix-vector products) is the item's *GEMM-only
+    ceiling*: what the item would reach if everything but its products took no time."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    xs = [jnp.asarray(rng.standard_normal((m, k), dtype=np.float32)) for m, k, _, _ in shapes]
+    ws = [[jnp.asarray(rng.standard_normal((k, n), dtype=np.float32)) for _ in range(c)] for _, k, n, c in shapes]
+    fn = jax.jit(lambda xs, ws: [x @ w for x, group in zip(xs, ws) for w in group])
+    stats = alternate({"gemm": lambda: jax.block_until_ready(fn(xs, ws))}, repeats=repeats, warmup=1)
+    return stats["gemm"].median_ms
+
+
+def ceiling_note(shapes: list[tuple[int, int, int, int]], peak_gflops: float) -> str:
+    """The GEMM-only ceiling of a compute-bound item, as a sentence for its note."""
+    ms = gemm_only_ms(shapes)
+    flops = sum(2.0 * m * k * n * c for m, k, n, c in shapes)
+    return (f"GEMM-only ceiling {100 * flops / (ms * 1e-3) / 1e9 / peak_gflops:.0f} % of peak (its "
+            f"{sum(c for *_, c in shapes)} products alone, {ms:.0f} ms)")
+
+
 def limits_check(before: dict, after: dict, differ: float = 0.15, drift: float = 0.10) -> list[str]:
     """Warnings when the two frameworks' limits disagree by more than ``differ`` (the host favours one,
     so raw ratios measure the host) or either drifted by more than ``drift`` during the run (the

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.timing import Result, side_by_side
+from bench.timing import Result, ceiling_note, side_by_side
 from calico_jax import pretrained
 
 
@@ -50,10 +50,14 @@ def qformer(ctx) -> Result:
     img = rng.standard_normal((2, 257, 1408), dtype=np.float32)
     qt, it = torch.from_numpy(q), torch.from_numpy(img)
     fn = jax.jit(lambda p, q, i: module.apply({"params": p}, q, i))
+    rows, h, f, n = q.shape[0] * q.shape[1], hf.hidden_size, hf.intermediate_size, hf.num_hidden_layers
+    n_cross = n // hf.cross_attention_frequency
+    shapes = [(rows, h, h, 4 * n + 2 * n_cross), (rows, h, f, n), (rows, f, h, n),
+              (img.shape[0] * img.shape[1], img.shape[2], h, 2 * n_cross)]   # self q,k,v,o + cross q,o; MLP; cross k,v
     return side_by_side("qformer", fn, (_params(module), jnp.asarray(q), jnp.asarray(img)),
                         lambda: ref(query_embeds=qt, encoder_hidden_states=it),
                         peak_gflops=ctx.peak_gflops, bandwidth_gbs=ctx.bandwidth_gbs, repeats=ctx.repeats,
-                        budget_s=ctx.budget_s)
+                        budget_s=ctx.budget_s, note=ceiling_note(shapes, ctx.peak_gflops))
 
 
 def dinov2(ctx) -> Result:

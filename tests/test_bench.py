@@ -64,6 +64,16 @@ def test_limits_check_warns_on_gap_and_drift():
     assert any("differ by 50 %" in w for w in timing.limits_check(apart, apart))
 
 
+def test_gemm_only_ceiling(monkeypatch):
+    # the products alone really run (count x [m,k]x[k,n], outputs kept), and the note's arithmetic is
+    # their FLOPs over the time over the peak
+    assert timing.gemm_only_ms([(8, 16, 4, 3), (2, 4, 16, 1)], repeats=2) > 0
+    monkeypatch.setattr(timing, "gemm_only_ms", lambda shapes: 50.0)
+    note = timing.ceiling_note([(100, 100, 100, 5), (100, 100, 50, 10)], peak_gflops=1.0)
+    # 2e6 * 5 + 1e6 * 10 = 2e7 FLOPs in 50 ms = 0.4 GFLOP/s = 40 % of a 1 GFLOP/s peak
+    assert note.startswith("GEMM-only ceiling 40 % of peak") and "15 products" in note
+
+
 def test_every_item_is_defined():
     import importlib
     for name, module in ITEM_MODULES.items():
