@@ -150,7 +150,7 @@ def train_step(ctx) -> Result:
 
     def loss_fn(p, x):   # the training loss of calico_jax (HF's shifted CE; lm_head and CE in one backward)
         hidden = module.apply({"params": p}, x).hidden_states
-        return causal_lm_loss_from_hidden(hidden, p["lm_head"]["kernel"], x)["ce"]
+        return causal_lm_loss_from_hidden(hidden, type(module).output_kernel(module.config, p), x)["ce"]
 
     # Parameters and optimizer state are donated (updated in place). XLA:CPU's default copy insertion
     # then copies every parameter at the start of the step (110 copies, 0.5 GB, ~10 % of the step);

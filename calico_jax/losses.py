@@ -43,25 +43,23 @@ class LossConfig(Config):
             raise ConfigError(f"LossConfig: pixel_loss must be 'bce' or 'focal', got {self.pixel_loss!r}")
 
 
-def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
-    """logits [B, T, V], labels [B, T] (unshifted) -> ce (mean), num_tokens, num_correct."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    labels = labels[:, 1:]
-    valid = labels != IGNORE_INDEX
-    safe = jnp.where(valid, labels, 0)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
-    n = jnp.sum(valid)
-    correct = jnp.sum(valid & (jnp.argmax(logits, -1) == labels))
-    return {"ce": jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(n, 1), "num_tokens": n, "num_correct": correct}
-
-
 def next_token_targets(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     """[B, T] labels -> (targets, valid) [B, T]: position t predicts ``labels[t + 1]`` (the HF causal shift without
     slicing: the last position has no target); ignored targets are 0 with ``valid`` False."""
     nxt = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
     valid = nxt != IGNORE_INDEX
     return jnp.where(valid, nxt, 0), valid
+
+
+def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    """logits [B, T, V], labels [B, T] (unshifted) -> ce (mean), num_tokens, num_correct."""
+    logits = logits.astype(jnp.float32)
+    targets, valid = next_token_targets(labels)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    n = jnp.sum(valid)
+    correct = jnp.sum(valid & (jnp.argmax(logits, -1) == targets))
+    return {"ce": jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(n, 1), "num_tokens": n, "num_correct": correct}
 
 
 @jax.custom_vjp

@@ -169,7 +169,7 @@ def test_lora_merge_and_mask(tiny):
     assert np.abs(np.asarray(drop.logits) - unmerged).max() > 0
 
 
-@pytest.mark.parametrize("name", ["mha_untied", "gqa_linear_rope_bias"])
+@pytest.mark.parametrize("name", ["mha_untied", "gqa_odd_heads_tied_theta", "gqa_linear_rope_bias"])
 def test_gradients_match_transformers(name, tmp_path):
     """Training path: the written-out backward of the attention and of lm_head + CE
     (losses.causal_lm_loss_from_hidden) against torch autograd of HF's loss, every parameter, left padding."""
@@ -188,7 +188,8 @@ def test_gradients_match_transformers(name, tmp_path):
 
     def loss_fn(p):
         hidden = module.apply({"params": p}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask)).hidden_states
-        return causal_lm_loss_from_hidden(hidden, p["lm_head"]["kernel"], jnp.asarray(labels, jnp.int32))["ce"]
+        kernel = LlamaForCausalLM.output_kernel(module.config, p)   # the token table when tied
+        return causal_lm_loss_from_hidden(hidden, kernel, jnp.asarray(labels, jnp.int32))["ce"]
 
     value, grads = jax.value_and_grad(loss_fn)(params)
     assert abs(float(value) - float(loss)) <= 1e-5 * float(loss)

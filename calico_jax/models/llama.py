@@ -385,6 +385,14 @@ class LlamaForCausalLM(nn.Module):
         logits = self.model.embed_tokens.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
         return LlamaOutput(logits.astype(jnp.float32), hidden, cache)
 
+    @staticmethod
+    def output_kernel(config: LlamaConfig, params: Mapping[str, Any]) -> jax.Array:
+        """The [H, V] matrix ``__call__`` maps hidden states to logits with, read from this module's params
+        (the transposed token table when ``tie_word_embeddings``): for losses that fuse it with the CE."""
+        if config.tie_word_embeddings:
+            return params["model"]["embed_tokens"]["embedding"].T
+        return params["lm_head"]["kernel"]
+
     def embed(self, input_ids):
         """Token embeddings (for splicing image features into ``inputs_embeds``)."""
         return self.model.embed_tokens(input_ids)

@@ -40,6 +40,7 @@ from calico_jax.data.qformer_text import (
 from calico_jax.data.tokenize import SEG_TOKEN, build_tiny_tokenizer, load_tokenizer
 from calico_jax.losses import calico_loss, pixel_mask
 from calico_jax.models.calico import Calico, CalicoConfig
+from calico_jax.models.llama import LlamaForCausalLM
 from calico_jax.train.task import Task, eval_rows
 
 log = logging.getLogger(__name__)
@@ -140,9 +141,8 @@ class CalicoTask(Task):
 
     def loss_fn(self, params, batch, rng):
         out = self.forward(params, batch, False, {"dropout": rng})
-        llm = params["llm"]   # the CE straight from the final hidden states: lm_head and CE share one backward
-        lm_head = (llm["model"]["embed_tokens"]["embedding"].T if self.model_config.llm.tie_word_embeddings
-                   else llm["lm_head"]["kernel"])
+        # the CE straight from the final hidden states: lm_head and CE share one backward
+        lm_head = LlamaForCausalLM.output_kernel(self.model_config.llm, params["llm"])
         total, parts = calico_loss(out, batch["masks"], batch["mask_valid"], self.model_config.loss, lm_head=lm_head)
         return total, {"ce_loss": parts["ce"], "mask_bce_loss": parts["pixel"], "mask_dice_loss": parts["dice"],
                        "num_masks": parts["num_masks"].astype(jnp.float32), "token_accuracy": parts["token_accuracy"]}
