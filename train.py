@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 
 def main(argv=None, on_step=None) -> int:
@@ -108,6 +109,14 @@ def main(argv=None, on_step=None) -> int:
     except CheckpointError as e:   # disk full, a failed writer: the previous checkpoints stay readable
         print(f"train.py: stopped: {e}", file=sys.stderr)
         return distributed.leave(4)
+    except distributed.DistributedError as e:   # a peer never reached a barrier
+        print(f"train.py: stopped: {e}", file=sys.stderr)
+        return distributed.leave(2)
+    except Exception:
+        if jax.process_count() == 1:
+            raise
+        traceback.print_exc()   # then exit now: jax's shutdown would wait minutes for the peers
+        return distributed.leave(1)
     print(f"done: step {out['step']}" + (" (preempted: final checkpoint written)" if out["preempted"] else ""))
     return 0
 

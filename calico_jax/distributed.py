@@ -13,7 +13,9 @@ jax would abort with a C++ stack trace after its own ``initialization_timeout``;
 process first, with a message (the C++ connect call cannot be interrupted from Python).
 
 CPU processes exchange collectives through gloo (``jax_cpu_collectives_implementation``), so a job of several
-CPU processes on one machine runs the same partitioned programs as a pod, over the loopback interface.
+CPU processes on one machine runs the same partitioned programs as a pod, over the loopback interface. gloo gives a
+peer 30 s to reach a program's first collective; :func:`barrier` (the coordination service, ``CALICO_BARRIER_TIMEOUT``
+seconds) lines the processes up before each newly compiled program of the training loop first runs.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from typing import Any
 ADDRESS, COUNT, INDEX, TIMEOUT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
                                   "CALICO_INIT_TIMEOUT")
 DEFAULT_TIMEOUT = 300.0
+BARRIER_TIMEOUT, DEFAULT_BARRIER_TIMEOUT = "CALICO_BARRIER_TIMEOUT", 1800.0
 
 
 class DistributedError(RuntimeError):
@@ -137,11 +140,34 @@ def all_processes(flag: bool) -> bool:
     return not any_process(not flag)
 
 
-def barrier(name: str) -> None:
+def barrier(name: str, timeout: float | None = None) -> None:
+    """Every process reaches ``name`` before any goes on; waits up to ``timeout`` seconds (default
+    ``CALICO_BARRIER_TIMEOUT``, else 1800: a peer may still be compiling a large step), then raises
+    :class:`DistributedError`.
+
+    It goes through the coordination service, not a device collective: CPU collectives (gloo) give a peer only
+    30 s to arrive at a program's first collective, so processes whose compile times differ by more than that
+    must meet here before a newly compiled program first runs."""
     import jax
-    if jax.process_count() > 1:
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed  # the client has no public accessor
+    client = jax_distributed.global_state.client
+    if client is None:   # a multi-process backend not started by jax.distributed (none known today)
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
+        return
+    if timeout is None:
+        timeout = float(os.environ.get(BARRIER_TIMEOUT) or DEFAULT_BARRIER_TIMEOUT)
+    _BARRIERS[name] = count = _BARRIERS.get(name, 0) + 1   # every process passes a name equally often
+    try:
+        client.wait_at_barrier(f"calico/{name}/{count}", int(timeout * 1000))
+    except Exception as e:   # jax raises its runtime error type; its text names the missing processes
+        raise DistributedError(f"multihost: process {jax.process_index()} waited {timeout:g} s at barrier {name!r} "
+                               f"and not every process arrived ({BARRIER_TIMEOUT} raises the limit): {e}") from e
+
+
+_BARRIERS: dict[str, int] = {}
 
 
 def batch_block(sharding: Any, rows: int) -> tuple[int, int]:

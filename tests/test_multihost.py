@@ -107,6 +107,37 @@ def test_launcher_stops_the_job_when_a_process_dies_and_forwards_sigterm(tmp_pat
     assert job.returncode == 0 and {"[p0] term 0", "[p1] term 1"} <= set(stdout.splitlines())
 
 
+MEET = """import argparse, os, sys, time
+from calico_jax import distributed
+ap = argparse.ArgumentParser()
+distributed.add_arguments(ap)
+distributed.initialize(distributed.spec_from(ap.parse_args(["--multihost"])))
+import jax
+i = jax.process_index()
+if i == 1:
+    time.sleep(3)
+distributed.barrier("meet")
+print("met", i, time.monotonic(), flush=True)
+if i == 1:
+    time.sleep(4)
+try:
+    distributed.barrier("late", timeout=1)
+except distributed.DistributedError as e:
+    print("late:", e, flush=True)
+sys.stdout.flush()
+os._exit(0)   # jax's shutdown would wait for the peer that never arrived
+"""
+
+
+def test_barrier_waits_for_every_process_and_names_the_one_that_is_late():
+    p = subprocess.run([sys.executable, "-m", "calico_jax.launch", "--local", "2", "--", sys.executable, "-c", MEET],
+                       capture_output=True, text=True, timeout=120, env=H.env())
+    # (then jax's coordination agent aborts process 1: a failed barrier is an error for the whole job)
+    met = {int(m[0]): float(m[1]) for m in re.findall(r"^\[p\d\] met (\d) (\S+)$", p.stdout, re.M)}
+    assert set(met) == {0, 1} and abs(met[0] - met[1]) < 1.5, out(p)[-3000:]   # process 0 waited 3 s for 1
+    assert "[p0] late: multihost: process 0 waited 1 s at barrier 'late' and not every process arrived" in p.stdout
+
+
 def test_each_process_reads_its_block_of_every_global_micro_batch():
     ds = grain.MapDataset.range(48)
     blocks = [list(shard(ds, i, 2, 3)) for i in range(2)]
@@ -162,6 +193,22 @@ def reference(tmp_path_factory, compile_cache):
 def _logged_steps(workdir) -> list[int]:
     path = workdir / "metrics.jsonl"
     return [int(m) for m in re.findall(r'^\{"step": (\d+),', path.read_text(), re.M)] if path.exists() else []
+
+
+def test_a_process_that_compiles_late_is_waited_for(reference, tmp_path):
+    """Process 1 compiles the initial state, the train step and the evaluation 35 s after process 0 (CPU collectives give a late peer
+    30 s): each waits at a coordination-service barrier before the program's first run, and the steps are the
+    uninterrupted run's. (Without the barriers this run fails: "Gloo context initialization failed".)"""
+    wd = tmp_path / "run"
+    p = H.run(2, ["tests/toy_train.py", "--fault", "lag:35@1", "--config", "tests/toy_config.py",
+                  "--config.total_steps=2", "--config.eval_every=2", "--config.checkpoint_every=2",
+                  '--config.mesh={"data": 2, "fsdp": 4}', "--workdir", str(wd)])
+    assert p.returncode == 0, out(p)[-4000:]
+    assert out(p).count("[p1] toy_train: compile delayed 35 s") == 3 and "[p0] toy_train" not in out(p)
+    rows = H.rows(wd)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2] and [r["step"] for r in rows if "eval_loss" in r] == [2]
+    first, ref = rows[0], H.rows(reference)[0]   # step 1 does not depend on total_steps (the lr schedule)
+    assert [first[k] for k in ("loss", "grad_norm")] == [ref[k] for k in ("loss", "grad_norm")]
 
 
 def test_faults_lose_nothing(reference, tmp_path):

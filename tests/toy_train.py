@@ -12,6 +12,10 @@ Faults at step N (1-based), in process P only with ``@P`` (default: every proces
   which process 0 writes: the step is half-written, never committed);
 * ``failsave:N`` -- that write fails part-way (a truncated file, then ENOSPC), as on a full disk;
 * ``slow:MS`` -- every step takes MS milliseconds longer and prints ``toy_train: step N``;
+* ``lag:S`` -- every AOT compile (``jax.stages.Lowered.compile``: the initial state, the train step, the first
+  evaluation) takes S
+  seconds longer and prints ``toy_train: compile delayed S s``: a peer that compiles slower than the others, by
+  more than the 30 s CPU collectives give a late process;
 * ``hold:N`` -- after step N, prints ``toy_train: holding at step N`` and waits (at most 120 s) for a SIGTERM, so a
   test that signals the running job knows the step every process stops after.
 
@@ -78,6 +82,20 @@ def hold_until_sigterm(step: int, timeout: float = 120) -> None:
     signal.signal(signal.SIGTERM, loop_handler)
 
 
+def install_compile_lag(seconds: int, proc: int | None) -> None:
+    import jax
+
+    original = jax.stages.Lowered.compile
+
+    def compile_(self, *args, **kwargs):
+        if proc in (None, jax.process_index()):
+            print(f"toy_train: compile delayed {seconds} s", flush=True)
+            time.sleep(seconds)
+        return original(self, *args, **kwargs)
+
+    jax.stages.Lowered.compile = compile_
+
+
 def install_checkpointer(dump_dir: Path | None) -> None:
     """The loop's Checkpointer, recorded in ``LIVE``; with ``dump_dir`` it also dumps what it saves/restores."""
     import jax
@@ -129,6 +147,8 @@ def main(argv: list[str]) -> int:
                 install_save_fault(kind, at)
             elif kind == "slow":
                 hooks.append(lambda step, ms=at: (time.sleep(ms / 1000), print(f"toy_train: step {step}", flush=True)))
+            elif kind == "lag":
+                install_compile_lag(at, proc)
             elif kind == "hold":
                 hooks.append(lambda step, at=at: step == at and hold_until_sigterm(step))
             else:

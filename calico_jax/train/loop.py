@@ -146,6 +146,7 @@ class _Run:
             if self.compiled is None:
                 self.compiled = compile_step(tr, state, frozen, micro)
                 self.flops = self.compiled.flops()
+                distributed.barrier("first_train_step")   # peers compile at different speeds
                 t0 = time.perf_counter()   # step time excludes compilation
             state, m = self.compiled(state, frozen, micro)
         m = jax.device_get(m)

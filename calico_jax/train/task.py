@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from calico_jax import distributed
 from calico_jax.params import combine
 
 
@@ -84,12 +85,18 @@ def make_evaluator(tr) -> Callable[[Any, Any, int], dict] | None:
                  in_shardings=(tr.state_sh["params"], tr.frozen_sh, tr.batch_sh),
                  out_shardings=NamedSharding(tr.mesh, P()))
 
+    compiled: dict[tuple, Any] = {}   # batch shapes -> program
+
     def evaluate(state, frozen, step):
         sums: dict[str, list[float]] = {}
         with tr.context():
             for batch in task.eval_dataset(jax.process_index(), jax.process_count()):
                 dev = {k: jax.make_array_from_process_local_data(tr.batch_sh, np.asarray(v)) for k, v in batch.items()}
-                for k, (s, n) in jax.device_get(fn(state["params"], frozen, dev)).items():
+                shapes = tuple((k, v.shape, v.dtype.name) for k, v in sorted(dev.items()))
+                if shapes not in compiled:   # compiled here, then every process starts its first run together
+                    compiled[shapes] = fn.lower(state["params"], frozen, dev).compile()
+                    distributed.barrier("first_eval")
+                for k, (s, n) in jax.device_get(compiled[shapes](state["params"], frozen, dev)).items():
                     acc = sums.setdefault(k, [0.0, 0.0])
                     acc[0], acc[1] = acc[0] + float(s), acc[1] + float(n)
         if not sums:

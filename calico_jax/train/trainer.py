@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from calico_jax import checkpoints as ckpt_lib
+from calico_jax import distributed
 from calico_jax.params import combine, partition
 from calico_jax.train import optim
 from calico_jax.train.sharding import RULES, param_shardings
@@ -135,7 +136,9 @@ def load_frozen(tr: Trainer, meta_source: dict | None = None) -> tuple[Any, dict
         raise ValueError(f"checkpoint was trained on frozen weights {meta_source}, this run uses {source}; "
                          "use another workdir or the original base_checkpoint/seed")
     with tr.context():
-        state, frozen = tr.init()
+        init = tr.init.lower().compile()
+        distributed.barrier("init")   # the program may hold collectives: start it together
+        state, frozen = init()
     if tr.cfg.base_checkpoint:
         state, frozen = _overlay_base(tr, tr.cfg.base_checkpoint, state, frozen)
     return (state, frozen), source
