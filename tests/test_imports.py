@@ -251,6 +251,16 @@ def test_walks_the_project():
     assert any(e.src == "calico_jax.models.calico" and e.dst == "calico_jax.layers" for e in project_edges())
 
 
+MAX_LINES = 400   # the project's rule: one concept per module, none over 400 lines
+
+
+def test_no_module_over_400_lines():
+    files = [*(p for d in (*PACKAGES, "bench", "configs", "tests") for p in (ROOT / d).rglob("*.py")),
+             *(ROOT / s for s in SCRIPTS)]
+    long = {str(p.relative_to(ROOT)): n for p in files if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert len(files) > 100 and not long, f"modules over {MAX_LINES} lines (split them by concept): {long}"
+
+
 def test_no_import_cycles():
     g = graph(project_edges())
     cycles = find_cycles(g)

@@ -196,9 +196,9 @@ def _logged_steps(workdir) -> list[int]:
 
 
 def test_a_process_that_compiles_late_is_waited_for(reference, tmp_path):
-    """Process 1 compiles the initial state, the train step and the evaluation 35 s after process 0 (CPU collectives give a late peer
-    30 s): each waits at a coordination-service barrier before the program's first run, and the steps are the
-    uninterrupted run's. (Without the barriers this run fails: "Gloo context initialization failed".)"""
+    """Process 1 compiles the initial state, the train step and the evaluation 35 s after process 0 (CPU
+    collectives give a late peer 30 s): each program waits at a coordination-service barrier before its first
+    run, and the steps are the uninterrupted run's. (Without the barriers: "Gloo context initialization failed".)"""
     wd = tmp_path / "run"
     p = H.run(2, ["tests/toy_train.py", "--fault", "lag:35@1", "--config", "tests/toy_config.py",
                   "--config.total_steps=2", "--config.eval_every=2", "--config.checkpoint_every=2",
