@@ -133,6 +133,8 @@ def any_process(flag: bool) -> bool:
         return bool(flag)
     import numpy as np
     from jax.experimental import multihost_utils
+    if "any_process" not in _BARRIERS:   # its program's first run (see barrier)
+        barrier("any_process")
     return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
 
 

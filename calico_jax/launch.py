@@ -11,7 +11,8 @@ runs with this Python.
 
 Output lines are forwarded with a ``[pI]`` prefix. When a process dies (non-zero status or a signal), the others
 are stopped (SIGTERM, then SIGKILL after ``--grace`` seconds: a job with a dead member cannot make progress) and
-the launcher exits with that process's status (128 + signal for a signal), naming it. SIGTERM / SIGINT to the
+the launcher exits with the status of the process that ended first (128 + signal for a signal), naming it -- its
+peers fail moments later, when their collectives lose it. SIGTERM / SIGINT to the
 launcher is forwarded to every process (train.py then writes a final checkpoint), and the launcher exits with
 their status. Children die with the launcher (Linux ``PR_SET_PDEATHSIG``).
 """
@@ -80,11 +81,15 @@ def _forward(stream, out, prefix: bytes) -> None:
 class Job:
     def __init__(self, cmd: list[str], count: int, port: int, devices: int, gpus: int, grace: float):
         self.grace, self.procs, self.threads = grace, [], []
+        # (index, status) in the order the processes ended: once one dies, its peers fail within milliseconds
+        # (a collective's connection reset), and polling all of them would often name a peer, not the cause.
+        self.exits: list[tuple[int, int]] = []
         for i in range(count):
             p = subprocess.Popen(cmd, env=child_env(dict(os.environ), i, count, port, devices, gpus),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                                  preexec_fn=_die_with_parent if sys.platform == "linux" else None)
             self.procs.append(p)
+            threading.Thread(target=lambda i=i, p=p: self.exits.append((i, p.wait())), daemon=True).start()
             for stream, out in ((p.stdout, sys.stdout), (p.stderr, sys.stderr)):
                 t = threading.Thread(target=_forward, args=(stream, out, f"[p{i}] ".encode()), daemon=True)
                 t.start()
@@ -124,20 +129,19 @@ class Job:
         old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             while True:
-                codes = [p.poll() for p in self.procs]
-                failed = [(i, rc) for i, rc in enumerate(codes) if rc not in (None, 0)]
+                exits = list(self.exits)
+                failed = [(i, rc) for i, rc in exits if rc != 0]
                 if failed and not terminating:
                     i, rc = failed[0]
-                    others = sum(c is None for c in codes)
+                    others = len(self.procs) - len(exits)
                     print(f"launch: process {i} (pid {self.procs[i].pid}) {describe(rc)}; stopping the other "
                           f"{others} process(es)", file=sys.stderr, flush=True)
                     self.stop()
                     return exit_code(rc)
-                if all(c is not None for c in codes):
-                    bad = [(i, rc) for i, rc in enumerate(codes) if rc != 0]
-                    for i, rc in bad:
+                if len(exits) == len(self.procs):
+                    for i, rc in failed:
                         print(f"launch: process {i} {describe(rc)}", file=sys.stderr, flush=True)
-                    return exit_code(bad[0][1]) if bad else 0
+                    return exit_code(failed[0][1]) if failed else 0
                 time.sleep(0.05)
         finally:
             for s, h in old.items():

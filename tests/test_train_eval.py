@@ -122,13 +122,12 @@ def test_two_process_shards_are_disjoint_and_cover_the_global_batch(runs):
 
 def test_non_zero_process_builds_nothing_and_waits_at_the_barrier(tmp_path, monkeypatch):
     """Process 1 of 2: process 0 builds the synthetic sets and tokenizer; the others wait for it."""
-    from jax.experimental import multihost_utils
-
+    from calico_jax import distributed
     from calico_jax.train import calico_task
     calls = []
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "process_index", lambda: 1)
-    monkeypatch.setattr(multihost_utils, "sync_global_devices", calls.append)
+    monkeypatch.setattr(distributed, "barrier", calls.append)
     pairs, tok, held_out = calico_task.prepare_data(tiny(), tmp_path)
     assert calls == ["calico_prepare_data"]
     assert not (tmp_path / "data").exists()

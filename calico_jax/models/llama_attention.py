@@ -56,8 +56,9 @@ _causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
 
 def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
                       cache_layout: bool = False) -> jax.Array:
-    """q [B,T,H,D], k/v [B,S,KV,D] (``cache_layout``: k [B*KV,S,D], v [B*KV,D,S] as :class:`KVCache`
-    stores them), mask [B,T,S] (True = attend) -> [B,T,H*D]; softmax in fp32.
+    """q [B,T,H,D], k/v [B,S,KV,D] (``cache_layout``: k [B*KV,S,D], v [B*KV,D,S] as
+    :class:`~calico_jax.models.llama.KVCache` stores them), mask [B,T,S] (True = attend) -> [B,T,H*D]; softmax
+    in fp32.
 
     Query head h reads k/v head h // (H/KV), as HF's ``repeat_kv``, without materialising the repeat.
     The products run head-major: per (batch, k/v head) one [G*T, D] x [D, S] and one [G*T, S] x [S, D]

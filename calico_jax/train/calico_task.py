@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from calico_jax import distributed
 from calico_jax.data import synthetic
 from calico_jax.data.pairs_io import read_pairs
 from calico_jax.data.pipeline import Pipeline, PipelineConfig
@@ -66,9 +67,7 @@ def prepare_data(cfg, workdir: Path) -> tuple[Path, Path, Path | None]:
         p = read_pairs(pairs_path, validate=False)
         with atomic_directory(tok) as tmp:
             build_tiny_tokenizer(tmp, [s["prompt"] + " " + s["answer"] for s in p.samples], vocab_size=400)
-    if jax.process_count() > 1:   # the others read what process 0 just wrote
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("calico_prepare_data")
+    distributed.barrier("calico_prepare_data")   # the others read what process 0 just wrote
     return pairs_path, tok, eval_path
 
 
