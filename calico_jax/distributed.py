@@ -133,13 +133,15 @@ def any_process(flag: bool) -> bool:
         return bool(flag)
     import numpy as np
     from jax.experimental import multihost_utils
-    if "any_process" not in _BARRIERS:   # its program's first run (see barrier)
-        barrier("any_process")
+    barrier_once("any_process")   # before its program's first run (see barrier)
     return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
 
 
 def all_processes(flag: bool) -> bool:
     return not any_process(not flag)
+
+
+_BARRIERS: dict[str, int] = {}   # name -> times this process passed it
 
 
 def barrier(name: str, timeout: float | None = None) -> None:
@@ -153,6 +155,7 @@ def barrier(name: str, timeout: float | None = None) -> None:
     import jax
     if jax.process_count() == 1:
         return
+    _BARRIERS[name] = count = _BARRIERS.get(name, 0) + 1   # every process passes a name equally often
     from jax._src import distributed as jax_distributed  # the client has no public accessor
     client = jax_distributed.global_state.client
     if client is None:   # a multi-process backend not started by jax.distributed (none known today)
@@ -161,7 +164,6 @@ def barrier(name: str, timeout: float | None = None) -> None:
         return
     if timeout is None:
         timeout = float(os.environ.get(BARRIER_TIMEOUT) or DEFAULT_BARRIER_TIMEOUT)
-    _BARRIERS[name] = count = _BARRIERS.get(name, 0) + 1   # every process passes a name equally often
     try:
         client.wait_at_barrier(f"calico/{name}/{count}", int(timeout * 1000))
     except Exception as e:   # jax raises its runtime error type; its text names the missing processes
@@ -169,7 +171,10 @@ def barrier(name: str, timeout: float | None = None) -> None:
                                f"and not every process arrived ({BARRIER_TIMEOUT} raises the limit): {e}") from e
 
 
-_BARRIERS: dict[str, int] = {}
+def barrier_once(name: str) -> None:
+    """:func:`barrier` the first time this process reaches ``name``, later a no-op."""
+    if name not in _BARRIERS:
+        barrier(name)
 
 
 def batch_block(sharding: Any, rows: int) -> tuple[int, int]:

@@ -11,9 +11,7 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import grain
 import numpy as np
@@ -125,10 +123,10 @@ os._exit(1)   # right after process 1 ended, as a peer whose collective lost it
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
-def test_launcher_names_the_process_that_ended_first():
+def test_launcher_names_the_process_that_ended_first(tmp_path):
     """Process 1 exits (3) and process 0 fails within a millisecond of it: the launcher names process 1."""
     for attempt in range(3):
-        marker = Path(tempfile.mkdtemp()) / f"pid{attempt}"
+        marker = tmp_path / f"pid{attempt}"
         p = subprocess.run([sys.executable, "-m", "calico_jax.launch", "--local", "2", "--", sys.executable, "-c",
                             FIRST, str(marker)], capture_output=True, text=True, timeout=60)
         assert p.returncode == 3 and "launch: process 1 (pid" in p.stderr, out(p)

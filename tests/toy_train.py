@@ -13,9 +13,8 @@ Faults at step N (1-based), in process P only with ``@P`` (default: every proces
 * ``failsave:N`` -- that write fails part-way (a truncated file, then ENOSPC), as on a full disk;
 * ``slow:MS`` -- every step takes MS milliseconds longer and prints ``toy_train: step N``;
 * ``lag:S`` -- every AOT compile (``jax.stages.Lowered.compile``: the initial state, the train step, the first
-  evaluation) takes S
-  seconds longer and prints ``toy_train: compile delayed S s``: a peer that compiles slower than the others, by
-  more than the 30 s CPU collectives give a late process;
+  evaluation) takes S seconds longer and prints ``toy_train: compile delayed S s``: a peer that compiles slower
+  than the others, by more than the 30 s CPU collectives give a late process;
 * ``hold:N`` -- after step N, prints ``toy_train: holding at step N`` and waits (at most 120 s) for a SIGTERM, so a
   test that signals the running job knows the step every process stops after.
 
