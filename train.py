@@ -8,6 +8,10 @@
 Rerunning the same command in the same workdir resumes from the newest checkpoint. SIGTERM
 (preemption) writes a final checkpoint and exits.
 
+Exit status: 0 done (or preempted after its final checkpoint), 2 bad input (config, checkpoint, a peer that never
+reached a barrier), 3 a non-finite loss, 4 a checkpoint write failed (the previous ones stay readable), 69 in a
+multi-process job: this process's collective lost a peer that died (the peer's status tells why), 1 anything else.
+
 Several processes: every process runs the same command with ``--multihost`` (``jax.distributed.initialize()``
 reads the TPU / SLURM / Open MPI environment, or ``--coordinator_address/--num_processes/--process_id`` and the
 ``JAX_COORDINATOR_ADDRESS``-style variables say it: :mod:`calico_jax.distributed`); each process loads its own
@@ -112,9 +116,14 @@ def main(argv=None, on_step=None) -> int:
     except distributed.DistributedError as e:   # a peer never reached a barrier
         print(f"train.py: stopped: {e}", file=sys.stderr)
         return distributed.leave(2)
-    except Exception:
+    except Exception as e:
         if jax.process_count() == 1:
             raise
+        if distributed.lost_peer(e):   # a casualty of a peer's death: one line, and the launcher names the peer
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"train.py: process {jax.process_index()} stopped: it lost a peer process ({first})",
+                  file=sys.stderr)
+            return distributed.leave(distributed.PEER_LOST)
         traceback.print_exc()   # then exit now: jax's shutdown would wait minutes for the peers
         return distributed.leave(1)
     print(f"done: step {out['step']}" + (" (preempted: final checkpoint written)" if out["preempted"] else ""))

@@ -31,6 +31,10 @@ ADDRESS, COUNT, INDEX, TIMEOUT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES"
                                   "CALICO_INIT_TIMEOUT")
 DEFAULT_TIMEOUT = 300.0
 BARRIER_TIMEOUT, DEFAULT_BARRIER_TIMEOUT = "CALICO_BARRIER_TIMEOUT", 1800.0
+# The exit status of a process whose collective failed because a peer went away (sysexits' EX_UNAVAILABLE): it is
+# a casualty, not the cause, and calico_jax.launch names the process that failed for another reason instead.
+PEER_LOST = 69
+_PEER_MARKERS = ("gloo", "closed by peer", "reset by peer")
 
 
 class DistributedError(RuntimeError):
@@ -123,6 +127,15 @@ def leave(code: int) -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a cross-process collective that failed because a peer died or vanished (a gloo
+    connection closed or reset, a context whose peer never came): jax raises it as its runtime error type."""
+    if "RuntimeError" not in type(error).__name__:
+        return False
+    text = str(error).lower()
+    return any(m in text for m in _PEER_MARKERS)
 
 
 # ------------------------------------------------------------------------------------------ agreements

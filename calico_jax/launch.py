@@ -11,10 +11,12 @@ runs with this Python.
 
 Output lines are forwarded with a ``[pI]`` prefix. When a process dies (non-zero status or a signal), the others
 are stopped (SIGTERM, then SIGKILL after ``--grace`` seconds: a job with a dead member cannot make progress) and
-the launcher exits with the status of the process that ended first (128 + signal for a signal), naming it -- its
-peers fail moments later, when their collectives lose it. SIGTERM / SIGINT to the
-launcher is forwarded to every process (train.py then writes a final checkpoint), and the launcher exits with
-their status. Children die with the launcher (Linux ``PR_SET_PDEATHSIG``).
+the launcher exits with the status of the cause (128 + signal for a signal), naming it. The cause is the first
+process to fail with any status but 69. ``train.py`` exits 69 when its collective lost a peer
+(:data:`calico_jax.distributed.PEER_LOST`), and that can be seen before the dead peer's own exit, so after a 69
+the launcher waits up to ``--settle`` seconds for the cause; if none comes, it names the first 69.
+SIGTERM / SIGINT to the launcher is forwarded to every process (train.py then writes a final checkpoint), and the
+launcher exits with their status. Children die with the launcher (Linux ``PR_SET_PDEATHSIG``).
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ import subprocess
 import sys
 import threading
 import time
+
+from calico_jax.distributed import PEER_LOST
 
 DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
@@ -56,7 +60,7 @@ def describe(rc: int) -> str:
             return f"was killed by {signal.Signals(-rc).name}"
         except ValueError:
             return f"was killed by signal {-rc}"
-    return f"exited with status {rc}"
+    return f"exited with status {rc}" + (" (it lost a peer)" if rc == PEER_LOST else "")
 
 
 def exit_code(rc: int) -> int:
@@ -79,10 +83,12 @@ def _forward(stream, out, prefix: bytes) -> None:
 
 
 class Job:
-    def __init__(self, cmd: list[str], count: int, port: int, devices: int, gpus: int, grace: float):
-        self.grace, self.procs, self.threads = grace, [], []
-        # (index, status) in the order the processes ended: once one dies, its peers fail within milliseconds
-        # (a collective's connection reset), and polling all of them would often name a peer, not the cause.
+    def __init__(self, cmd: list[str], count: int, port: int, devices: int, gpus: int, grace: float,
+                 settle: float = 3.0):
+        self.grace, self.settle, self.procs, self.threads = grace, settle, [], []
+        # (index, status) in the order the reaper threads saw the processes end. Peers fail within milliseconds
+        # of a death (a collective's connection closes as the process dies, before it can be reaped), so the order
+        # alone does not tell the cause: a peer that says so exits PEER_LOST, and wait() ranks it last.
         self.exits: list[tuple[int, int]] = []
         for i in range(count):
             p = subprocess.Popen(cmd, env=child_env(dict(os.environ), i, count, port, devices, gpus),
@@ -127,11 +133,17 @@ class Job:
                 self.grace = 0.0
                 self.stop()
         old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        first_failure = None
         try:
             while True:
                 exits = list(self.exits)
-                failed = [(i, rc) for i, rc in exits if rc != 0]
-                if failed and not terminating:
+                # the cause first, then the order of ending (a stable sort)
+                failed = sorted(((i, rc) for i, rc in exits if rc != 0), key=lambda f: f[1] == PEER_LOST)
+                if failed and first_failure is None:
+                    first_failure = time.monotonic()
+                settling = (failed and failed[0][1] == PEER_LOST and len(exits) < len(self.procs)
+                            and time.monotonic() < first_failure + self.settle)
+                if failed and not terminating and not settling:
                     i, rc = failed[0]
                     others = len(self.procs) - len(exits)
                     print(f"launch: process {i} (pid {self.procs[i].pid}) {describe(rc)}; stopping the other "
@@ -163,13 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpus-per-process", type=int, default=0, metavar="K", help="CUDA_VISIBLE_DEVICES slice each")
     ap.add_argument("--port", type=int, default=0, help="coordinator port (default: a free one)")
     ap.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL when stopping")
+    ap.add_argument("--settle", type=float, default=3.0,
+                    help=f"seconds to wait for the cause after a process exits {PEER_LOST} (it lost a peer)")
     args = ap.parse_args(argv[:cut])
     cmd = argv[cut + 1:]
     if not cmd or args.local < 1:
         ap.error("need --local N >= 1 and a command after --")
     if cmd[0].endswith(".py") or cmd[0] == "-m":
         cmd = [sys.executable, *cmd]
-    job = Job(cmd, args.local, args.port or free_port(), args.devices_per_process, args.gpus_per_process, args.grace)
+    job = Job(cmd, args.local, args.port or free_port(), args.devices_per_process, args.gpus_per_process, args.grace,
+              args.settle)
     return job.wait()
 
 
