@@ -73,6 +73,26 @@ def test_parity_with_transformers(name, tmp_path):
     np.testing.assert_allclose(np.asarray(solo.logits)[0], np.asarray(out.logits)[1, 3:], atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["mha_untied", "gqa_linear_rope_bias"])
+def test_rope_tables_match_transformers(name):
+    """Both forms of the RoPE tables (computed per position; gathered from a table of ``rows``) against HF's
+    rotary embedding, at random positions; and the model's forward evaluates cos/sin once, not per layer."""
+    from calico_jax.models.llama_attention import rope_tables
+    hf_cfg = transformers.LlamaConfig(**{**BASE, **HF_CONFIGS[name]})
+    cfg = LlamaConfig.from_hf_config(hf_cfg)
+    pos = np.random.default_rng(0).integers(0, 40, (2, 7))
+    rotary = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hf_cfg)
+    want = rotary(torch.zeros(1), torch.from_numpy(pos))
+    for rows in (None, 40):
+        got = rope_tables(cfg, jnp.asarray(pos), jnp.float32, rows)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g), w.numpy(), atol=1e-6, rtol=0)
+    module = LlamaForCausalLM(cfg)
+    ids = jnp.ones((1, 9), jnp.int32)
+    hlo = jax.jit(lambda p: module.apply({"params": p}, ids).logits).lower(init_params(module)).compile().as_text()
+    assert hlo.count(" cosine(") == 1 and hlo.count(" sine(") == 1, "cos/sin fused into the layers"
+
+
 def test_config_forms():
     old = dict(BASE, rope_theta=5000.0, rope_scaling={"type": "linear", "factor": 4.0}, eos_token_id=[2, 5])
     cfg = LlamaConfig.from_hf_config(old)

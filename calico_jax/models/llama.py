@@ -262,10 +262,12 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         b, t = x.shape[:2]
         mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        rows = None   # a bound on the positions, when they are ours: < t, or < the cache's length
         if positions is None:
             offset = 0 if cache is None else jnp.sum(cache.valid, axis=1, keepdims=True)
             positions = padded_positions(mask) + offset
-        cos, sin = rope_tables(self.config, positions, self.dtype)
+            rows = t if cache is None else cache.valid.shape[1]
+        cos, sin = rope_tables(self.config, positions, self.dtype, rows)
         if cache is None:
             key_valid, k_slot, q_slot = mask, jnp.arange(t), jnp.arange(t)
         else:
