@@ -120,7 +120,7 @@ def main(argv=None, on_step=None) -> int:
         if jax.process_count() == 1:
             raise
         if distributed.lost_peer(e):   # a casualty of a peer's death: one line, and the launcher names the peer
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = str(e).strip().splitlines()[0]   # lost_peer matched its text: never empty
             print(f"train.py: process {jax.process_index()} stopped: it lost a peer process ({first})",
                   file=sys.stderr)
             return distributed.leave(distributed.PEER_LOST)

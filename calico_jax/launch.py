@@ -84,7 +84,7 @@ def _forward(stream, out, prefix: bytes) -> None:
 
 class Job:
     def __init__(self, cmd: list[str], count: int, port: int, devices: int, gpus: int, grace: float,
-                 settle: float = 3.0):
+                 settle: float):
         self.grace, self.settle, self.procs, self.threads = grace, settle, [], []
         # (index, status) in the order the reaper threads saw the processes end. Peers fail within milliseconds
         # of a death (a collective's connection closes as the process dies, before it can be reaped), so the order
