@@ -90,9 +90,15 @@ def gemm_only_ms(shapes: list[tuple[int, int, int, int]], repeats: int = 5) -> f
     return stats["gemm"].median_ms
 
 
-def ceiling_note(shapes: list[tuple[int, int, int, int]], peak_gflops: float) -> str:
-    """The GEMM-only ceiling of a compute-bound item, as a sentence for its note."""
-    ms = gemm_only_ms(shapes)
+def training_shapes(shapes: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """The products of a forward *and* its backward: each forward x[m,k] @ w[k,n] adds the input gradient
+    dy[m,n] @ wᵀ[n,k] and the weight gradient xᵀ[k,m] @ dy[m,n] (as contiguous operands: the best case)."""
+    return ([*shapes] + [(m, n, k, c) for m, k, n, c in shapes] + [(k, m, n, c) for m, k, n, c in shapes])
+
+
+def ceiling_note(shapes: list[tuple[int, int, int, int]], peak_gflops: float, ms: float | None = None) -> str:
+    """The GEMM-only ceiling of a compute-bound item, as a sentence for its note (``ms``: already timed)."""
+    ms = gemm_only_ms(shapes) if ms is None else ms
     flops = sum(2.0 * m * k * n * c for m, k, n, c in shapes)
     return (f"GEMM-only ceiling {100 * flops / (ms * 1e-3) / 1e9 / peak_gflops:.0f} % of peak (its "
             f"{sum(c for *_, c in shapes)} products alone, {ms:.0f} ms)")

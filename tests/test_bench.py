@@ -74,6 +74,16 @@ def test_gemm_only_ceiling(monkeypatch):
     assert note.startswith("GEMM-only ceiling 40 % of peak") and "15 products" in note
 
 
+def test_training_shapes_add_both_gradients_of_every_product():
+    fwd = [(512, 768, 2048, 24), (512, 768, 32000, 1)]
+    shapes = timing.training_shapes(fwd)
+    assert shapes[:2] == fwd
+    # dx = dy[m,n] @ w^T[n,k] and dw = x^T[k,m] @ dy[m,n]: same FLOPs, so a step does 3x the forward's
+    assert set(shapes[2:]) == {(512, 2048, 768, 24), (512, 32000, 768, 1), (768, 512, 2048, 24), (768, 512, 32000, 1)}
+    flops = lambda ss: sum(2 * m * k * n * c for m, k, n, c in ss)  # noqa: E731
+    assert flops(shapes) == 3 * flops(fwd)
+
+
 def test_every_item_is_defined():
     import importlib
     for name, module in ITEM_MODULES.items():
