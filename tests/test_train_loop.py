@@ -46,15 +46,23 @@ def reference(tmp_path_factory):
 
 def test_sharded_step_equals_single_device(tmp_path):
     a = train(cfg_(mesh={"data": 2, "fsdp": 2, "tensor": 2}, total_steps=4), tmp_path / "a")
-    b = train(cfg_(num_devices=1, mesh={"data": 1}, total_steps=4), tmp_path / "b")
+    one = cfg_(num_devices=1, mesh={"data": 1}, total_steps=4)
+    b = train(one, tmp_path / "b")
     ta, tb = trace(tmp_path / "a"), trace(tmp_path / "b")
     assert sorted(ta) == [1, 2, 3, 4]
     np.testing.assert_allclose(np.array(list(ta.values())), np.array(list(tb.values())), rtol=1e-5)
     # Params really sharded over fsdp/tensor on the 8-device run, and equal to the 1-device run.
     kernel = a["state"]["params"]["head_text"]["kernel"]
     assert len(kernel.sharding.device_set) == 8 and kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-    for x, y in zip(jax.tree.leaves(a["state"]["params"]), jax.tree.leaves(b["state"]["params"])):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+    # Compared as updates (trained - initial). Sharding reorders fp32 sums, and Adam divides each gradient by
+    # its own running RMS, so an element whose gradient is a near-cancelling sum moves slightly differently
+    # (seen on an AVX2 host: 5.7e-7 on a 0.03 update; the leaf's update agreed to 5e-7 in norm). A sharding
+    # bug (a missing reduction, a wrong batch split) changes the updates by O(1).
+    (init, _), _ = load_frozen(build(one, build_task(one), make_mesh(one.mesh, jax.devices()[:1])))
+    for x, y, y0 in zip(*(jax.tree.leaves(t) for t in (a["state"]["params"], b["state"]["params"], init["params"]))):
+        x, y, y0 = (np.asarray(v, np.float64) for v in (x, y, y0))
+        assert np.linalg.norm(x - y) <= 1e-5 * np.linalg.norm(y - y0)
+        assert np.abs(x - y).max() <= 1e-4 * np.abs(y - y0).max()
 
 
 def test_tensorboard_scalars_written(reference):
