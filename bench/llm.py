@@ -193,7 +193,7 @@ def train_step(ctx) -> Result:
     gflops = flops / (j.median_ms * 1e-3) / 1e9
     # The step's weight products (forward, input and weight gradients) alone bound any implementation:
     # PyTorch's time over theirs is the largest speed-up a step could show on this host.
-    shapes = training_shapes(_gemm_shapes(2 * PROMPT))
+    shapes = training_shapes(_gemm_shapes(ids.size))
     gemm_ms = gemm_only_ms(shapes, repeats=3)
     return Result(name="train_step", jax_ms=j.median_ms, torch_ms=t.median_ms, ratio=t.median_ms / j.median_ms,
                   gflops=gflops, limit_fraction=gflops / ctx.peak_gflops, compile_s=compile_s, flops=flops,
