@@ -14,7 +14,7 @@ multi-process job: this process's collective lost a peer that died (the peer's s
 
 Several processes: every process runs the same command with ``--multihost`` (``jax.distributed.initialize()``
 reads the TPU / SLURM / Open MPI environment, or ``--coordinator_address/--num_processes/--process_id`` and the
-``JAX_COORDINATOR_ADDRESS``-style variables say it: :mod:`calico_jax.distributed`); each process loads its own
+``JAX_COORDINATOR_ADDRESS``-style variables say it: :mod:`calico_jax.parallel.distributed`); each process loads its own
 block of every global batch, and checkpoints may go to a bucket (``--config.checkpoint.directory=gs://…``):
 
     # N processes on this machine (tests, one process per GPU): sets the variables, implies --multihost
@@ -38,7 +38,7 @@ import traceback
 
 def main(argv=None, on_step=None) -> int:
     """``on_step(step)``: called after every training step (tests inject faults with it)."""
-    from calico_jax import distributed
+    from calico_jax.parallel import distributed
     from calico_jax.train.config import ConfigError, load, split_overrides
     overrides, rest = split_overrides(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -69,7 +69,7 @@ def main(argv=None, on_step=None) -> int:
         return 2
     if args.compile_only or args.dry_run:
         os.environ.setdefault("JAX_PLATFORMS", args.platform or "cpu")
-        from calico_jax.train.targets import aot_environment
+        from calico_jax.plans.targets import aot_environment
         aot_environment()
         if args.target.startswith("cpu:"):
             args.devices = int(args.target[4:] or 0)
@@ -92,15 +92,15 @@ def main(argv=None, on_step=None) -> int:
         print(f"train.py: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        from calico_jax.train.dryrun import dry_run
+        from calico_jax.plans.dryrun import dry_run
         dry_run(cfg)
         return 0
     if args.compile_only:
-        from calico_jax.train.plan_cli import run_plan
+        from calico_jax.plans.cli import run_plan
         return run_plan(cfg, args)
     if not args.workdir:
         ap.error("--workdir is required (unless --compile_only)")
-    from calico_jax.train.checkpoint import CheckpointError
+    from calico_jax.checkpoints.training import CheckpointError
     from calico_jax.train.loop import NonFiniteError, train
     try:
         out = train(cfg, args.workdir, on_step=on_step)

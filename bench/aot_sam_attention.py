@@ -14,7 +14,7 @@ import argparse
 import json
 import time
 
-from calico_jax.train.targets import aot_environment
+from calico_jax.plans.targets import aot_environment
 
 
 def compile_variant(target, variant: str, depth: int) -> dict:
@@ -23,7 +23,7 @@ def compile_variant(target, variant: str, depth: int) -> dict:
 
     from calico_jax.models.sam.config import ImageEncoderConfig
     from calico_jax.models.sam.image_encoder import ImageEncoderViT
-    from calico_jax.train import roofline
+    from calico_jax.plans import roofline
     from calico_jax.train.step import compiler_options
     cfg = ImageEncoderConfig(depth=depth, global_attn_indexes=(depth - 1,), rel_pos_attention=variant)
     model = ImageEncoderViT(cfg, dtype=jnp.bfloat16)
@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=2)
     args = ap.parse_args()
     aot_environment()
-    from calico_jax.train import targets
+    from calico_jax.plans import targets
     rows = [compile_variant(targets.parse(t), v, args.depth) for t in args.targets for v in ("blocked", "dense")]
     print(json.dumps(rows, indent=2))
 

@@ -22,10 +22,10 @@ def _pairs() -> Path:
 
 def data_pipeline(ctx) -> Result:
     """Batch 4, no workers: tiny shapes (SAM 128, no DINOv2) and 7B input shapes (SAM 1024, DINOv2 224)."""
+    from calico_jax.core.preprocess import Preprocess
     from calico_jax.data.pairs import read_pairs
     from calico_jax.data.pipeline import Pipeline, PipelineConfig, measure_throughput
     from calico_jax.data.tokenize import build_tiny_tokenizer, load_tokenizer
-    from calico_jax.preprocess import Preprocess
 
     tok_dir = tempfile.mkdtemp()
     build_tiny_tokenizer(tok_dir, vocab_size=400)

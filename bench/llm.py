@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.timing import Result, alternate, ceiling_note, gemm_only_ms, side_by_side, training_shapes
-from calico_jax import pretrained
+from calico_jax.checkpoints import converted as pretrained
 
 PROMPT, NEW, CONTEXT = 256, 64, 300
 HF_KW = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
@@ -115,7 +115,7 @@ def llama_generate(ctx) -> Result:
     import torch
 
     from bench.timing import compiled_cost
-    from calico_jax.generate import _decode_jit
+    from calico_jax.inference.generate import _decode_jit
     ref, module, params = _models()
     ids = _ids(PROMPT)
     kw = dict(module=module, max_new_tokens=NEW, stop_token_ids=(), pad_token_id=0, temperature=0.0, top_p=1.0,
@@ -143,7 +143,7 @@ def train_step(ctx) -> Result:
     import optax
     import torch
 
-    from calico_jax.losses import causal_lm_loss_from_hidden
+    from calico_jax.train.losses import causal_lm_loss_from_hidden
     ref, module, params = _models()
     ids = _ids(PROMPT, batch=2)
     tx = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.0)

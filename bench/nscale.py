@@ -45,10 +45,11 @@ def _forward(params, ids, mask, pixels, dino, sam, *, module, max_new_tokens):
 def tiny_prompts(ns=NS, per_task: int = 4, work: Path | None = None) -> dict:
     """The cost part's data, no model: a small synthetic set, its N-image samples per N (pair builder), a tiny
     tokenizer, the tiny config sized to it, and per N each sample's prompt ids and spliced prefill length."""
+    from calico_jax.core.tokens import SEG_TOKEN
     from calico_jax.data import synthetic
     from calico_jax.data.coco_parts import load_part_dataset
     from calico_jax.data.pairs import PairBuilder, PairConfig
-    from calico_jax.data.tokenize import SEG_TOKEN, SampleTokenizer, build_tiny_tokenizer
+    from calico_jax.data.tokenize import SampleTokenizer, build_tiny_tokenizer
     from calico_jax.models.calico import CalicoConfig
 
     work = Path(work or tempfile.mkdtemp(prefix="nscale_"))
@@ -75,11 +76,11 @@ def tiny_cost(ns=NS, per_task: int = 4, repeats: int = 5, work: Path | None = No
     import jax.numpy as jnp
 
     from bench.timing import alternate, compiled_cost
-    from calico_jax import pretrained
+    from calico_jax.checkpoints import converted as pretrained
+    from calico_jax.core.tokens import IMAGE_TOKEN_INDEX
     from calico_jax.data.processors import load_image
-    from calico_jax.data.tokenize import IMAGE_TOKEN_INDEX
-    from calico_jax.generate import left_align
-    from calico_jax.infer import Predictor
+    from calico_jax.inference.generate import left_align
+    from calico_jax.inference.predictor import Predictor
     from calico_jax.models.calico import Calico
 
     d = tiny_prompts(ns, per_task, work)
@@ -113,8 +114,8 @@ def demo_metrics(ns=NS, per_task: int = 16, demo: Path = DEMO, heldout: Path = H
         return [], f"no demo model at {demo} (run `make demo`)"
     if not (Path(heldout) / "annotations.json").is_file():
         return [], f"no held-out set at {heldout}"
-    from calico_jax import evaluate
     from calico_jax.data import pairs
+    from calico_jax.inference import evaluate
 
     work = Path(work or tempfile.mkdtemp(prefix="nscale_demo_"))
     rows = []

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.timing import Result, ceiling_note, side_by_side
-from calico_jax import pretrained
+from calico_jax.checkpoints import converted as pretrained
 
 
 def _params(module):

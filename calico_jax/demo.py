@@ -53,11 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num_overlays", type=int, default=2, help="overlay samples per task")
     args = ap.parse_args(rest)
 
-    from calico_jax import evaluate, export
-    from calico_jax.checkpoints import write_atomic
-    from calico_jax.params import combine
+    from calico_jax.core.fs import write_atomic
+    from calico_jax.core.params import combine
+    from calico_jax.core.viz import plot_curves
+    from calico_jax.inference import evaluate, export
     from calico_jax.train import loop
-    from calico_jax.viz import plot_curves
 
     t_start = time.perf_counter()
     workdir = Path(args.workdir).absolute()

@@ -11,8 +11,8 @@ identifies a class, and a ViT trained from scratch on ~1k images for a few CPU m
 (measured: the demo's EVA + Q-Former reached 8-17 % train accuracy on a direct 12-way classification after 600
 steps, vs 77 % held-out with class colours after 400). Held-out pairs come from images drawn with another seed.
 """
+from calico_jax.core.preprocess import Preprocess
 from calico_jax.models.calico import CalicoConfig
-from calico_jax.preprocess import Preprocess
 from calico_jax.train.config import CheckpointConfig, DataConfig, SyntheticConfig
 from configs import common
 

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from calico_jax.core import fs
 from convert import families
 
 
@@ -50,9 +51,9 @@ def run(args: argparse.Namespace) -> int:
     import ml_dtypes
     import numpy as np
 
-    from calico_jax import checkpoints, pretrained
+    from calico_jax.checkpoints import converted as pretrained
+    from calico_jax.checkpoints.torch_files import CheckpointError, open_checkpoint
     from convert import verify
-    from convert.io import CheckpointError, open_checkpoint
     from convert.mapping import build_params
 
     out = Path(args.out)
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  skipped {count} key(s): {reason}")
     for note in plan.notes:
         print(f"  note: {note}")
-    with checkpoints.atomic_directory(out, overwrite=args.overwrite) as tmp:
+    with fs.atomic_directory(out, overwrite=args.overwrite) as tmp:
         if args.verify:
             comparisons = verify.run(family, ckpt, plan, params)
             if not verify.report(comparisons, args.tol if args.tol is not None else verify.DEFAULT_TOL):
@@ -108,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         from convert.inspect import main as inspect_main
         return inspect_main(argv[1:])
     args = parse_args(argv)
-    from calico_jax.config import ConfigError
-    from convert.io import CheckpointError
+    from calico_jax.checkpoints.torch_files import CheckpointError
+    from calico_jax.core.config import ConfigError
     try:
         return run(args)
     except VerifyFailed:

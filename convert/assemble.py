@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from calico_jax.core import fs
+
 NEW_MODULES = r"cem/.*|cam_\d+/.*|cam_query_tokens(_\d+)?|llm/.*/lora_[ab]|text_hidden_fcs_0_[02]/.*"
 UNUSED = {r"qformer/embeddings/.*": "Q-Former instruction embeddings (qformer_text_input is off: no instruction text)"}
 PART_MODELS = {"blip2": ("blip2_vision",), "dinov2": ("dinov2",), "llm": ("glamm_parts", "llama"), "sam": ("sam",)}
@@ -84,8 +86,8 @@ def _unflatten(flat: dict[str, Any]) -> dict:
 
 def load_part(role: str, path: str | None):
     """(model name, config, flat params) of a converted part, or CheckpointError."""
-    from calico_jax import pretrained
-    from convert.io import CheckpointError
+    from calico_jax.checkpoints import converted as pretrained
+    from calico_jax.checkpoints.torch_files import CheckpointError
     try:
         meta = pretrained.read_meta(path)
     except (FileNotFoundError, ValueError, json.JSONDecodeError) as e:
@@ -102,9 +104,9 @@ def load_part(role: str, path: str | None):
 
 def build_config(parts: dict[str, tuple], overrides: dict) -> Any:
     """CalicoConfig from the parts' configs + overrides; raises CheckpointError listing every conflict."""
-    from calico_jax.config import ConfigError
+    from calico_jax.checkpoints.torch_files import CheckpointError
+    from calico_jax.core.config import ConfigError
     from calico_jax.models.calico import CalicoConfig
-    from convert.io import CheckpointError
 
     base = CalicoConfig().to_dict()
     given: dict[str, dict] = {"vision": parts["blip2"][1].to_dict()}
@@ -153,9 +155,9 @@ def assemble(parts: dict[str, tuple], config: Any, seed: int = 0) -> tuple[dict,
     import jax
     import numpy as np
 
+    from calico_jax.checkpoints.converted import abstract_params
+    from calico_jax.checkpoints.torch_files import CheckpointError
     from calico_jax.models.calico import Calico
-    from calico_jax.pretrained import abstract_params
-    from convert.io import CheckpointError
 
     module = Calico(config)
     target = {k: v for k, v in _flat(nn.unbox(abstract_params(module))).items()}
@@ -211,8 +213,8 @@ def run(args: argparse.Namespace) -> int:
     import ml_dtypes
     import numpy as np
 
-    from calico_jax import checkpoints, pretrained
-    from convert.io import CheckpointError, load_json_arg
+    from calico_jax.checkpoints import converted as pretrained
+    from calico_jax.checkpoints.torch_files import CheckpointError, load_json_arg
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -245,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
                                               for role in parts}}
     tok = Path(args.llm) / "tokenizer"   # glamm copies its tokenizer there; predict/evaluate read it from OUT
     qtok = Path(args.blip2) / "tokenizer"   # hf-blip2: InstructBLIP's Q-Former tokenizer (qformer_text_input)
-    with checkpoints.atomic_directory(out, overwrite=args.overwrite) as tmp:
+    with fs.atomic_directory(out, overwrite=args.overwrite) as tmp:
         pretrained.write(tmp, "calico", config, params, dtype=args.dtype, source=source)
         if tok.is_dir():
             shutil.copytree(tok, tmp / "tokenizer")
@@ -258,8 +260,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from calico_jax.config import ConfigError
-    from convert.io import CheckpointError
+    from calico_jax.checkpoints.torch_files import CheckpointError
+    from calico_jax.core.config import ConfigError
     try:
         return run(args)
     except (CheckpointError, ConfigError, FileExistsError) as e:

@@ -22,7 +22,7 @@ import sys
 from collections import Counter
 from typing import Any
 
-from convert.io import CheckpointError, open_checkpoint
+from calico_jax.checkpoints.torch_files import CheckpointError, open_checkpoint
 from convert.mapping import Skip
 
 PEFT = "base_model.model."
@@ -40,7 +40,7 @@ def _sam_prefix(keys: list[str]) -> str:
 
 def family_rules(name: str, keys: list[str]) -> list[tuple[re.Pattern, Any, str]]:
     """(regex, target | Skip, label) of a family's rename table, with default configs (nothing is read)."""
-    from calico_jax import author_layout
+    from calico_jax.checkpoints import author_layout
     from calico_jax.models.calico import CalicoConfig
     from calico_jax.models.llama import LlamaConfig
     from calico_jax.models.sam import SamConfig

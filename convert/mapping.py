@@ -23,9 +23,9 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from calico_jax.config import Config
-from calico_jax.pretrained import abstract_params
-from convert.io import Checkpoint, CheckpointError
+from calico_jax.checkpoints.converted import abstract_params
+from calico_jax.checkpoints.torch_files import Checkpoint, CheckpointError
+from calico_jax.core.config import Config
 
 WEIGHT_LEAVES = ("kernel", "scale", "embedding", "weight")
 

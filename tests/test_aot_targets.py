@@ -17,11 +17,11 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from calico_jax.train import roofline, targets
+from calico_jax.plans import roofline, targets
+from calico_jax.plans.predict_plan import compile_predict
+from calico_jax.plans.search import candidates, config_hash
+from calico_jax.plans.train_plan import PlanDoesNotFit, compile_programs, not_fit_message, plan_report
 from calico_jax.train.config import load
-from calico_jax.train.plan import PlanDoesNotFit, compile_programs, not_fit_message, plan_report
-from calico_jax.train.plan_predict import compile_predict
-from calico_jax.train.plan_search import candidates, config_hash
 from calico_jax.train.step import compiler_options
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def test_gpu_flops_fallback_is_the_analytic_matmul_count():
 
 @needs_tpu
 def test_peaks_are_exact_per_chip():
-    from calico_jax.train.metrics import PEAK_TFLOPS
+    from calico_jax.train.metrics_log import PEAK_TFLOPS
     assert targets.parse("v5p:2x2x1").chip.peak_tflops == 459.0      # kind "TPU v5", not v5e's 197
     assert targets.parse("v4:2x2x1").num_devices == 4                  # megacore: one device per chip
     assert PEAK_TFLOPS["TPU v5 lite"] == 197.0 and PEAK_TFLOPS["TPU v5"] == 459.0
@@ -143,7 +143,7 @@ def test_over_budget_plan_is_one_line_and_exit_code_2(tmp_path):
 
 def test_over_budget_on_a_memory_budget_and_the_hints(capsys):
     import tests.toy  # noqa: F401 -- registers the toy task
-    from calico_jax.train.plan_cli import run_plan
+    from calico_jax.plans.cli import run_plan
     cfg = load(ROOT / "tests/toy_config.py", [("mesh", '{"data": 2, "fsdp": 2}')])
     args = argparse.Namespace(target="cpu:4", devices=0, search=False, program="train", plan_json="",
                               memory_gb=1e-6, plan_cache="")

@@ -8,14 +8,14 @@ import optax
 import pytest
 from flax import traverse_util
 
-from calico_jax import params as st
-from calico_jax.losses import calico_loss
+from calico_jax.core import params as st
+from calico_jax.core.resize import bilinear_matrix
 from calico_jax.models.calico import Calico, CalicoConfig
 from calico_jax.models.calico_layout import expand_sequence, postprocess_masks
 from calico_jax.models.cam import CamConfig
 from calico_jax.models.cem import CemConfig, CorrespondenceExtraction
 from calico_jax.models.seg_routing import route_segs, seg_hidden_index
-from calico_jax.resize import bilinear_matrix
+from calico_jax.train.losses import calico_loss
 from calico_jax.train.step import value_and_grad_trainable
 from tests.helpers import rel_err
 

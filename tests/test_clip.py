@@ -10,9 +10,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from calico_jax.config import ConfigError  # noqa: E402
+from calico_jax.checkpoints.converted import abstract_params  # noqa: E402
+from calico_jax.core.config import ConfigError  # noqa: E402
 from calico_jax.models.clip import ClipVision, ClipVisionConfig  # noqa: E402
-from calico_jax.pretrained import abstract_params  # noqa: E402
 from convert.mapping import flax_path, to_flax  # noqa: E402
 from tests.helpers import randomize, rel_err  # noqa: E402
 
@@ -93,8 +93,8 @@ def glamm_tiny():
 
 def test_calico_clip_mlp_forward():
     """The glamm_like image path: S_I = 16 CLIP patch tokens -> GELU MLP projector, spliced into the LLM."""
+    from calico_jax.checkpoints.converted import init_params
     from calico_jax.models.calico import Calico
-    from calico_jax.pretrained import init_params
     cfg = glamm_tiny()
     model = Calico(cfg)
     params = init_params(model, seed=3)

@@ -12,8 +12,8 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import calico_jax  # noqa: E402
+from calico_jax.checkpoints.torch_files import open_checkpoint  # noqa: E402
 from convert.families.blip2 import HF_BLIP2, jax_image_features, random_inputs, torch_image_features  # noqa: E402
-from convert.io import open_checkpoint  # noqa: E402
 from convert.mapping import build_params  # noqa: E402
 from tests.helpers import nothing_at, randomize, rel_err, run_convert  # noqa: E402
 
@@ -325,8 +325,8 @@ def test_full_size_matches_hf_parameter_count():
     the same tensors, less the 39 constant-zero K-bias thirds of the fused qkv bias."""
     import flax.linen as nn
 
+    from calico_jax.checkpoints.converted import abstract_params
     from calico_jax.models.blip2 import Blip2Vision, Blip2VisionConfig
-    from calico_jax.pretrained import abstract_params
 
     full = nn.unbox(abstract_params(Blip2Vision(Blip2VisionConfig())))
     ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(full))

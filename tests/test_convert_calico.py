@@ -13,7 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import calico_jax  # noqa: E402
-from calico_jax import pretrained, torch_export  # noqa: E402
+from calico_jax.checkpoints import converted as pretrained  # noqa: E402
+from calico_jax.checkpoints import torch_export  # noqa: E402
 from calico_jax.models.calico import Calico, CalicoConfig  # noqa: E402
 from calico_jax.models.cam import CamConfig  # noqa: E402
 from calico_jax.models.cem import CemConfig  # noqa: E402
@@ -137,8 +138,8 @@ def test_dinov2_preset_from_shapes(tmp_path):
     """model.dino_model width, depth and registers name the torch-hub preset (headers only)."""
     from safetensors.numpy import save_file
 
+    from calico_jax.checkpoints.torch_files import open_checkpoint
     from convert.families.calico_checks import dinov2_preset
-    from convert.io import open_checkpoint
     state = {"model.dino_model.cls_token": np.zeros((1, 1, 768), np.float32),
              "model.dino_model.register_tokens": np.zeros((1, 4, 768), np.float32),
              **{f"model.dino_model.blocks.{i}.norm1.weight": np.zeros(768, np.float32) for i in range(12)}}

@@ -15,12 +15,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
+from calico_jax.checkpoints.torch_files import open_checkpoint  # noqa: E402
 from calico_jax.models.calico import Calico, CalicoConfig  # noqa: E402
 from calico_jax.models.cam import CamConfig  # noqa: E402
 from calico_jax.models.cem import CemConfig  # noqa: E402
 from convert import families  # noqa: E402
 from convert.families.calico import TEXT_OFF  # noqa: E402
-from convert.io import open_checkpoint  # noqa: E402
 from convert.mapping import build_params  # noqa: E402
 from tests.helpers import rel_err  # noqa: E402
 from tests.torch_calico import IMAGE, TorchCalico  # noqa: E402

@@ -9,9 +9,11 @@ import pytest
 torch = pytest.importorskip("torch")
 from safetensors.torch import save_file  # noqa: E402
 
-from calico_jax import checkpoints, models, pretrained  # noqa: E402
-from calico_jax.config import ConfigError  # noqa: E402
-from convert.io import CheckpointError, open_checkpoint  # noqa: E402
+from calico_jax import models  # noqa: E402
+from calico_jax.checkpoints import converted as pretrained  # noqa: E402
+from calico_jax.checkpoints.torch_files import CheckpointError, open_checkpoint  # noqa: E402
+from calico_jax.core import fs  # noqa: E402
+from calico_jax.core.config import ConfigError  # noqa: E402
 from convert.mapping import Plan, Skip, apply_rules, build_params, flax_path  # noqa: E402
 from tests.tiny_module import Tiny, TinyConfig  # noqa: E402
 
@@ -142,16 +144,16 @@ def test_missing_and_empty_sources(tmp_path):
 def test_atomic_directory(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(RuntimeError):
-        with checkpoints.atomic_directory(out) as tmp:
+        with fs.atomic_directory(out) as tmp:
             (tmp / "partial").write_text("x")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
-    with checkpoints.atomic_directory(out) as tmp:
+    with fs.atomic_directory(out) as tmp:
         (tmp / "a").write_text("1")
     with pytest.raises(FileExistsError, match="--overwrite"):
-        with checkpoints.atomic_directory(out):
+        with fs.atomic_directory(out):
             pass
-    with checkpoints.atomic_directory(out, overwrite=True) as tmp:
+    with fs.atomic_directory(out, overwrite=True) as tmp:
         (tmp / "b").write_text("2")
     assert sorted(p.name for p in out.iterdir()) == ["b"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -14,10 +14,10 @@ transformers = pytest.importorskip("transformers")
 F = torch.nn.functional
 
 import calico_jax  # noqa: E402
+from calico_jax.checkpoints.converted import abstract_params  # noqa: E402
+from calico_jax.checkpoints.torch_files import open_checkpoint  # noqa: E402
 from calico_jax.models.dinov2 import Dinov2, Dinov2Config, interpolate_pos_encoding  # noqa: E402
-from calico_jax.pretrained import abstract_params  # noqa: E402
 from convert.families.dinov2 import DINOV2, HF_DINOV2  # noqa: E402
-from convert.io import open_checkpoint  # noqa: E402
 from convert.mapping import build_params  # noqa: E402
 from tests.helpers import nothing_at, randomize, rel_err, run_convert  # noqa: E402
 
@@ -270,7 +270,7 @@ def test_config_constructors():
         Dinov2Config(image_size=224, hidden_size=32, num_hidden_layers=12, num_attention_heads=4,
                      use_swiglu_ffn=False, interpolation="hf", interpolate_offset=0.0)
     assert Dinov2Config.from_dict(reg.to_dict()) == reg
-    from calico_jax.config import ConfigError
+    from calico_jax.core.config import ConfigError
     with pytest.raises(ConfigError, match="ffn_layer"):
         Dinov2Config.from_original(ffn_layer="identity")
     with pytest.raises(ConfigError, match="unknown argument"):

@@ -9,12 +9,12 @@ import flax.linen as nn
 import jax
 import pytest
 
+from calico_jax.core.params import count_params
 from calico_jax.models.cam import CamConfig
 from calico_jax.models.cem import CemConfig
 from calico_jax.models.clip import ClipVisionConfig
-from calico_jax.params import count_params
+from calico_jax.plans.dryrun import PAPER_SHAPES, dry_run
 from calico_jax.train.config import load
-from calico_jax.train.dryrun import PAPER_SHAPES, dry_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CLIP = {"image_size": 28, "patch_size": 7, "hidden_size": 20, "intermediate_size": 40, "num_hidden_layers": 2,

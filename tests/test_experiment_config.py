@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from calico_jax.config import ConfigError
+from calico_jax.core.config import ConfigError
+from calico_jax.core.preprocess import Preprocess
 from calico_jax.models.calico import CalicoConfig
-from calico_jax.preprocess import Preprocess
 from calico_jax.train import config as config_lib
 from calico_jax.train.loop import train
 from calico_jax.train.trainer import check_base_preprocess

@@ -16,8 +16,8 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import calico_jax  # noqa: E402
-from calico_jax import torch_export  # noqa: E402
-from calico_jax.export import main as export_main  # noqa: E402
+from calico_jax.checkpoints import torch_export  # noqa: E402
+from calico_jax.inference.export import main as export_main  # noqa: E402
 from calico_jax.models.calico import Calico, CalicoConfig  # noqa: E402
 from calico_jax.models.cam import CamConfig  # noqa: E402
 from calico_jax.models.cem import CemConfig  # noqa: E402
@@ -32,11 +32,11 @@ def trained(tmp_path_factory):
     saved as a calico_jax checkpoint; CAM layers out of order so the ModuleList index matters."""
     cfg = CalicoConfig.tiny(cem=CemConfig(num_heads=4, zero_init_output=False),
                             cam=CamConfig(layers=(3, 1), zero_init=False))
-    shapes = flax.linen.unbox(calico_jax.pretrained.abstract_params(Calico(cfg)))   # no init: shapes only
+    shapes = flax.linen.unbox(calico_jax.checkpoints.converted.abstract_params(Calico(cfg)))   # no init: shapes only
     g = np.random.default_rng(0)
     params = jax.tree.map(lambda v: g.normal(0, 0.2, v.shape).astype(np.float32), shapes)
     root = tmp_path_factory.mktemp("trained")
-    calico_jax.pretrained.save(root / "model", "calico", cfg, params)
+    calico_jax.checkpoints.converted.save(root / "model", "calico", cfg, params)
     return root, cfg, params
 
 
@@ -77,7 +77,7 @@ def test_trainable_only_and_parts(trained, tmp_path):
 
 def test_parts_fill_the_frozen_towers(trained, tmp_path):
     """The trainable-only export + converted parts (BLIP-2 vision, DINOv2, SAM, LLaMA) -> the same params."""
-    from calico_jax import pretrained
+    from calico_jax.checkpoints import converted as pretrained
     root, cfg, params = trained
     torch_export.save(tmp_path / "pt", cfg, params)
     blip2 = {k: params[k] for k in ("vision_model", "qformer", "query_tokens", "language_projection")}

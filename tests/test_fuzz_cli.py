@@ -228,7 +228,7 @@ def _image_cases(tmp_path: Path, rng: random.Random):
 
 
 def test_fuzz_predict_inputs(tmp_path):
-    from calico_jax.predict import main
+    from calico_jax.inference.predict import main
 
     rng = random.Random(2)
     for n, (case, data) in enumerate(_image_cases(tmp_path, rng)):
@@ -262,7 +262,7 @@ def eval_pairs(tmp_path_factory):
 def _predictions(pairs_path: Path) -> dict:
     from calico_jax.data.pairs_io import read_pairs
     from calico_jax.data.rle import encode
-    from calico_jax.evaluate import PRED_FORMAT
+    from calico_jax.inference.evaluate import PRED_FORMAT
     p = read_pairs(pairs_path)
     samples = [{"id": s["id"], "answer": s["answer"],
                 "masks": [{"label": g["label"], "image": g["image"], "score": 0.9, "rle": encode(p.mask(g))}
@@ -295,7 +295,7 @@ def _mutate_predictions(rng: random.Random, data: dict) -> tuple[str, dict]:
 
 
 def test_fuzz_evaluate_predictions(eval_pairs, tmp_path):
-    from calico_jax.evaluate import main
+    from calico_jax.inference.evaluate import main
 
     rng = random.Random(3)
     good = _predictions(eval_pairs)

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from calico_jax.generate import _decode_jit, decode, generate, sample_logits
+from calico_jax.checkpoints.converted import init_params
+from calico_jax.inference.generate import _decode_jit, decode, generate, sample_logits
 from calico_jax.models.llama import LlamaConfig, LlamaForCausalLM
-from calico_jax.pretrained import init_params
 
 N = 6
 

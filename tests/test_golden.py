@@ -4,7 +4,7 @@ For ``CalicoConfig.tiny()`` and one ablation variant (the CEM switched off, whic
 ``dinov2``), the parameter tree is built with ``jax.eval_shape`` (no allocation), flattened to
 ``a/b/c`` paths, and every leaf's shape, dtype and logical axis names are compared with
 ``tests/golden/calico_tiny_params.json``. A second section holds the PartitionSpec each leaf gets from
-the one rules table (``calico_jax.train.sharding``) on the 2x2x2 mesh of the 8 simulated devices, so
+the one rules table (``calico_jax.parallel.sharding``) on the 2x2x2 mesh of the 8 simulated devices, so
 a lost or changed sharding annotation shows up as a diff even when the logical names look plausible.
 
 A difference fails with a readable list of paths added / removed / changed (old -> new).
@@ -37,7 +37,7 @@ from flax import traverse_util
 
 from calico_jax.models.calico import Calico, CalicoConfig
 from calico_jax.models.cem import CemConfig
-from calico_jax.train import sharding
+from calico_jax.parallel import sharding
 
 GOLDEN = Path(__file__).parent / "golden" / "calico_tiny_params.json"
 UPDATE_ENV = "CALICO_UPDATE_GOLDEN"

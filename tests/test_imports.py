@@ -27,10 +27,14 @@ SCRIPTS = ("train.py",)
 # Top-level names whose imports are edges even without a walked file (``tests`` is not walked).
 EXTERNAL_TOPS = ("tests",)
 
-MODEL_FORBIDDEN = ("calico_jax.train", "calico_jax.data.pipeline", "calico_jax.infer", "calico_jax.evaluate",
-                   "convert")
-INFERENCE = ("calico_jax.infer", "calico_jax.predict", "calico_jax.evaluate", "calico_jax.export",
-             "calico_jax.eval")
+# The floors, bottom up: core (config base, filesystem, tokens, pre-processing) <- models <- data, checkpoints,
+# parallel <- train <- plans; inference sits beside train and never imports it.
+CORE_FORBIDDEN = ("calico_jax.models", "calico_jax.data", "calico_jax.train", "calico_jax.inference",
+                  "calico_jax.plans", "calico_jax.checkpoints", "calico_jax.parallel", "calico_jax.eval", "convert")
+MODEL_FORBIDDEN = ("calico_jax.data", "calico_jax.train", "calico_jax.inference", "calico_jax.plans",
+                   "calico_jax.checkpoints", "calico_jax.eval", "convert")
+INFERENCE = ("calico_jax.inference", "calico_jax.eval")
+INFERENCE_FORBIDDEN = ("calico_jax.train", "calico_jax.plans", "calico_jax.checkpoints.training")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,8 +230,10 @@ def format_chain(g: dict[str, dict[str, Edge]], chain: list[str]) -> str:
 def layering_violations(edges: Iterable[Edge]) -> list[str]:
     """Direct imports that break the layering; each line names the statement."""
     rules = [  # (who, may not import, why)
-        (lambda m: _within(m, "calico_jax.models"), MODEL_FORBIDDEN, "models stay free of training/inference/IO"),
-        (lambda m: any(_within(m, p) for p in INFERENCE), ("calico_jax.train",), "inference must not need training"),
+        (lambda m: _within(m, "calico_jax.core"), CORE_FORBIDDEN, "the ground floor imports no other floor"),
+        (lambda m: _within(m, "calico_jax.models"), MODEL_FORBIDDEN,
+         "models import none of data, losses, training, inference or IO"),
+        (lambda m: any(_within(m, p) for p in INFERENCE), INFERENCE_FORBIDDEN, "inference must not need training"),
         (lambda m: _within(m, "calico_jax"), ("tests",), "the library must not depend on its tests"),
     ]
     out = set()
@@ -248,7 +254,7 @@ def project_edges() -> tuple[Edge, ...]:
 def test_walks_the_project():
     index = module_index(ROOT)
     assert {"calico_jax", "calico_jax.models.calico", "convert", "train"} <= set(index)
-    assert any(e.src == "calico_jax.models.calico" and e.dst == "calico_jax.layers" for e in project_edges())
+    assert any(e.src == "calico_jax.models.calico" and e.dst == "calico_jax.models.layers" for e in project_edges())
 
 
 MAX_LINES = 400   # the project's rule: one concept per module, none over 400 lines
@@ -282,8 +288,8 @@ def test_detector_on_a_synthetic_package(tmp_path):
     """A fake package with a module-level/function-level cycle, relative imports, ``from pkg import
     submodule``, an attribute import and forbidden edges: the detector must see exactly those."""
     _write(tmp_path, {
-        "calico_jax/__init__.py": "from calico_jax.layers import dense\n",
-        "calico_jax/layers.py": "import os\ndef dense():\n    pass\n",
+        "calico_jax/__init__.py": "from calico_jax.models.layers import dense\n",
+        "calico_jax/models/layers.py": "import os\ndef dense():\n    pass\n",
         # a -> b at module level (relative), b -> a hidden inside a function
         "calico_jax/a.py": "from . import b\n",
         "calico_jax/b.py": "import json\n\ndef f():\n    from calico_jax.a import thing\n",
@@ -293,7 +299,7 @@ def test_detector_on_a_synthetic_package(tmp_path):
                                    "class M:\n    def load(self):\n        import calico_jax.train.loop\n"),
         "calico_jax/train/__init__.py": "",
         "calico_jax/train/loop.py": "try:\n    from tests.helpers import x\nexcept ImportError:\n    pass\n",
-        "calico_jax/infer.py": "from calico_jax.train import loop\n",
+        "calico_jax/inference/predictor.py": "from calico_jax.train import loop\n",
         "convert/__init__.py": "",
         "train.py": "def main():\n    from calico_jax.train.loop import run\n",
         "tests/__init__.py": "", "tests/helpers.py": "import calico_jax\n",  # indexed, never walked
@@ -301,10 +307,10 @@ def test_detector_on_a_synthetic_package(tmp_path):
     edges = collect_edges(tmp_path)
     pairs = {(e.src, e.dst) for e in edges}
     assert pairs == {
-        ("calico_jax", "calico_jax.layers"), ("calico_jax.a", "calico_jax.b"), ("calico_jax.b", "calico_jax.a"),
-        ("calico_jax.models.m", "calico_jax.layers"), ("calico_jax.models.m", "calico_jax"),
+        ("calico_jax", "calico_jax.models.layers"), ("calico_jax.a", "calico_jax.b"), ("calico_jax.b", "calico_jax.a"),
+        ("calico_jax.models.m", "calico_jax.models.layers"), ("calico_jax.models.m", "calico_jax"),
         ("calico_jax.models.m", "calico_jax.train.loop"), ("calico_jax.train.loop", "tests.helpers"),
-        ("calico_jax.infer", "calico_jax.train.loop"), ("train", "calico_jax.train.loop")}
+        ("calico_jax.inference.predictor", "calico_jax.train.loop"), ("train", "calico_jax.train.loop")}
     hidden = next(e for e in edges if e.src == "calico_jax.b")
     assert (hidden.scope, hidden.line, hidden.where()) == ("f", 4, "calico_jax/b.py:4, in f()")
     nested = next(e for e in edges if e.dst == "calico_jax.train.loop" and e.src == "calico_jax.models.m")
@@ -315,7 +321,7 @@ def test_detector_on_a_synthetic_package(tmp_path):
     assert format_chain(g, find_cycles(g)[0]).startswith("calico_jax.a -> calico_jax.b -> calico_jax.a")
     bad = layering_violations(edges)
     assert [b.split("  ")[0] for b in bad] == [
-        "calico_jax.infer -> calico_jax.train.loop", "calico_jax.models.m -> calico_jax.train.loop",
+        "calico_jax.inference.predictor -> calico_jax.train.loop", "calico_jax.models.m -> calico_jax.train.loop",
         "calico_jax.train.loop -> tests.helpers"]
 
 

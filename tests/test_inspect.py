@@ -13,7 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from calico_jax import pretrained, torch_export  # noqa: E402
+from calico_jax.checkpoints import converted as pretrained  # noqa: E402
+from calico_jax.checkpoints import torch_export  # noqa: E402
 from calico_jax.models.calico import Calico, CalicoConfig  # noqa: E402
 from convert.inspect import group_of  # noqa: E402
 from tests.helpers import run_convert  # noqa: E402

@@ -11,11 +11,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from calico_jax.checkpoints.converted import init_params  # noqa: E402
+from calico_jax.checkpoints.torch_files import open_checkpoint  # noqa: E402
 from calico_jax.models.llama import KVCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from calico_jax.models.lora import LoraConfig, lora_mask, merge_lora  # noqa: E402
-from calico_jax.pretrained import init_params  # noqa: E402
 from convert.families.llama import HF_LLAMA, random_batch  # noqa: E402
-from convert.io import open_checkpoint  # noqa: E402
 from convert.mapping import build_params  # noqa: E402
 from tests.helpers import randomize, rel_err  # noqa: E402
 
@@ -193,7 +193,7 @@ def test_lora_merge_and_mask(tiny):
 def test_gradients_match_transformers(name, tmp_path):
     """Training path: the written-out backward of the attention and of lm_head + CE
     (losses.causal_lm_loss_from_hidden) against torch autograd of HF's loss, every parameter, left padding."""
-    from calico_jax.losses import causal_lm_loss_from_hidden
+    from calico_jax.train.losses import causal_lm_loss_from_hidden
     model = hf_llama(**HF_CONFIGS[name])
     module, params = convert(model, tmp_path)
     ids, mask = random_batch(module.config, batch=3, length=10, seed=2)

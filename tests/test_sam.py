@@ -10,12 +10,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from calico_jax.config import ConfigError  # noqa: E402
+from calico_jax.checkpoints.converted import abstract_params  # noqa: E402
+from calico_jax.checkpoints.torch_files import open_checkpoint  # noqa: E402
+from calico_jax.core.config import ConfigError  # noqa: E402
 from calico_jax.models.sam import PRESETS, Sam, SamConfig  # noqa: E402
 from calico_jax.models.sam.image_encoder import get_rel_pos  # noqa: E402
-from calico_jax.pretrained import abstract_params  # noqa: E402
 from convert.families.sam import SAM, build_original, compare_original  # noqa: E402
-from convert.io import open_checkpoint  # noqa: E402
 from convert.mapping import build_params, flax_path  # noqa: E402
 from tests.helpers import randomize, rel_err, segment_anything_modeling  # noqa: E402
 
@@ -189,7 +189,7 @@ def test_get_rel_pos(q, k, length):
 def test_patch_conv_transpose_matches_conv_transpose2d():
     """Two nested layers.PatchConvTranspose (torch (in,out,kh,kw) -> (2,3,1,0)), interleaved once at the end
     with layers.interleave_patches == two ConvTranspose2d(kernel 2, stride 2) applied one after the other."""
-    from calico_jax import layers
+    from calico_jax.models import layers
 
     conv1, conv2 = torch.nn.ConvTranspose2d(6, 4, kernel_size=2, stride=2), torch.nn.ConvTranspose2d(4, 3, 2, 2)
     randomize(conv1, seed=4, std=1.0)

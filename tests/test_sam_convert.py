@@ -9,9 +9,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import calico_jax  # noqa: E402
+from calico_jax.checkpoints.torch_files import open_checkpoint  # noqa: E402
 from calico_jax.models.sam import SamConfig  # noqa: E402
 from convert.families.sam import SAM, _infer_preset  # noqa: E402
-from convert.io import open_checkpoint  # noqa: E402
 from tests.helpers import nothing_at, rel_err, run_convert  # noqa: E402
 from tests.test_sam import CONFIG_A, CONFIG_B, TOL, hf_fixture, original_fixture  # noqa: E402
 
@@ -163,7 +163,7 @@ def test_hf_sam_needs_config_json(tmp_path):
 
 
 class _Shapes:
-    """Just enough of convert.io.Checkpoint for architecture inference."""
+    """Just enough of calico_jax.checkpoints.torch_files.Checkpoint for architecture inference."""
 
     def __init__(self, shapes):
         self.path, self._shapes = "stub.pth", shapes

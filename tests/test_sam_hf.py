@@ -4,9 +4,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from calico_jax.checkpoints.torch_files import open_checkpoint  # noqa: E402
 from calico_jax.models.sam import Sam, SamConfig  # noqa: E402
 from convert.families.sam import HF_SAM, compare_hf  # noqa: E402
-from convert.io import open_checkpoint  # noqa: E402
 from convert.mapping import build_params  # noqa: E402
 from tests.test_sam import check, hf_fixture  # noqa: E402
 

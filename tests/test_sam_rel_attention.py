@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from calico_jax.config import ConfigError
+from calico_jax.core.config import ConfigError
 from calico_jax.models.sam import SamConfig
 from calico_jax.models.sam.image_encoder import ImageEncoderViT, blocked_rel_pos_attention
 from tests.helpers import rel_err
@@ -47,7 +47,7 @@ def test_blocked_matches_float64_reference(b, h, w, n, d, block):
 
 def test_blocked_grad_matches_dense():
     """lax.map tiles are differentiable; gradients agree with the materialised-bias form."""
-    from calico_jax import layers
+    from calico_jax.models import layers
     from calico_jax.models.sam.image_encoder import decomposed_rel_pos
 
     rng = np.random.default_rng(1)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from calico_jax import models, pretrained
-from calico_jax.train import sharding
+from calico_jax import models
+from calico_jax.checkpoints import converted as pretrained
+from calico_jax.parallel import sharding
 
 KNOWN = {name for name, _ in sharding.RULES}
 

@@ -3,10 +3,8 @@ the llava_v1 template, image placeholders and an encode/decode round trip; train
 [SEG] -> image routing, truncation that drops instead of separating a [SEG] from its identifier."""
 from __future__ import annotations
 
+from calico_jax.core.tokens import IGNORE_INDEX, IMAGE_TOKEN_INDEX, SPECIAL_TOKENS
 from calico_jax.data.tokenize import (
-    IGNORE_INDEX,
-    IMAGE_TOKEN_INDEX,
-    SPECIAL_TOKENS,
     SampleTokenizer,
     add_special_tokens,
     build_tiny_tokenizer,

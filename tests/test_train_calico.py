@@ -2,16 +2,16 @@
 on a (data 2, fsdp 2, tensor 2) mesh: every required metric is logged and finite; only the paper's
 trainable set (LoRA, CEM, CAMs, mask decoder) changes and has optimizer state; every frozen weight
 is bit-identical to its initial value; the checkpoint holds the trainable leaves only, and
-:func:`calico_jax.checkpoints.restore_workdir` rebuilds the full final params from it without training code."""
+:func:`calico_jax.checkpoints.workdir.restore_workdir` rebuilds the full final params from it without training code."""
 import json
 
 import jax
 import numpy as np
 
-from calico_jax.checkpoints import restore_workdir
-from calico_jax.params import combine
+from calico_jax.checkpoints.training import Checkpointer
+from calico_jax.checkpoints.workdir import restore_workdir
+from calico_jax.core.params import combine
 from calico_jax.train import config as config_lib
-from calico_jax.train.checkpoint import Checkpointer
 from calico_jax.train.loop import train
 from calico_jax.train.trainer import load_frozen
 

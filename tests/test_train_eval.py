@@ -91,10 +91,10 @@ def test_toy_eval(tmp_path):
 
 
 def test_two_process_shards_are_disjoint_and_cover_the_global_batch(runs):
+    from calico_jax.core.preprocess import Preprocess
     from calico_jax.data.pairs_io import read_pairs
     from calico_jax.data.pipeline import Pipeline, PipelineConfig
     from calico_jax.data.tokenize import load_tokenizer
-    from calico_jax.preprocess import Preprocess
     data = runs[0] / "data"
     pairs, tok = read_pairs(data / "train" / "pairs.json"), load_tokenizer(data / "tokenizer")
     cfg = PipelineConfig(batch_size=4, max_images=2, max_segs=4, max_tokens=192,
@@ -122,7 +122,7 @@ def test_two_process_shards_are_disjoint_and_cover_the_global_batch(runs):
 
 def test_non_zero_process_builds_nothing_and_waits_at_the_barrier(tmp_path, monkeypatch):
     """Process 1 of 2: process 0 builds the synthetic sets and tokenizer; the others wait for it."""
-    from calico_jax import distributed
+    from calico_jax.parallel import distributed
     from calico_jax.train import calico_task
     calls = []
     monkeypatch.setattr(jax, "process_count", lambda: 2)

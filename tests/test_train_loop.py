@@ -11,12 +11,12 @@ import numpy as np
 import optax
 import pytest
 
-from calico_jax import params as state_lib
+from calico_jax.checkpoints.training import Checkpointer
+from calico_jax.core import params as state_lib
+from calico_jax.parallel.sharding import make_mesh
 from calico_jax.train import config as config_lib
 from calico_jax.train import optim
-from calico_jax.train.checkpoint import Checkpointer
 from calico_jax.train.loop import NonFiniteError, train
-from calico_jax.train.sharding import make_mesh
 from calico_jax.train.tasks import build as build_task
 from calico_jax.train.trainer import build, load_frozen
 

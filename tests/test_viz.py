@@ -1,7 +1,7 @@
 """Overlays: the mask colour contrasts with what is under and around it; outline and label stay legible."""
 import numpy as np
 
-from calico_jax import viz
+from calico_jax.core import viz
 
 FLOOR, TABLE = (110, 120, 140), (40, 60, 170)   # a blue table on a blue-grey floor
 

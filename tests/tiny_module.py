@@ -4,8 +4,8 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from calico_jax import layers
-from calico_jax.config import Config
+from calico_jax.core.config import Config
+from calico_jax.models import layers
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calico_jax import layers
-from calico_jax.config import Config
+from calico_jax.core.config import Config
 from calico_jax.data.pipeline import shard
-from calico_jax.losses import LossConfig, causal_lm_loss, mask_losses
+from calico_jax.models import layers
 from calico_jax.train.config import DataConfig, ExperimentConfig
+from calico_jax.train.losses import LossConfig, causal_lm_loss, mask_losses
 from calico_jax.train.task import Task, eval_rows
 from calico_jax.train.tasks import register
 

@@ -101,8 +101,8 @@ def install_checkpointer(dump_dir: Path | None) -> None:
     import numpy as np
     from jax.experimental import multihost_utils
 
+    from calico_jax.checkpoints.training import Checkpointer
     from calico_jax.train import loop
-    from calico_jax.train.checkpoint import Checkpointer
 
     def dump(name: str, state) -> None:
         if dump_dir is None:

@@ -20,8 +20,8 @@ from calico_jax.data.coco_reader import (
     _Raw,
     _read_raw,
 )
-from calico_jax.data.report import DataError, Report
 from calico_jax.data.rle import decode, encode, rle_area, rle_union
+from calico_jax.data.skips import DataError, Report
 
 
 def _is_part_cat(c: dict) -> bool:

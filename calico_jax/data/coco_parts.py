@@ -38,7 +38,7 @@ builder adds ``missing_image``, ``corrupt_image``, ``image_size_mismatch``.
 
 The generic file reading is :mod:`calico_jax.data.coco_reader`, each convention's linking rule is in
 :mod:`calico_jax.data.coco_conventions`, masks are :mod:`calico_jax.data.rle`, the skip report is
-:mod:`calico_jax.data.report`; their public names are re-exported here.
+:mod:`calico_jax.data.skips`; their public names are re-exported here.
 """
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ from pathlib import Path
 
 from calico_jax.data.coco_conventions import _guess_whole, _load_ade, _load_paco, _load_partimagenet, detect_convention
 from calico_jax.data.coco_reader import ObjectInst, PartDataset, PartImage, _finish, _object, _read_raw
-from calico_jax.data.report import DataError, Report
 from calico_jax.data.rle import decode, encode, rle_area, rle_intersection_area, rle_union, to_rle
+from calico_jax.data.skips import DataError, Report
 
 CONVENTIONS = ("auto", "paco", "partimagenet", "ade20k_part", "objects")
 

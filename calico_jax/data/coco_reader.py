@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from calico_jax.data.report import DataError, Report
 from calico_jax.data.rle import rle_area, rle_intersection_area, to_rle
+from calico_jax.data.skips import DataError, Report
 
 
 @dataclass

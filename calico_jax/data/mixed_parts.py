@@ -40,7 +40,7 @@ Records, as the first author's public loader reads them (GitHub ``kanguyen-vn/LI
 A record that does not fit is skipped and counted by kind (``unknown_source``, ``unknown_image_id``,
 ``missing_grounding``, ``bad_code``, ``unknown_task``, ``no_codes``, ``bad_record``, the mask kinds of
 :func:`~calico_jax.data.rle.to_rle` such as ``mask_outside_image``, and the image checks of the pair builder);
-``strict`` raises :class:`~calico_jax.data.report.DataError` on the first, naming the record and field.
+``strict`` raises :class:`~calico_jax.data.skips.DataError` on the first, naming the record and field.
 """
 from __future__ import annotations
 
@@ -52,8 +52,8 @@ from pathlib import Path
 from calico_jax.data.coco_parts import clean_name
 from calico_jax.data.coco_reader import _read_json
 from calico_jax.data.pairs_io import PREFIX, TASKS, _check_image, _images_phrase, validate_sample
-from calico_jax.data.report import DataError, Report
 from calico_jax.data.rle import rle_area, to_rle
+from calico_jax.data.skips import DataError, Report
 
 CODE_RE = re.compile(r"\b(\w+)_(\d{3})\b|\b(\w+)_(\d{5})\b")   # the loader's pattern, digits captured
 _TASK_WORDS = (("unique_parts", ("unique", "distinct", "differ", "only one")), ("common_parts", ("part",)),

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from calico_jax.data.report import DataError, Report
 from calico_jax.data.rle import decode
+from calico_jax.data.skips import DataError, Report
 
 SEG_RE = re.compile(r"\[SEG\] \(IMAGE(\d+)\)")
 TASKS = ("common_object", "common_parts", "unique_parts")

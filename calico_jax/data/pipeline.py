@@ -31,7 +31,8 @@ Batch dict (B = batch_size per process, N = max_images, S = max_segs, T = max_to
     images_blip     float32 [B, N, blip_size, blip_size, 3]       EVA-CLIP / Q-Former input (X_global)
     images_dinov2   float32 [B, N, Hd, Wd, 3]                     DINOv2 input (only if dinov2_size)
     images_sam      float32 [B, N, sam_size, sam_size, 3]         SAM input, zero-padded bottom/right
-                                    (sizes: ``PipelineConfig.preprocess``, a :class:`~calico_jax.preprocess.Preprocess`)
+                                    (sizes: ``PipelineConfig.preprocess``, a
+                                    :class:`~calico_jax.core.preprocess.Preprocess`)
     image_valid     bool    [B, N]  False for padding images (their pixels are 0)
     original_sizes  int32   [B, N, 2]  (H, W) of each image as loaded (EXIF applied); 0 for padding
     sam_sizes       int32   [B, N, 2]  (h, w) valid region of images_sam (SAM reshaped_input_size)
@@ -75,13 +76,14 @@ from dataclasses import dataclass
 import grain
 import numpy as np
 
+from calico_jax.core.preprocess import Preprocess
+from calico_jax.core.tokens import IGNORE_INDEX
 from calico_jax.data.pairs import TASKS
 from calico_jax.data.pairs_io import Pairs, read_pairs
 from calico_jax.data.processors import SamProcessor, from_preprocess, load_image
-from calico_jax.data.report import Report
 from calico_jax.data.rle import decode
-from calico_jax.data.tokenize import IGNORE_INDEX, SampleTokenizer
-from calico_jax.preprocess import Preprocess
+from calico_jax.data.skips import Report
+from calico_jax.data.tokenize import SampleTokenizer
 
 log = logging.getLogger(__name__)
 

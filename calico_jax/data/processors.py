@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from calico_jax.preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from calico_jax.core.preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -179,7 +179,7 @@ class SamProcessor:
 
 
 def from_preprocess(pre: Preprocess) -> tuple[BlipProcessor, Dinov2Processor | None, SamProcessor]:
-    """The three processors a :class:`~calico_jax.preprocess.Preprocess` section describes (DINOv2: None when
+    """The three processors a :class:`~calico_jax.core.preprocess.Preprocess` section describes (DINOv2: None when
     ``dinov2_size`` is 0)."""
     dino = (Dinov2Processor(pre.dinov2_size, pre.dinov2_crop or None, mean=pre.dinov2_mean, std=pre.dinov2_std)
             if pre.dinov2_size else None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from calico_jax.data.report import Report
+from calico_jax.data.skips import Report
 
 
 def to_rle(seg, h: int, w: int, record: str, report: Report) -> dict | None:

@@ -247,7 +247,7 @@ def make_split(root, num_images: int, seed: int, pair_seed: int, *, progress: bo
     """A synthetic dataset and its pairs file under ``root`` (``images/``, ``annotations.json``, ``pairs.json``),
     written atomically; an existing complete split is reused. ``options``: :func:`generate`'s keywords.
     Returns the pairs file. Used by the training task (no ``data.pairs``) and by ``make demo``."""
-    from calico_jax.checkpoints import atomic_directory
+    from calico_jax.core.fs import atomic_directory
     from calico_jax.data import pairs
     from calico_jax.data.coco_parts import Report, load_part_dataset
 

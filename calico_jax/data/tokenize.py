@@ -2,7 +2,7 @@
 
 * :func:`load_tokenizer` opens a HF tokenizer saved next to a checkpoint (``tokenizer.json`` or a
   LLaMA sentencepiece model), pads with ``<unk>`` like LLaVA, and adds the grounding tokens.
-* :data:`SPECIAL_TOKENS` in GLaMM's order (``train.py::setup_tokenizer_and_special_tokens``):
+* :data:`~calico_jax.core.tokens.SPECIAL_TOKENS` in GLaMM's order (``train.py::setup_tokenizer_and_special_tokens``):
   ``<im_start>``, ``<im_end>``, ``<bbox>``, ``<point>``, ``[SEG]``, ``<p>``, ``</p>`` -> ids
   32000..32006 on a 32000 LLaMA vocabulary. A tokenizer that already has them keeps its ids.
 * :func:`llava_v1_prompt`: ``SYSTEM USER: q ASSISTANT: a</s>USER: ...`` (sep " ", sep2 "</s>").
@@ -22,14 +22,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from calico_jax.core.tokens import (
+    DEFAULT_IMAGE_TOKEN,
+    IGNORE_INDEX,
+    IM_END,
+    IM_START,
+    IMAGE_TOKEN_INDEX,
+    SEG_TOKEN,
+    SPECIAL_TOKENS,
+)
 from calico_jax.models.seg_routing import identifier_token_ids, parse_identifier
 
-IMAGE_TOKEN_INDEX = -200
-IGNORE_INDEX = -100   # label of a position without a target (prompt, image, padding); the loss skips it
-DEFAULT_IMAGE_TOKEN = "<image>"
-IM_START, IM_END = "<im_start>", "<im_end>"
-SEG_TOKEN = "[SEG]"
-SPECIAL_TOKENS = (IM_START, IM_END, "<bbox>", "<point>", SEG_TOKEN, "<p>", "</p>")
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 ROLES = ("USER", "ASSISTANT")

@@ -51,7 +51,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from calico_jax.config import Config, ConfigError
+from calico_jax.core.config import Config, ConfigError
 from calico_jax.data.pairs import TASKS
 from calico_jax.eval.labels import CLEANINGS, cleaners
 from calico_jax.eval.masks import ImageMasks, SampleResult, image_ap50, image_miou, match, mean_or_nan, prepare, units

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from calico_jax.checkpoints import write_atomic
+from calico_jax.core.fs import write_atomic
 from calico_jax.data.pairs import TASKS
 from calico_jax.eval.metrics import METRICS
 

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calico_jax import layers
 from calico_jax.eval.labels import normalize_label  # noqa: F401 (re-exported)
+from calico_jax.models import layers
 from calico_jax.models.qformer import QFormerAttention, QFormerConfig, QFormerIntermediate, QFormerSelfOutput
 
 INSTALL_HINT = "pip install 'calico-jax[eval]'"

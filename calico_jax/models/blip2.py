@@ -18,8 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from calico_jax import layers
-from calico_jax.config import Config, ConfigError, hf_get
+from calico_jax.core.config import Config, ConfigError, hf_get
+from calico_jax.models import layers
 from calico_jax.models.eva_vit import EvaVit, EvaVitConfig
 from calico_jax.models.qformer import QFormer, QFormerConfig
 

@@ -49,8 +49,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from calico_jax import layers
-from calico_jax.data.tokenize import IGNORE_INDEX
+from calico_jax.core.tokens import IGNORE_INDEX
+from calico_jax.models import layers
 from calico_jax.models.blip2 import QUERY_TOKENS_INIT, image_features, query_tokens_shape, vision_parts
 from calico_jax.models.calico_config import PAPER_TRAINABLE, REMAT_TOWERS, CalicoConfig  # noqa: F401 (re-export)
 from calico_jax.models.calico_layout import expand_sequence, postprocess_masks
@@ -233,7 +233,7 @@ class Calico(nn.Module):
         flat = sam_pixel_values.reshape(b * n, *sam_pixel_values.shape[2:])
         return self.sam.image_embeddings(flat).reshape(b, n, *sam_image_embeddings_shape(self.config))
 
-    # --- generation (driven by calico_jax.generate.decode_loop; the KV cache carries the CAMs' effect)
+    # --- generation (driven by calico_jax.inference.generate.decode_loop; the KV cache carries the CAMs' effect)
     def prefill(self, input_ids, attention_mask, pixel_values, dino_pixel_values=None, *, max_new_tokens: int,
                 cache_dtype: Any = None, qformer_input_ids=None, qformer_attention_mask=None) -> LlamaOutput:
         """Steps 1-4 on a LEFT-padded prompt (every row of the batch has the same image count, so all end

@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from calico_jax import layers
-from calico_jax.config import Config, ConfigError
-from calico_jax.losses import LossConfig
+from calico_jax.core.config import Config, ConfigError
+from calico_jax.core.preprocess import Preprocess
+from calico_jax.models import layers
 from calico_jax.models.blip2 import Blip2VisionConfig
 from calico_jax.models.cam import CamConfig
 from calico_jax.models.cem import CemConfig
@@ -32,7 +32,7 @@ from calico_jax.models.sam.config import (
     TwoWayTransformerConfig,
 )
 from calico_jax.models.seg_routing import SegConfig
-from calico_jax.preprocess import Preprocess
+from calico_jax.train.losses import LossConfig
 
 REMAT_TOWERS = ("vision", "dinov2", "qformer", "llm", "sam")
 # Paper recipe (the frozen/trained marks of the paper's figures, docs/paper_map.md): LoRA + CEM + CAMs (+ their

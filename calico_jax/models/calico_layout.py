@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from calico_jax.resize import bilinear_matrix
+from calico_jax.core.resize import bilinear_matrix
 
 
 def expand_sequence(input_ids: jax.Array, image_token_index: int, num_images: int, num_query: int):

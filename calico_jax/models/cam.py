@@ -26,8 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from calico_jax import layers
-from calico_jax.config import Config, ConfigError
+from calico_jax.core.config import Config, ConfigError
+from calico_jax.models import layers
 
 QUERY_MODES = ("shared", "per_cam", "base")
 

@@ -34,9 +34,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from calico_jax import layers
-from calico_jax.config import Config, ConfigError, hf_get
-from calico_jax.resize import resize_2d
+from calico_jax.core.config import Config, ConfigError, hf_get
+from calico_jax.core.resize import resize_2d
+from calico_jax.models import layers
 
 INTERPOLATIONS = ("hf", "original")
 

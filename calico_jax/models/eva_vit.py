@@ -16,7 +16,7 @@ Numerics (HF ``Blip2VisionModel`` and LAVIS ``create_eva_vit_g``):
   row, which softmax cancels; so a (trained) non-zero K third in an HF checkpoint can be dropped;
 * the position table is learned for ``image_size``; another input size bicubically resizes its
   patch part exactly as HF's ``interpolate_pos_encoding`` does (torch bicubic a=-0.75,
-  ``align_corners=False``, ``size=(H//p, W//p)``; CLS entry kept), via :mod:`calico_jax.resize`.
+  ``align_corners=False``, ``size=(H//p, W//p)``; CLS entry kept), via :mod:`calico_jax.core.resize`.
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from calico_jax import layers
-from calico_jax.config import Config, ConfigError, hf_get
-from calico_jax.resize import resize_2d
+from calico_jax.core.config import Config, ConfigError, hf_get
+from calico_jax.core.resize import resize_2d
+from calico_jax.models import layers
 
 
 @dataclasses.dataclass(frozen=True)

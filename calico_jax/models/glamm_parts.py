@@ -22,8 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from calico_jax import layers
-from calico_jax.config import Config, ConfigError
+from calico_jax.core.config import Config, ConfigError
+from calico_jax.models import layers
 from calico_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from calico_jax.models.sam import Sam, SamConfig
 

@@ -23,8 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from calico_jax import layers
-from calico_jax.config import Config, ConfigError, hf_get
+from calico_jax.core.config import Config, ConfigError, hf_get
+from calico_jax.models import layers
 from calico_jax.models.llama_attention import apply_rope, grouped_attention, rope_tables
 from calico_jax.models.lora import LoraConfig, LoraDense
 

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calico_jax import layers
-from calico_jax.config import Config
+from calico_jax.core.config import Config
+from calico_jax.models import layers
 
 LORA_LEAVES = ("lora_a", "lora_b")
 TARGETABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -21,8 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from calico_jax import layers
-from calico_jax.config import Config, ConfigError, hf_get
+from calico_jax.core.config import Config, ConfigError, hf_get
+from calico_jax.models import layers
 
 MODEL_TYPES = ("blip_2_qformer", "instructblip_qformer")
 

@@ -7,7 +7,7 @@ k-th (0-based) image of the sample (:func:`identifier_text`). It is read in two 
   token ids) after every [SEG], unless the caller routes on the host (``seg_image``);
 * on the host: :func:`parse_identifier`, used by :class:`~calico_jax.data.tokenize.SampleTokenizer` for
   training samples (``TokenizedSample.seg_images``, which the pipeline checks against the pairs file's
-  ``seg_image``) and by :class:`~calico_jax.infer.Predictor` on generated ids.
+  ``seg_image``) and by :class:`~calico_jax.inference.predictor.Predictor` on generated ids.
 
 Hidden state (``SegConfig.hidden_position``): a [SEG]'s embedding is the final-norm hidden state
 *before* it (GLaMM/LISA, the default) or *at* it. Its index depends on how the hidden states line up
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calico_jax.config import Config, ConfigError
+from calico_jax.core.config import Config, ConfigError
 
 HIDDEN_POSITIONS = ("before", "at")
 IDENTIFIER_RE = re.compile(r"^\s*\(IMAGE(\d+)\)")

@@ -1,4 +1,4 @@
-"""The CALICO training task: :class:`~calico_jax.models.calico.Calico` + :func:`~calico_jax.losses.calico_loss`
+"""The CALICO training task: :class:`~calico_jax.models.calico.Calico` + :func:`~calico_jax.train.losses.calico_loss`
 (weights and BCE/focal from ``model.loss``) on the grain pipeline (:mod:`calico_jax.data.pipeline`).
 
 Everything about the model comes from ``cfg.model`` (a :class:`~calico_jax.models.calico.CalicoConfig`); the
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calico_jax import distributed
+from calico_jax.core.tokens import SEG_TOKEN
 from calico_jax.data import synthetic
 from calico_jax.data.pairs_io import read_pairs
 from calico_jax.data.pipeline import Pipeline, PipelineConfig
@@ -38,10 +38,11 @@ from calico_jax.data.qformer_text import (
     build_tiny_qformer_tokenizer,
     load_qformer_tokenizer,
 )
-from calico_jax.data.tokenize import SEG_TOKEN, build_tiny_tokenizer, load_tokenizer
-from calico_jax.losses import calico_loss, pixel_mask
+from calico_jax.data.tokenize import build_tiny_tokenizer, load_tokenizer
 from calico_jax.models.calico import Calico, CalicoConfig
 from calico_jax.models.llama import LlamaForCausalLM
+from calico_jax.parallel import distributed
+from calico_jax.train.losses import calico_loss, pixel_mask
 from calico_jax.train.task import Task, eval_rows
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 def prepare_data(cfg, workdir: Path) -> tuple[Path, Path, Path | None]:
     """-> (pairs file, tokenizer dir, held-out pairs file or None); builds the synthetic sets and the tiny
     tokenizer on first use (process 0; every process waits for it)."""
-    from calico_jax.checkpoints import atomic_directory
+    from calico_jax.core.fs import atomic_directory
 
     root, d, first = workdir / "data", cfg.data, jax.process_index() == 0
     pairs_path, eval_path = (Path(d.pairs) if d.pairs else None), (Path(d.eval_pairs) if d.eval_pairs else None)

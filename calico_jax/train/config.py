@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from calico_jax.checkpoints import write_atomic
-from calico_jax.config import Config, ConfigError, optional_inner
+from calico_jax.core.config import Config, ConfigError, optional_inner
+from calico_jax.core.fs import write_atomic
 from calico_jax.models.calico import CalicoConfig
 
 C = typing.TypeVar("C", bound=Config)

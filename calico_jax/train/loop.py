@@ -6,8 +6,9 @@ fresh; 6. steps: log, evaluate, checkpoint, stop on SIGTERM (a final checkpoint)
 
 Rerunning in the same workdir resumes exactly (params, optimizer, RNG, data order).
 
-Several processes (:mod:`calico_jax.distributed`): each one feeds the block of every global batch its devices
-hold (:func:`~calico_jax.distributed.batch_block`: process ``i`` of ``n`` reads rows ``[i*B/n, (i+1)*B/n)`` of each
+Several processes (:mod:`calico_jax.parallel.distributed`): each one feeds the block of every global batch its devices
+hold (:func:`~calico_jax.parallel.distributed.batch_block`: process ``i`` of ``n`` reads rows ``[i*B/n, (i+1)*B/n)``
+of each
 micro-batch), so the global batches -- rows in order -- are those of a one-process run; process 0 alone writes
 ``config.json``, ``metrics.jsonl`` and the progress bar; a SIGTERM to any process stops all of them after the same
 step (one small collective per step) with a final checkpoint.
@@ -24,12 +25,12 @@ from typing import Any
 
 import jax
 
-from calico_jax import distributed
+from calico_jax.checkpoints.training import Checkpointer
+from calico_jax.parallel import distributed
+from calico_jax.parallel.sharding import make_mesh
 from calico_jax.train import config as config_lib
 from calico_jax.train import tasks as tasks_lib
-from calico_jax.train.checkpoint import Checkpointer
-from calico_jax.train.metrics import MetricsFile, peak_tflops, step_record
-from calico_jax.train.sharding import make_mesh
+from calico_jax.train.metrics_log import MetricsFile, peak_tflops, step_record
 from calico_jax.train.step import compile_step, device_batch
 from calico_jax.train.task import Task, make_evaluator
 from calico_jax.train.trainer import build, load_frozen

@@ -1,6 +1,6 @@
 """Optimizer: AdamW (β 0.9/0.95) + linear warmup and linear/cosine decay + global-norm clipping.
 
-The transformation is built for the *trainable* subtree only (see :mod:`calico_jax.params`):
+The transformation is built for the *trainable* subtree only (see :mod:`calico_jax.core.params`):
 frozen leaves never reach it, so they get no optimizer state and no update, and stay bit-identical.
 Gradient accumulation never reaches the optimizer either: the step runs a host loop over one compiled
 micro-step (gradients summed in a donated buffer), then one compiled update that applies this

@@ -22,7 +22,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from calico_jax.params import combine
+from calico_jax.core.params import combine
 
 
 def value_and_grad_trainable(loss_fn: Callable[..., Any], has_aux: bool = False) -> Callable[..., Any]:

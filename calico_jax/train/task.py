@@ -15,7 +15,7 @@ config by name (:mod:`calico_jax.train.tasks`):
   process's rows: no augmentation) and :meth:`Task.eval_metrics` ``(params, batch) -> {name: (sum, count)}``;
   :func:`make_evaluator` turns them into the loop's ``eval_fn`` (each metric = total sum / total count);
 * :meth:`Task.model_record`: what a checkpoint must record so the model can be restored without training code
-  (:func:`calico_jax.checkpoints.restore_workdir`), or None.
+  (:func:`calico_jax.checkpoints.workdir.restore_workdir`), or None.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from calico_jax import distributed
-from calico_jax.params import combine
+from calico_jax.core.params import combine
+from calico_jax.parallel import distributed
 
 
 class Task:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from calico_jax.config import ConfigError
+from calico_jax.core.config import ConfigError
 from calico_jax.train.calico_task import CalicoTask
 from calico_jax.train.task import Task
 

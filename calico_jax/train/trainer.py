@@ -21,11 +21,11 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from calico_jax import checkpoints as ckpt_lib
-from calico_jax import distributed
-from calico_jax.params import combine, partition
+from calico_jax.checkpoints import workdir as ckpt_lib
+from calico_jax.core.params import combine, partition
+from calico_jax.parallel import distributed
+from calico_jax.parallel.sharding import RULES, param_shardings
 from calico_jax.train import optim
-from calico_jax.train.sharding import RULES, param_shardings
 from calico_jax.train.step import step_programs
 from calico_jax.train.task import Task
 

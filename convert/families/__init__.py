@@ -6,7 +6,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from convert.io import Checkpoint
+from calico_jax.checkpoints.torch_files import Checkpoint
 from convert.mapping import Plan
 
 

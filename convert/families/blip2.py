@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from calico_jax.config import ConfigError
+from calico_jax.checkpoints.torch_files import Checkpoint, CheckpointError
+from calico_jax.core.config import ConfigError
 from calico_jax.data.qformer_text import QFORMER_TOKENIZER_DIR
 from calico_jax.models.blip2 import Blip2VisionConfig
 from convert.families import Family
-from convert.io import Checkpoint, CheckpointError
 from convert.mapping import Plan, Skip, Tensor, apply_rules
 
 LLM_REASON = ("language model ({kind}): not part of the vision front end; LLaMA/Vicuna language models "

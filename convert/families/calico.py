@@ -6,7 +6,8 @@ full match wins (``re`` replacement syntax in targets). A leading ``base_model.m
 removed and ``.base_layer.`` dropped before matching.
 
 1. ``patterns`` from ``--config`` (tried first: they override everything below);
-2. the **author layout** (:mod:`calico_jax.author_layout`, the names of the first author's public CALICO-style
+2. the **author layout** (:mod:`calico_jax.checkpoints.author_layout`, the names of the first author's public
+CALICO-style
    LISA code): ``model.Qformer.bert.*``, ``model.query_tokens``, ``model.visual_encoder.*`` + ``model.ln_vision.*``
    (LAVIS EVA), ``model.mm_projector.*`` (f_image), ``model.dino_model.*`` (torch-hub DINOv2),
    ``model.extraction_layer.*`` (𝓐 as ``nn.MultiheadAttention``), ``model.adaptive_layers.{i}.*`` /
@@ -50,14 +51,14 @@ from typing import Any
 
 import numpy as np
 
-from calico_jax import author_layout
-from calico_jax.config import ConfigError
+from calico_jax.checkpoints import author_layout
+from calico_jax.checkpoints.torch_files import Checkpoint, CheckpointError, load_json_arg, open_checkpoint
+from calico_jax.core.config import ConfigError
 from calico_jax.models.calico import CalicoConfig
 from convert.assemble import merge
 from convert.families import Family, calico_checks, glamm, sam
 from convert.families.blip2 import split_qkv_bias
 from convert.families.dinov2 import _HF_RULES as DINOV2_RULES
-from convert.io import Checkpoint, CheckpointError, load_json_arg, open_checkpoint
 from convert.mapping import Plan, Skip, Tensor
 
 P = r"(?:model\.)?"
@@ -94,7 +95,7 @@ TEXT_OFF = Skip("Q-Former instruction embeddings (qformer_text_input is off: the
 
 
 def author_patterns(config: CalicoConfig | None = None) -> list[tuple[str, Any]]:
-    """The author layout (:mod:`calico_jax.author_layout`) as ``(regex, target)`` pairs for this config."""
+    """The author layout (:mod:`calico_jax.checkpoints.author_layout`) as ``(regex, target)`` pairs for this config."""
     out: list[tuple[str, Any]] = list(AUTHOR_SKIPS)
     for rule in author_layout.RULES:
         target: Any = rule.forward_target()

@@ -1,4 +1,4 @@
-"""Checks and fills for the ``calico`` family on the first author's layout (``calico_jax.author_layout``).
+"""Checks and fills for the ``calico`` family on the first author's layout (``calico_jax.checkpoints.author_layout``).
 
 * :func:`module_problems`: each author module against the CALICO config, from the tensor shapes alone (no tensor
   is read): ``extraction_layer`` an ``nn.MultiheadAttention(D_C, kdim=vdim=D_S)``; ``adaptive_layers`` /
@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from calico_jax import author_layout
+from calico_jax.checkpoints import author_layout
+from calico_jax.checkpoints.torch_files import Checkpoint, CheckpointError
 from calico_jax.models.dinov2 import PRESETS as DINOV2_PRESETS
 from calico_jax.models.dinov2 import Dinov2Config
-from convert.io import Checkpoint, CheckpointError
 from convert.mapping import Tensor
 
 DM, VE, QB = "model.dino_model.", "model.visual_encoder.", "model.Qformer.bert."
@@ -156,7 +156,7 @@ def fill_from_parts(config, tensors: dict[str, Tensor], parts: list[str]) -> tup
     with those towers' architecture taken from the parts, and one note per part and tower."""
     import jax
 
-    from calico_jax import pretrained
+    from calico_jax.checkpoints import converted as pretrained
     filled: dict[str, Tensor] = {}
     notes = []
     for part in parts:

@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
+from calico_jax.checkpoints.torch_files import Checkpoint, CheckpointError, hf_config, load_json_arg
 from calico_jax.models.dinov2 import PRESETS, Dinov2Config
 from convert.families import Family
-from convert.io import Checkpoint, CheckpointError, hf_config, load_json_arg
 from convert.mapping import Plan, Skip, Tensor, apply_rules
 from convert.verify import compare, rng
 

@@ -32,12 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from calico_jax.config import ConfigError
+from calico_jax.checkpoints.torch_files import Checkpoint, CheckpointError, load_json_arg
+from calico_jax.core.config import ConfigError
 from calico_jax.models.glamm_parts import GlammParts, GlammPartsConfig
 from calico_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from calico_jax.models.sam import PRESETS, Sam, SamConfig
 from convert.families import Family, llama, sam
-from convert.io import Checkpoint, CheckpointError, load_json_arg
 from convert.mapping import Plan, Skip, apply_rules
 from convert.verify import Comparison, compare, rng
 

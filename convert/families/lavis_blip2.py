@@ -43,13 +43,13 @@ from typing import Any
 
 import numpy as np
 
-from calico_jax.config import ConfigError
+from calico_jax.checkpoints.torch_files import Checkpoint, CheckpointError, load_json_arg
+from calico_jax.core.config import ConfigError
 from calico_jax.models.blip2 import Blip2VisionConfig
 from calico_jax.models.eva_vit import EvaVitConfig
 from calico_jax.models.qformer import QFormerConfig
 from convert.families import Family
 from convert.families.blip2 import LLM_REASON, compare_image_features, random_inputs
-from convert.io import Checkpoint, CheckpointError, load_json_arg
 from convert.mapping import Plan, Skip, apply_rules
 
 _EVA_G = {"img_size": 224, "patch_size": 14, "embed_dim": 1408, "depth": 39, "num_heads": 16, "mlp_ratio": 4.3637}

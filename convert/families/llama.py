@@ -2,7 +2,7 @@
 
 Canonical names are the HF names themselves; the generic rule only transposes Linear kernels and
 maps RMSNorm ``weight`` -> ``scale``, Embedding ``weight`` -> ``embedding`` (rotate_half RoPE, so no
-q/k permutation). Shards are read tensor by tensor (convert.io), never two copies of the model.
+q/k permutation). Shards are read tensor by tensor (calico_jax.checkpoints.torch_files), never two copies of the model.
 
 ``--verify``: logits and final-norm hidden states of a random left-padded batch, then a greedy
 generation of 32 tokens compared with transformers' ``generate(do_sample=False)``.
@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from calico_jax.checkpoints.torch_files import Checkpoint, CheckpointError, hf_config
 from calico_jax.models.llama import LlamaConfig
 from convert.families import Family
-from convert.io import Checkpoint, CheckpointError, hf_config
 from convert.mapping import Plan, Skip, apply_rules, canonical_name
 from convert.verify import Comparison, compare
 
@@ -100,7 +100,7 @@ def compare_greedy(module, params, model, ids: np.ndarray, mask: np.ndarray, n: 
     """Greedy tokens vs ``transformers.generate(do_sample=False)`` (no EOS stop on either side)."""
     import torch
 
-    from calico_jax.generate import generate
+    from calico_jax.inference.generate import generate
     model.generation_config.eos_token_id = None
     ref = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
                          max_new_tokens=n, min_new_tokens=n, pad_token_id=module.config.pad_token_id)

@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from calico_jax.checkpoints.torch_files import Checkpoint, CheckpointError
 from calico_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from calico_jax.models.lora import LORA_LEAVES, TARGETABLE, LoraConfig, merge_lora
 from convert.families import Family
-from convert.io import Checkpoint, CheckpointError
 from convert.mapping import Plan, Skip, Tensor, apply_rules, canonical_name
 from convert.verify import Comparison
 
@@ -90,7 +90,7 @@ def target_modules(spec: Any, num_layers: int, where: str) -> tuple[str, ...]:
 
 
 def _load_base(base: str):
-    from calico_jax import pretrained
+    from calico_jax.checkpoints import converted as pretrained
     try:
         meta = pretrained.read_meta(base)
         if meta.get("model") != "llama":

@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from calico_jax.config import ConfigError
+from calico_jax.checkpoints.torch_files import Checkpoint, CheckpointError, hf_config, load_json_arg
+from calico_jax.core.config import ConfigError
 from calico_jax.models.sam import PRESETS, Sam, SamConfig
 from convert.families import Family
-from convert.io import Checkpoint, CheckpointError, hf_config, load_json_arg
 from convert.mapping import Plan, Skip, apply_rules
 from convert.verify import Comparison, compare, rng
 

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from calico_jax import layers
+from calico_jax.models import layers
 
 
 class MLPBlock(nn.Module):

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from calico_jax.config import Config, ConfigError, hf_get
+from calico_jax.core.config import Config, ConfigError, hf_get
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +35,7 @@ class ImageEncoderConfig(Config):
     norm_eps: float = 1e-6            # block norm1/norm2 (build_sam passes LayerNorm(eps=1e-6))
     neck_norm_eps: float = 1e-6       # LayerNorm2d in the neck
     act: str = "gelu"                 # exact erf GELU
-    remat: str = "none"               # block rematerialisation policy (calico_jax.layers.REMAT_POLICIES)
+    remat: str = "none"               # block rematerialisation policy (calico_jax.models.layers.REMAT_POLICIES)
     # How attention adds the decomposed relative positions: "blocked" never materialises the
     # [B*heads, T, T] bias (logits built tile by tile, each <= attention_block_bytes of float32; 2.5-4x
     # faster on CPU, see bench/results/sam_opt.md); "dense" adds the full bias like segment-anything.

@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calico_jax import layers
+from calico_jax.core.resize import interp_matrix
+from calico_jax.models import layers
 from calico_jax.models.sam.common import MLPBlock, layer_norm_2d
 from calico_jax.models.sam.config import ImageEncoderConfig
-from calico_jax.resize import interp_matrix
 
 
 def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:

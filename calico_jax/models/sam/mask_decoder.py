@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from calico_jax import layers
+from calico_jax.models import layers
 from calico_jax.models.sam.common import MLP, embedding, layer_norm_2d, repeat_per_prompt
 from calico_jax.models.sam.config import MaskDecoderConfig
 from calico_jax.models.sam.transformer import TwoWayTransformer

@@ -28,7 +28,7 @@ def postprocess_masks(masks: jax.Array, img_size: int, input_size: tuple[int, in
     ``input_size`` (the resized image before padding), bilinear to ``original_size``; torch-exact
     ``F.interpolate(bilinear, align_corners=False)`` without anti-aliasing, computed in float32.
 
-    ``jax.image.resize(antialias=False)`` rather than :func:`calico_jax.resize.resize_2d`: both are
+    ``jax.image.resize(antialias=False)`` rather than :func:`calico_jax.core.resize.resize_2d`: both are
     torch's formula, but jax computes the taps in float32 like ATen, which lands closer to torch for
     non-dyadic ratios (measured 9e-7 vs 2.4e-6 relative, 32 -> 37x90).
     """

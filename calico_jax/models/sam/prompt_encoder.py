@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calico_jax import layers
+from calico_jax.models import layers
 from calico_jax.models.sam.common import embedding, layer_norm_2d
 from calico_jax.models.sam.config import PromptEncoderConfig
 

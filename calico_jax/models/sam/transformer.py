@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from calico_jax import layers
+from calico_jax.models import layers
 from calico_jax.models.sam.common import MLPBlock, repeat_per_prompt
 from calico_jax.models.sam.config import TwoWayTransformerConfig
 
@@ -50,7 +50,7 @@ def cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int, fe
 
     Between a handful of prompt tokens and thousands of image tokens (H * T_small <= ``few`` and the
     other side at least 4x longer) the products run as GEMMs on the token-major large side. The
-    head-major form (:func:`calico_jax.layers.attention`) transposes the large side first, which took
+    head-major form (:func:`calico_jax.models.layers.attention`) transposes the large side first, which took
     ~40 % of these attentions' time on XLA:CPU (bench/results/sam_opt.md). Equal up to fp32 rounding.
     """
     tq, tk = q.shape[1], k.shape[1]

@@ -1,4 +1,5 @@
-"""AOT plan of the predict program (:func:`calico_jax.infer._generate`: prefill with the CAMs, KV-cache decode,
+"""AOT plan of the predict program (:func:`calico_jax.inference.predictor._generate`: prefill with the CAMs, KV-cache
+decode,
 SAM image embeddings) for one batch, sharded by the logical-axis rules on a target's devices.
 
 All weights are stored in ``cfg.frozen_dtype`` (an exported model for inference has no optimizer or fp32 masters);
@@ -17,9 +18,9 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from calico_jax.train import roofline
-from calico_jax.train.plan import GB, PlanDoesNotFit, _compile, _finish, _sizes, as_target, not_fit_message
-from calico_jax.train.sharding import RULES, make_mesh, param_shardings
+from calico_jax.parallel.sharding import RULES, make_mesh, param_shardings
+from calico_jax.plans import roofline
+from calico_jax.plans.train_plan import GB, PlanDoesNotFit, _compile, _finish, _sizes, as_target, not_fit_message
 from calico_jax.train.step import compiler_options
 from calico_jax.train.tasks import build as build_task
 from calico_jax.train.trainer import fit_shardings
@@ -29,7 +30,7 @@ PROMPT_TOKENS = 128
 
 def lower_predict(cfg, mesh, rows: int = 1):
     """(traced, lowered predict program, abstract params) for ``rows`` samples."""
-    from calico_jax.infer import InferenceConfig, _generate
+    from calico_jax.inference.predictor import InferenceConfig, _generate
     task = build_task(cfg, None, plan_only=True)
     with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
         boxed = jax.eval_shape(lambda: task.init_variables(jax.random.key(0)))["params"]

@@ -23,8 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from calico_jax.config import Config, ConfigError
-from calico_jax.data.tokenize import IGNORE_INDEX
+from calico_jax.core.config import Config, ConfigError
+from calico_jax.core.tokens import IGNORE_INDEX
 
 
 @dataclasses.dataclass(frozen=True)

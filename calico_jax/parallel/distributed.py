@@ -32,7 +32,7 @@ ADDRESS, COUNT, INDEX, TIMEOUT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES"
 DEFAULT_TIMEOUT = 300.0
 BARRIER_TIMEOUT, DEFAULT_BARRIER_TIMEOUT = "CALICO_BARRIER_TIMEOUT", 1800.0
 # The exit status of a process whose collective failed because a peer went away (sysexits' EX_UNAVAILABLE): it is
-# a casualty, not the cause, and calico_jax.launch names the process that failed for another reason instead.
+# a casualty, not the cause, and calico_jax.parallel.launch names the process that failed for another reason instead.
 PEER_LOST = 69
 _PEER_MARKERS = ("gloo", "closed by peer", "reset by peer")
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from calico_jax import models
-from calico_jax.checkpoints import atomic_directory
+from calico_jax.core.fs import atomic_directory
 
 FORMAT = "calico_jax"
 FORMAT_VERSION = 1

@@ -18,7 +18,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from calico_jax.params import count_params
+from calico_jax.core.params import count_params
 from calico_jax.train.step import flops
 from calico_jax.train.tasks import build as build_task
 

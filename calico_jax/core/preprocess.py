@@ -4,7 +4,7 @@
 experiment config), so it is stored in every training workdir's ``config.json``, every exported or converted
 checkpoint's ``config.json``, and read back from there by the training pipeline
 (:mod:`calico_jax.data.pipeline`), the dry run and the AOT plan (their input shapes) and inference
-(:mod:`calico_jax.infer`). Nothing else declares an image size.
+(:mod:`calico_jax.inference.predictor`). Nothing else declares an image size.
 
 Three branches per image (see :mod:`calico_jax.data.processors` for the exact resampling):
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from calico_jax.config import Config, ConfigError
+from calico_jax.core.config import Config, ConfigError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

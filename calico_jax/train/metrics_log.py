@@ -6,8 +6,8 @@ from pathlib import Path
 
 import jax
 
-from calico_jax.checkpoints import write_atomic
-from calico_jax.train.targets import CHIPS
+from calico_jax.core.fs import write_atomic
+from calico_jax.plans.targets import CHIPS
 
 METRIC_KEYS = ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "lr", "grad_norm")
 # Dense bf16 peak TFLOP/s per device by the exact ``device_kind`` (a substring match took v5p, whose kind is

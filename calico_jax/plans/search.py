@@ -14,8 +14,8 @@ import json
 from importlib import metadata
 from pathlib import Path
 
+from calico_jax.plans.train_plan import BACKWARD_TOWERS, REMAT_FIELDS, PlanDoesNotFit, compile_only
 from calico_jax.train.config import apply_overrides
-from calico_jax.train.plan import BACKWARD_TOWERS, REMAT_FIELDS, PlanDoesNotFit, compile_only
 
 DEFAULT_CACHE = Path("~/.cache/calico_jax/plans")
 REMAT_SETS = {"llm+qformer": BACKWARD_TOWERS, "llm": ("llm",), "none": ()}

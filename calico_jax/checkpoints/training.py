@@ -1,6 +1,6 @@
 """Training checkpoints: orbax ``CheckpointManager`` (async, keep last N, atomic commit).
 
-Each step directory holds three items (reading one back outside training: :mod:`calico_jax.checkpoints`)::
+Each step directory holds three items (reading one back outside training: :mod:`calico_jax.checkpoints.workdir`)::
 
     state/      trainable params, optimizer state, step, RNG key data, skipped-update count
     data_iter/  the grain iterator state (exact resume of the input order)
@@ -37,8 +37,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from calico_jax import distributed
-from calico_jax.checkpoints import DATA_ITER, META, STATE
+from calico_jax.checkpoints.workdir import DATA_ITER, META, STATE
+from calico_jax.parallel import distributed
 from calico_jax.train.config import CheckpointConfig
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 ``DIR`` gets:
 
 * ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json`` (the HF sharded layout): the trainable
-  modules in the author's names (:mod:`calico_jax.author_layout`): CEM ``model.extraction_layer.*``
+  modules in the author's names (:mod:`calico_jax.checkpoints.author_layout`): CEM ``model.extraction_layer.*``
   (``nn.MultiheadAttention``), CAMs ``model.adaptive_layers.{i}`` / ``model.reintegration_layers.{i}``, query
   tokens (``model.query_tokens``; ``model.cam_query_tokens`` with ``cam.queries="shared"``), the SAM mask decoder
   ``model.grounding_encoder.mask_decoder.*`` and ``model.text_hidden_fcs.*``. ``full=True`` adds the frozen
@@ -28,7 +28,8 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from calico_jax import author_layout, checkpoints
+from calico_jax.checkpoints import author_layout
+from calico_jax.core import fs
 from calico_jax.models.lora import lora_state_dict, peft_adapter_config
 
 TRAINABLE_TOPS = r"cem|cam_\d+|query_tokens|cam_query_tokens(_\d+)?|text_hidden_fcs_\d+_\d+"
@@ -120,7 +121,7 @@ def save(out: str | Path, config: Any, params: Any, *, full: bool = False, token
          overwrite: bool = False, shard_bytes: int = SHARD_BYTES) -> Path:
     """Writes ``out`` (see the module docstring) atomically."""
     state = author_state(config, params, full)
-    with checkpoints.atomic_directory(out, overwrite=overwrite) as tmp:
+    with fs.atomic_directory(out, overwrite=overwrite) as tmp:
         write_sharded(tmp, state, shard_bytes)
         (tmp / "config.json").write_text(json.dumps(hf_config(config), indent=2))
         if config.llm.lora is not None:

@@ -6,7 +6,8 @@ routed ``[SEG]`` at the image's original resolution:
 1. Host: the ``llava_v1`` prompt (the training format, :class:`~calico_jax.data.tokenize.SampleTokenizer`), left
    aligned and padded to a length bucket; the processors of the training pipeline (BLIP, DINOv2, SAM).
 2. One jitted program: :meth:`Calico.prefill` (image tokens spliced in, the CAMs as LLM hooks, into a KV cache that
-   carries their effect into decoding), then :func:`calico_jax.generate.decode_loop` over :meth:`Calico.decode_step`,
+   carries their effect into decoding), then :func:`calico_jax.inference.generate.decode_loop` over
+   :meth:`Calico.decode_step`,
    keeping every generated token's final hidden state; the frozen SAM image embeddings.
 3. Host: each ``[SEG]`` is routed to the image its identifier ``(IMAGEk)`` names
    (:func:`~calico_jax.models.seg_routing.parse_identifier`) and labelled with the phrase of the last
@@ -34,14 +35,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calico_jax.config import Config
+from calico_jax.core.config import Config
+from calico_jax.core.preprocess import Preprocess
+from calico_jax.core.tokens import IMAGE_TOKEN_INDEX, SEG_TOKEN
 from calico_jax.data.processors import from_preprocess
-from calico_jax.data.tokenize import IMAGE_TOKEN_INDEX, LLAVA_V1_SYSTEM, SEG_TOKEN, SampleTokenizer
-from calico_jax.generate import decode_loop, left_align
+from calico_jax.data.tokenize import LLAVA_V1_SYSTEM, SampleTokenizer
+from calico_jax.inference.generate import decode_loop, left_align
 from calico_jax.models.calico import Calico
 from calico_jax.models.calico_layout import postprocess_masks
 from calico_jax.models.seg_routing import seg_hidden_index
-from calico_jax.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -237,10 +239,12 @@ class Predictor:
 def load_predictor(path: str | Path, preprocess: Preprocess | None = None, **overrides: Any) -> Predictor:
     """A :class:`Predictor` from an exported checkpoint (``python -m calico_jax.export``; also any ``calico``
     checkpoint from ``python -m convert calico-assemble`` with its tokenizer) or a training workdir (its newest
-    checkpoint + frozen weights, :func:`calico_jax.checkpoints.restore_workdir`). ``preprocess``: what the caller
+    checkpoint + frozen weights, :func:`calico_jax.checkpoints.workdir.restore_workdir`). ``preprocess``: what the
+    caller
     means to feed; a difference from the checkpoint's is an error naming the fields. ``overrides``:
     :class:`InferenceConfig` fields (e.g. ``max_new_tokens``)."""
-    from calico_jax import checkpoints, pretrained
+    from calico_jax.checkpoints import converted as pretrained
+    from calico_jax.checkpoints import workdir as checkpoints
     from calico_jax.data.tokenize import load_tokenizer
 
     path = Path(path)

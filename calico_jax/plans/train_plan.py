@@ -3,9 +3,9 @@
 ``python train.py --config configs/calico_7b.py --compile_only --target v5p:2x2x1`` lowers the same jitted step
 programs as the loop from ``ShapeDtypeStruct`` arguments that carry the mesh shardings, compiles them with the
 target's own compiler (libtpu, XLA:GPU via the CUDA PJRT plugin, or XLA:CPU for ``cpu:N``; see
-:mod:`calico_jax.train.targets`) and reports per device: argument / output / temp / alias bytes of each program,
+:mod:`calico_jax.plans.targets`) and reports per device: argument / output / temp / alias bytes of each program,
 the step's peak against the chip's memory, FLOPs and bytes, the collectives of the optimised HLO, the compile time
-and a roofline estimate of the step time and FLOP utilisation (:mod:`calico_jax.train.roofline`; an estimate, not
+and a roofline estimate of the step time and FLOP utilisation (:mod:`calico_jax.plans.roofline`; an estimate, not
 a measurement). A plan over the chip's memory raises :class:`PlanDoesNotFit`, whose one-line message says what to
 change; ``train.py`` prints it and exits with 2.
 
@@ -26,10 +26,10 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from calico_jax.train import roofline
-from calico_jax.train import targets as targets_lib
+from calico_jax.parallel.sharding import make_mesh
+from calico_jax.plans import roofline
+from calico_jax.plans import targets as targets_lib
 from calico_jax.train.config import ExperimentConfig
-from calico_jax.train.sharding import make_mesh
 from calico_jax.train.step import compiler_options
 from calico_jax.train.tasks import build as build_task
 from calico_jax.train.trainer import build

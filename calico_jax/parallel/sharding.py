@@ -1,6 +1,6 @@
 """Mesh and the one logical-axis rules table.
 
-Every parameter carries logical axis names (see :mod:`calico_jax.layers`); this table maps them to the
+Every parameter carries logical axis names (see :mod:`calico_jax.models.layers`); this table maps them to the
 mesh axes ``data``, ``fsdp`` and ``tensor``. The mesh is built with ``AxisType.Auto`` axes: jax 0.10
 defaults to Explicit, under which Linen's logical constraints and sharded contracting dims fail.
 """

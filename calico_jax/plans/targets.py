@@ -105,7 +105,7 @@ def gpu_description(name: str) -> str:
     """The GpuTargetConfigProto text of a ``--target`` GPU name (``h100``, ``a100-40g``, ...)."""
     if name not in GPU_TARGETS:
         raise TargetError(f"--target {name}: unknown GPU; known: {sorted(GPU_TARGETS)}")
-    return resources.files("calico_jax.train").joinpath(f"gpu_targets/{GPU_TARGETS[name]}.txtpb").read_text()
+    return resources.files("calico_jax.plans").joinpath(f"gpu_targets/{GPU_TARGETS[name]}.txtpb").read_text()
 
 
 def _gpu_field(text: str, field: str) -> str:

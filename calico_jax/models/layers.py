@@ -1,7 +1,7 @@
 """Shared Linen building blocks with logical axis names.
 
 Every parameter is created through :func:`param_init` so it carries logical axis names; the one
-rules table in :mod:`calico_jax.train.sharding` maps them to mesh axes. Names used across the package:
+rules table in :mod:`calico_jax.parallel.sharding` maps them to mesh axes. Names used across the package:
 
 ``embed``   model width of a tower (the contracting dim of most kernels)
 ``heads``   attention projection output (num_heads * head_dim)

@@ -1,6 +1,6 @@
-"""Checkpoints outside training: atomic writes, and the full parameters of a training workdir.
+"""The full parameters of a training workdir, outside training (no optimizer, mesh or training code).
 
-Training (:mod:`calico_jax.train.checkpoint`) writes one orbax step directory per checkpoint::
+Training (:mod:`calico_jax.checkpoints.training`) writes one orbax step directory per checkpoint::
 
     WORKDIR/checkpoints/<step>/state/      trainable params, optimizer state, step, RNG key data, skipped count
     WORKDIR/checkpoints/<step>/data_iter/  the grain iterator state
@@ -15,14 +15,10 @@ export, prediction and evaluation need.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,43 +27,9 @@ import jax
 import jax.numpy as jnp
 
 from calico_jax import models
-from calico_jax.params import combine, partition
+from calico_jax.core.params import combine, partition
 
 STATE, META, DATA_ITER = "state", "meta", "data_iter"   # items of a training step directory
-
-
-# ------------------------------------------------------------------------------------ atomic writes
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes ``text`` to a sibling temp file and renames it onto ``path`` (never half-written)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temporary directory that replaces ``out`` only if the block finishes without error."""
-    out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "x")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------ initialisation

@@ -1,0 +1,1 @@
+"""The ground floor: config base, filesystem, tokens, pre-processing settings, resizing, pictures."""

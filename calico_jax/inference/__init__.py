@@ -1,0 +1,1 @@
+"""Inference: generation, the predictor, and the predict / evaluate / export commands."""
