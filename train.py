@@ -35,11 +35,13 @@ import os
 import sys
 import traceback
 
+from calico_jax.parallel import distributed
+from calico_jax.plans.targets import aot_environment
+from calico_jax.train.config import ConfigError, load, split_overrides
+
 
 def main(argv=None, on_step=None) -> int:
     """``on_step(step)``: called after every training step (tests inject faults with it)."""
-    from calico_jax.parallel import distributed
-    from calico_jax.train.config import ConfigError, load, split_overrides
     overrides, rest = split_overrides(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--config", required=True, help="configs/NAME.py")
@@ -69,7 +71,6 @@ def main(argv=None, on_step=None) -> int:
         return 2
     if args.compile_only or args.dry_run:
         os.environ.setdefault("JAX_PLATFORMS", args.platform or "cpu")
-        from calico_jax.plans.targets import aot_environment
         aot_environment()
         if args.target.startswith("cpu:"):
             args.devices = int(args.target[4:] or 0)
@@ -85,22 +86,24 @@ def main(argv=None, on_step=None) -> int:
             return 2
     try:
         cfg = load(args.config, overrides)
-        from calico_jax.train.tasks import TASKS  # config files may register their task: look after loading
-        if cfg.task not in TASKS:
-            raise ConfigError(f"--config.task: task {cfg.task!r} unknown; known: {sorted(TASKS)}")
+        # after argparse: --help stays fast; and config files may register their task: look after loading
+        from calico_jax.train.tasks import REGISTRY
+        if cfg.task not in REGISTRY:
+            raise ConfigError(f"--config.task: task {cfg.task!r} unknown; known: {sorted(REGISTRY)}")
     except ConfigError as e:
         print(f"train.py: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        from calico_jax.plans.dryrun import dry_run
+        from calico_jax.plans.dryrun import dry_run  # after argparse: --help stays fast
         dry_run(cfg)
         return 0
     if args.compile_only:
-        from calico_jax.plans.cli import run_plan
+        from calico_jax.plans.cli import run_plan  # after argparse: --help stays fast
         return run_plan(cfg, args)
     if not args.workdir:
         ap.error("--workdir is required (unless --compile_only)")
-    from calico_jax.checkpoints.training import CheckpointError
+    # after argparse: --help stays fast (the loop and checkpointer import optax, orbax and the data pipeline)
+    from calico_jax.checkpoints.training import CheckpointWriteError
     from calico_jax.train.loop import NonFiniteError, train
     try:
         out = train(cfg, args.workdir, on_step=on_step)
@@ -110,7 +113,7 @@ def main(argv=None, on_step=None) -> int:
     except NonFiniteError as e:
         print(f"train.py: stopped: {e}", file=sys.stderr)
         return 3
-    except CheckpointError as e:   # disk full, a failed writer: the previous checkpoints stay readable
+    except CheckpointWriteError as e:   # disk full, a failed writer: the previous checkpoints stay readable
         print(f"train.py: stopped: {e}", file=sys.stderr)
         return distributed.leave(4)
     except distributed.DistributedError as e:   # a peer never reached a barrier

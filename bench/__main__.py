@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench import timing
+
 # name -> module that defines it (each module has ITEMS: name -> fn(ctx) -> Result)
 ITEM_MODULES = {
     "eva_vit": "bench.vision", "qformer": "bench.vision", "dinov2": "bench.vision",
@@ -94,13 +96,12 @@ def update_readme(path: Path, tables: str) -> None:
 
 
 def measure_limits() -> dict:
-    from bench import timing
     return {"peak_gflops": timing.matmul_peak(), "bandwidth_gbs": timing.read_bandwidth()}
 
 
 def cpu_name() -> str:
     """The CPU model (/proc/cpuinfo where there is one), as the demo records it."""
-    from calico_jax.demo import host_record
+    from calico_jax.demo import host_record  # after argparse: --help stays fast (calico_jax imports jax)
     return host_record()["cpu"]
 
 
@@ -127,8 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import torch
     from tqdm.auto import tqdm
-
-    from bench import timing
 
     jax.config.update("jax_default_matmul_precision", "highest" if args.suite == "cpu" else "default")
     threads = os.cpu_count() or 1

@@ -14,17 +14,16 @@ import argparse
 import json
 import time
 
-from calico_jax.plans.targets import aot_environment
+from calico_jax.models.sam.config import ImageEncoderConfig
+from calico_jax.models.sam.image_encoder import ImageEncoderViT
+from calico_jax.plans import roofline, targets
+from calico_jax.train.step import compiler_options
 
 
 def compile_variant(target, variant: str, depth: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from calico_jax.models.sam.config import ImageEncoderConfig
-    from calico_jax.models.sam.image_encoder import ImageEncoderViT
-    from calico_jax.plans import roofline
-    from calico_jax.train.step import compiler_options
     cfg = ImageEncoderConfig(depth=depth, global_attn_indexes=(depth - 1,), rel_pos_attention=variant)
     model = ImageEncoderViT(cfg, dtype=jnp.bfloat16)
     mesh = jax.sharding.Mesh([target.devices[0]], ("x",))
@@ -50,8 +49,7 @@ def main() -> None:
     ap.add_argument("targets", nargs="+")
     ap.add_argument("--depth", type=int, default=2)
     args = ap.parse_args()
-    aot_environment()
-    from calico_jax.plans import targets
+    targets.aot_environment()   # before jax starts a backend (importing the modules above starts none)
     rows = [compile_variant(targets.parse(t), v, args.depth) for t in args.targets for v in ("blocked", "dense")]
     print(json.dumps(rows, indent=2))
 

@@ -8,6 +8,10 @@ import tempfile
 from pathlib import Path
 
 from bench.timing import Result
+from calico_jax.core.preprocess import Preprocess
+from calico_jax.data.pairs import read_pairs
+from calico_jax.data.pipeline import Pipeline, PipelineConfig, measure_throughput
+from calico_jax.data.tokenize import build_tiny_tokenizer, load_tokenizer
 
 
 @functools.lru_cache(maxsize=1)
@@ -22,11 +26,6 @@ def _pairs() -> Path:
 
 def data_pipeline(ctx) -> Result:
     """Batch 4, no workers: tiny shapes (SAM 128, no DINOv2) and 7B input shapes (SAM 1024, DINOv2 224)."""
-    from calico_jax.core.preprocess import Preprocess
-    from calico_jax.data.pairs import read_pairs
-    from calico_jax.data.pipeline import Pipeline, PipelineConfig, measure_throughput
-    from calico_jax.data.tokenize import build_tiny_tokenizer, load_tokenizer
-
     tok_dir = tempfile.mkdtemp()
     build_tiny_tokenizer(tok_dir, vocab_size=400)
     tok, pairs = load_tokenizer(tok_dir), read_pairs(_pairs())

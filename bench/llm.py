@@ -7,8 +7,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.timing import Result, alternate, ceiling_note, gemm_only_ms, side_by_side, training_shapes
+from bench.timing import (
+    Result,
+    alternate,
+    ceiling_note,
+    compile_with_flops,
+    gemm_only_ms,
+    side_by_side,
+    training_shapes,
+)
 from calico_jax.checkpoints import converted as pretrained
+from calico_jax.inference.generate import decode_jit
+from calico_jax.models.llama import KVCache, LlamaConfig, LlamaForCausalLM
+from calico_jax.train.losses import causal_lm_loss_from_hidden
 
 PROMPT, NEW, CONTEXT = 256, 64, 300
 HF_KW = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
@@ -18,10 +29,8 @@ HF_KW = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidd
 @functools.lru_cache(maxsize=1)
 def _models():
     """The ~134M-parameter LLaMA of the suite in both frameworks, with the same weights."""
-    import torch
+    import torch  # the PyTorch reference: optional heavy dependencies, imported by the items that run
     import transformers
-
-    from calico_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
     hf_cfg = transformers.LlamaConfig(**HF_KW)
     hf_cfg._attn_implementation = "sdpa"
@@ -76,8 +85,6 @@ def llama_decode(ctx) -> Result:
     torch with its DynamicCache."""
     import torch
 
-    from bench.timing import compiled_cost
-    from calico_jax.models.llama import KVCache
     ref, module, params = _models()
     ids = _ids(CONTEXT)
     cache = KVCache.init(module.config, 1, CONTEXT + 64)
@@ -86,7 +93,7 @@ def llama_decode(ctx) -> Result:
     step = jax.jit(lambda p, t, c: module.apply({"params": p}, t, jnp.ones((1, 1), bool), cache=c,
                                                 last_logits_only=True)[::2], donate_argnums=2)
     tok = jnp.asarray([[5]], jnp.int32)
-    compiled, flops, compile_s = compiled_cost(step, params, tok, state["cache"])
+    compiled, flops, compile_s = compile_with_flops(step, params, tok, state["cache"])
 
     def run_jax():
         logits, state["cache"] = compiled(params, tok, state["cache"])
@@ -114,14 +121,12 @@ def llama_generate(ctx) -> Result:
     """256-token prompt + 64 greedy tokens, end to end (no EOS stop on either side)."""
     import torch
 
-    from bench.timing import compiled_cost
-    from calico_jax.inference.generate import _decode_jit
     ref, module, params = _models()
     ids = _ids(PROMPT)
     kw = dict(module=module, max_new_tokens=NEW, stop_token_ids=(), pad_token_id=0, temperature=0.0, top_p=1.0,
               hooks=None, return_hidden=False)
     args = (params, jnp.asarray(ids), jnp.ones(ids.shape, bool), jax.random.key(0))
-    compiled, flops, compile_s = compiled_cost(_decode_jit, *args, **kw)
+    compiled, flops, compile_s = compile_with_flops(decode_jit, *args, **kw)
     tids = torch.from_numpy(ids).long()
     gen = lambda: ref.generate(tids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,  # noqa: E731
                                eos_token_id=None, pad_token_id=0)
@@ -143,7 +148,6 @@ def train_step(ctx) -> Result:
     import optax
     import torch
 
-    from calico_jax.train.losses import causal_lm_loss_from_hidden
     ref, module, params = _models()
     ids = _ids(PROMPT, batch=2)
     tx = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.0)
@@ -165,8 +169,7 @@ def train_step(ctx) -> Result:
 
     state = {"p": jax.tree.map(jnp.copy, params), "opt": tx.init(params)}
     x = jnp.asarray(ids)
-    from bench.timing import compiled_cost
-    compiled, flops, compile_s = compiled_cost(step, state["p"], state["opt"], x)
+    compiled, flops, compile_s = compile_with_flops(step, state["p"], state["opt"], x)
 
     def run_jax():
         state["p"], state["opt"], loss = compiled(state["p"], state["opt"], x)

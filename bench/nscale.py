@@ -29,29 +29,36 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from bench.timing import Result, alternate, compile_with_flops
+from calico_jax.checkpoints import converted as pretrained
+from calico_jax.core.tokens import IMAGE_TOKEN_INDEX, SEG_TOKEN
+from calico_jax.data import pairs, synthetic
+from calico_jax.data.coco_parts import load_part_dataset
+from calico_jax.data.pairs import PairBuilder, PairConfig
+from calico_jax.data.processors import load_image
+from calico_jax.data.tokenize import SampleTokenizer, build_tiny_tokenizer
+from calico_jax.inference import evaluate
+from calico_jax.inference.generate import left_align
+from calico_jax.inference.predictor import Predictor
+from calico_jax.models.calico import Calico, CalicoConfig
+from calico_jax.models.inputs import CalicoInputs
+
 NS = (2, 3, 4, 5)
 DEMO = Path("runs/demo/model")
 HELDOUT = Path("runs/demo/data/heldout")
 
 
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens"))
-def _forward(params, ids, mask, pixels, dino, sam, *, module, max_new_tokens):
+def _forward(params, inputs, *, module, max_new_tokens):
     """What a sample costs before its first decoded token: prefill (towers, CEM, LLM + CAMs) + SAM embeddings."""
     apply = functools.partial(module.apply, {"params": params})
-    out = apply(ids, mask, pixels, dino, max_new_tokens=max_new_tokens, method="prefill")
-    return out.logits, apply(sam, method="sam_embeddings")
+    out = apply(inputs, max_new_tokens=max_new_tokens, method="prefill")
+    return out.logits, apply(inputs.sam_pixel_values, method="sam_embeddings")
 
 
 def tiny_prompts(ns=NS, per_task: int = 4, work: Path | None = None) -> dict:
     """The cost part's data, no model: a small synthetic set, its N-image samples per N (pair builder), a tiny
     tokenizer, the tiny config sized to it, and per N each sample's prompt ids and spliced prefill length."""
-    from calico_jax.core.tokens import SEG_TOKEN
-    from calico_jax.data import synthetic
-    from calico_jax.data.coco_parts import load_part_dataset
-    from calico_jax.data.pairs import PairBuilder, PairConfig
-    from calico_jax.data.tokenize import SampleTokenizer, build_tiny_tokenizer
-    from calico_jax.models.calico import CalicoConfig
-
     work = Path(work or tempfile.mkdtemp(prefix="nscale_"))
     ann = synthetic.generate(work / "syn", 24, seed=0, progress=False, max_objects=1, clutter=False)
     ds = load_part_dataset(ann)
@@ -75,14 +82,6 @@ def tiny_cost(ns=NS, per_task: int = 4, repeats: int = 5, work: Path | None = No
     """Per N: prefill tokens (mean), forward FLOPs, median latency ms (batch 1) of the tiny CALICO."""
     import jax.numpy as jnp
 
-    from bench.timing import alternate, compiled_cost
-    from calico_jax.checkpoints import converted as pretrained
-    from calico_jax.core.tokens import IMAGE_TOKEN_INDEX
-    from calico_jax.data.processors import load_image
-    from calico_jax.inference.generate import left_align
-    from calico_jax.inference.predictor import Predictor
-    from calico_jax.models.calico import Calico
-
     d = tiny_prompts(ns, per_task, work)
     tok, cfg, root = d["tokenizer"], d["config"], d["work"] / "syn" / "images"
     module = Calico(cfg)
@@ -94,11 +93,11 @@ def tiny_cost(ns=NS, per_task: int = 4, repeats: int = 5, work: Path | None = No
         longest = max(d["prompts"][n], key=len)
         ids, mask = left_align(np.asarray([longest]), None, tok.pad_token_id, 1)
         ims = [load_image(root / data["images"][i]["file"]) for i in data["samples"][0]["images"]]
-        px = pred._pixels(ims)
-        args = (params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), jnp.asarray(px["pixels"][None]),
-                None if px["dino"] is None else jnp.asarray(px["dino"][None]), jnp.asarray(px["sam"][None]))
+        px = pred.image_fields(ims)   # the contract's image fields of this sample
+        args = (params, CalicoInputs(input_ids=jnp.asarray(ids, jnp.int32), attention_mask=jnp.asarray(mask),
+                                     **{k: None if v is None else jnp.asarray(v[None]) for k, v in px.items()}))
         assert int((ids == IMAGE_TOKEN_INDEX).sum()) == n
-        compiled, flops, compile_s = compiled_cost(_forward, *args, module=module, max_new_tokens=32)
+        compiled, flops, compile_s = compile_with_flops(_forward, *args, module=module, max_new_tokens=32)
         stats = alternate({"jax": lambda c=compiled, a=args: jax.block_until_ready(c(*a))}, repeats=repeats)["jax"]
         rows.append({"N": n, "samples": len(spliced), "prefill_tokens": statistics.mean(spliced),
                      "prefill_tokens_max": max(spliced), "image_tokens": n * cfg.num_image_tokens,
@@ -114,9 +113,6 @@ def demo_metrics(ns=NS, per_task: int = 16, demo: Path = DEMO, heldout: Path = H
         return [], f"no demo model at {demo} (run `make demo`)"
     if not (Path(heldout) / "annotations.json").is_file():
         return [], f"no held-out set at {heldout}"
-    from calico_jax.data import pairs
-    from calico_jax.inference import evaluate
-
     work = Path(work or tempfile.mkdtemp(prefix="nscale_demo_"))
     rows = []
     for n in ns:
@@ -162,8 +158,6 @@ def run(ns=NS, per_task: int = 16, repeats: int = 5, demo: Path = DEMO, heldout:
 
 def nscale(ctx):
     """The suite row: latency at the smallest N, the whole per-N table in the note."""
-    from bench.timing import Result
-
     out = run(repeats=max(ctx.repeats, 20))   # a tiny forward takes milliseconds: more rounds, same budget
     c0 = out["tiny_cost"][0]
     note = "; ".join(f"N={c['N']}: {c['prefill_tokens']:.0f} tok, {c['forward_gflop']:.3f} GFLOP, "

@@ -147,7 +147,7 @@ def normalise(row: dict, limits: dict) -> dict:
     return row
 
 
-def compiled_cost(jitted, *args, **kwargs) -> tuple[object, float, float]:
+def compile_with_flops(jitted, *args, **kwargs) -> tuple[object, float, float]:
     """Compiles ``jitted`` for the given args; returns (compiled, flops from XLA cost analysis, compile s)."""
     t0 = time.perf_counter()
     compiled = jitted.lower(*args, **kwargs).compile()
@@ -183,7 +183,7 @@ def side_by_side(name: str, jitted, args: tuple, torch_fn: Callable[[], object] 
     """Times a jitted JAX function (compiled first, cost from XLA) against an eager torch callable."""
     import jax
 
-    compiled, flops, compile_s = compiled_cost(jitted, *args)
+    compiled, flops, compile_s = compile_with_flops(jitted, *args)
     fns = {"jax": lambda: jax.block_until_ready(compiled(*args))}
     if torch_fn is not None:
         fns["torch"] = torch_fn

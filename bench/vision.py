@@ -7,6 +7,12 @@ import numpy as np
 
 from bench.timing import Result, ceiling_note, side_by_side
 from calico_jax.checkpoints import converted as pretrained
+from calico_jax.models.calico import Calico, CalicoConfig
+from calico_jax.models.dinov2 import Dinov2, Dinov2Config
+from calico_jax.models.eva_vit import EvaVit, EvaVitConfig
+from calico_jax.models.qformer import QFormer, QFormerConfig
+from calico_jax.models.sam import Sam, SamConfig
+from convert.families.sam import build_original, original_prompt
 
 
 def _params(module):
@@ -28,8 +34,6 @@ def eva_vit(ctx) -> Result:
     """EVA-CLIP ViT at ViT-g width (1408/6144/16 heads), 6 layers, batch 2, 224 px."""
     from transformers import Blip2VisionConfig, Blip2VisionModel
 
-    from calico_jax.models.eva_vit import EvaVit, EvaVitConfig
-
     hf = Blip2VisionConfig(hidden_size=1408, intermediate_size=6144, num_hidden_layers=6, num_attention_heads=16,
                            image_size=224, patch_size=14)
     return _image_tower("eva_vit", ctx, EvaVit(EvaVitConfig.from_hf_config(hf)), Blip2VisionModel(hf).eval(), 224)
@@ -39,8 +43,6 @@ def qformer(ctx) -> Result:
     """BLIP-2 Q-Former (12 layers, 768), 32 queries over 2×257×1408 image features."""
     import torch
     from transformers import Blip2QFormerConfig, Blip2QFormerModel
-
-    from calico_jax.models.qformer import QFormer, QFormerConfig
 
     hf = Blip2QFormerConfig(encoder_hidden_size=1408)
     ref = Blip2QFormerModel(hf).eval()
@@ -65,17 +67,12 @@ def dinov2(ctx) -> Result:
     from transformers import Dinov2Config as HFDinov2Config
     from transformers import Dinov2Model
 
-    from calico_jax.models.dinov2 import Dinov2, Dinov2Config
-
     hf = HFDinov2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                         image_size=518, patch_size=14)
     return _image_tower("dinov2", ctx, Dinov2(Dinov2Config.from_hf_config(hf)), Dinov2Model(hf).eval(), 224)
 
 
 def _sam_vit_b():
-    from calico_jax.models.sam import Sam, SamConfig
-    from convert.families.sam import build_original
-
     config = SamConfig.preset("vit_b")
     return Sam(config), build_original(config)
 
@@ -96,7 +93,6 @@ def sam_mask_decoder(ctx) -> Result:
     """SAM prompt encoder + mask decoder: 4 [SEG]-style sparse prompts on one precomputed embedding."""
     import torch
 
-    from convert.families.sam import original_prompt
     module, ref = _sam_vit_b()
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((1, 64, 64, 256), dtype=np.float32)
@@ -122,12 +118,10 @@ ITEMS = {"eva_vit": eva_vit, "qformer": qformer, "dinov2": dinov2, "sam_image_en
 def calico_tiny_inference(ctx) -> Result:
     """The tiny CALICO (every module present) on a pair of images: EVA + Q-Former, DINOv2 + CEM, LLM with
     CAMs, [SEG] -> SAM masks at the original size. No PyTorch counterpart exists."""
-    from calico_jax.models.calico import Calico, CalicoConfig
-
     cfg = CalicoConfig.tiny()
     module = Calico(cfg)
-    dummy = module.dummy_inputs()
-    ids = np.asarray(dummy["input_ids"])[0]
+    dummy = module.dummy_inputs()   # a CalicoInputs (calico_jax.models.inputs): one sample, one image
+    ids = np.asarray(dummy.input_ids)[0]
     img = cfg.image_token_index
     prompt = np.concatenate([ids[:2], ids[1:2], ids[2:], ids[2:]])  # <s> <image> <image> [SEG] id [SEG] id
     b, n = 1, 2
@@ -136,16 +130,14 @@ def calico_tiny_inference(ctx) -> Result:
     def pixels(a):
         return jnp.asarray(rng.standard_normal((b, n, *a.shape[2:]), dtype=np.float32))
 
-    inputs = {k: v for k, v in dummy.items() if v is not None}
-    inputs.update(input_ids=jnp.asarray(prompt[None]), attention_mask=jnp.ones((1, len(prompt)), jnp.int32),
-                  pixel_values=pixels(dummy["pixel_values"]), dino_pixel_values=pixels(dummy["dino_pixel_values"]),
-                  sam_pixel_values=pixels(dummy["sam_pixel_values"]),
-                  resized_hw=jnp.tile(dummy["resized_hw"], (1, n, 1)),
-                  original_hw=jnp.tile(dummy["original_hw"], (1, n, 1)))
+    inputs = dummy.replace(input_ids=jnp.asarray(prompt[None]), attention_mask=jnp.ones((1, len(prompt)), jnp.int32),
+                           pixel_values=pixels(dummy.pixel_values), dino_pixel_values=pixels(dummy.dino_pixel_values),
+                           sam_pixel_values=pixels(dummy.sam_pixel_values),
+                           resized_hw=jnp.tile(dummy.resized_hw, (1, n, 1)), mask_hw=jnp.tile(dummy.mask_hw, (1, n, 1)))
     assert (prompt == img).sum() == n
-    if "seg_image" in inputs:
-        inputs["seg_image"] = jnp.zeros((1, cfg.seg.max_seg), jnp.int32)
-    fn = jax.jit(lambda p, kw: module.apply({"params": p}, **kw))
+    if inputs.seg_image is not None:
+        inputs = inputs.replace(seg_image=jnp.zeros((1, cfg.seg.max_seg), jnp.int32))
+    fn = jax.jit(lambda p, x: module.apply({"params": p}, x))
     return side_by_side("calico_tiny_inference", fn, (_params(module), inputs), None,
                         peak_gflops=ctx.peak_gflops, bandwidth_gbs=ctx.bandwidth_gbs, repeats=ctx.repeats,
                         budget_s=ctx.budget_s, note="forward on one pair (prefill), no PyTorch counterpart")

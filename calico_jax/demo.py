@@ -18,6 +18,12 @@ import sys
 import time
 from pathlib import Path
 
+from calico_jax.core.fs import write_atomic
+from calico_jax.core.params import combine
+from calico_jax.core.viz import plot_curves
+from calico_jax.inference import evaluate, export
+from calico_jax.train import config as config_lib
+
 # On the mean over tasks, in percent ("visibly learns"). Across hosts the demo's means moved by about 2 points
 # (mIoU 59.1-61.2, SS 91.3-93.2 on three hosts); the bar sits ~9 points (mIoU) and ~21 points (SS) below the
 # lowest of them, so a host change does not flip it while a model that learned nothing still fails it.
@@ -42,9 +48,6 @@ def host_record() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from calico_jax.train import config as config_lib
-    from calico_jax.train import tasks
-
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides, rest = config_lib.split_overrides(argv)
     ap = argparse.ArgumentParser(prog="python -m calico_jax.demo", description=__doc__.split("\n\n")[0])
@@ -52,12 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="configs/demo.py")
     ap.add_argument("--num_overlays", type=int, default=2, help="overlay samples per task")
     args = ap.parse_args(rest)
-
-    from calico_jax.core.fs import write_atomic
-    from calico_jax.core.params import combine
-    from calico_jax.core.viz import plot_curves
-    from calico_jax.inference import evaluate, export
-    from calico_jax.train import loop
+    # after argparse: --help stays fast (the training task, data pipeline, optimizer and checkpointer)
+    from calico_jax.train import loop, tasks
 
     t_start = time.perf_counter()
     workdir = Path(args.workdir).absolute()

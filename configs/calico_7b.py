@@ -1,7 +1,7 @@
 """The paper recipe: CALICO-7B (InstructBLIP-Vicuna-7B vision + Q-Former, DINOv2 ViT-B/14 with 4 registers as the
 first author's code names it -- ``--config.model.dinov2='{}'`` selects ViT-g/14 --, Vicuna-7B with LoRA r=8 α=16,
 SAM ViT-H, CAMs at {11, 22}; the Q-Former reads no instruction text unless ``--config.model.qformer_text_input=true``),
-trainable = LoRA + CEM + CAMs + SAM mask decoder (CalicoConfig.trainable). Frozen towers and the LLM compute in bf16,
+trainable = LoRA + CEM + CAMs + SAM mask decoder (recipe.trainable). Frozen towers and the LLM compute in bf16,
 trainable masters stay fp32. Dry run: 8.66 B params, 27.0 M trainable (0.312 %), forward 14.9 TFLOPs.
 
 Sources (docs/paper_map.md): lr 4e-4 and 10 "epochs" come from a secondary summary of the paper we could not

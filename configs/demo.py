@@ -13,7 +13,7 @@ steps, vs 77 % held-out with class colours after 400). Held-out pairs come from 
 """
 from calico_jax.core.preprocess import Preprocess
 from calico_jax.models.calico import CalicoConfig
-from calico_jax.train.config import CheckpointConfig, DataConfig, SyntheticConfig
+from calico_jax.train.config import CheckpointConfig, DataConfig, RecipeConfig, SyntheticConfig
 from configs import common
 
 IMAGE = 64        # EVA and SAM input side (patch 8 -> 8x8 tokens)
@@ -39,7 +39,7 @@ def model(image: int = IMAGE, dino: int = DINO) -> CalicoConfig:
             transformer_dim=64, iou_head_hidden_dim=32,
             transformer=t.sam.mask_decoder.transformer.replace(embedding_dim=64, num_heads=4, mlp_dim=128)))
     return t.replace(
-        vision=vision, sam=sam, trainable=(".*",),
+        vision=vision, sam=sam,
         dinov2=t.dinov2.replace(image_size=dino, hidden_size=32, num_attention_heads=4),
         cem=t.cem.replace(num_heads=4),
         llm=t.llm.replace(hidden_size=96, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2,
@@ -50,7 +50,7 @@ def model(image: int = IMAGE, dino: int = DINO) -> CalicoConfig:
 
 def get_config():
     return common.experiment(
-        "demo", model(),
+        "demo", model(), recipe=RecipeConfig(trainable=(".*",)),   # nothing pretrained: train every weight
         data=DataConfig(synthetic=SyntheticConfig(num_images=1200, seed=0, **EASY),
                         synthetic_heldout=SyntheticConfig(num_images=80, seed=1, **EASY),
                         max_images=2, max_tokens=176, hflip=0.5, color_jitter=0.2),

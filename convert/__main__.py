@@ -14,8 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+from calico_jax.checkpoints import converted as pretrained
+from calico_jax.checkpoints.torch_files import CheckpointError, open_checkpoint
 from calico_jax.core import fs
-from convert import families
+from calico_jax.core.config import ConfigError
+from convert import families, verify
+from convert.mapping import build_params
 
 
 class VerifyFailed(Exception):
@@ -50,11 +54,6 @@ def run(args: argparse.Namespace) -> int:
     import jax
     import ml_dtypes
     import numpy as np
-
-    from calico_jax.checkpoints import converted as pretrained
-    from calico_jax.checkpoints.torch_files import CheckpointError, open_checkpoint
-    from convert import verify
-    from convert.mapping import build_params
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -102,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # A subcommand's module (the CALICO model, every family's rules) is imported only when it runs: --help stays fast.
     if argv[:1] == ["calico-assemble"]:  # a subcommand with its own arguments (convert/assemble.py)
         from convert.assemble import main as assemble_main
         return assemble_main(argv[1:])
@@ -109,8 +109,6 @@ def main(argv: list[str] | None = None) -> int:
         from convert.inspect import main as inspect_main
         return inspect_main(argv[1:])
     args = parse_args(argv)
-    from calico_jax.checkpoints.torch_files import CheckpointError
-    from calico_jax.core.config import ConfigError
     try:
         return run(args)
     except VerifyFailed:

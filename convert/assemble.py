@@ -38,7 +38,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from calico_jax.checkpoints import converted as pretrained
+from calico_jax.checkpoints.converted import abstract_params
+from calico_jax.checkpoints.torch_files import CheckpointError, load_json_arg
 from calico_jax.core import fs
+from calico_jax.core.config import ConfigError
+from calico_jax.models.calico import Calico, CalicoConfig
 
 NEW_MODULES = r"cem/.*|cam_\d+/.*|cam_query_tokens(_\d+)?|llm/.*/lora_[ab]|text_hidden_fcs_0_[02]/.*"
 UNUSED = {r"qformer/embeddings/.*": "Q-Former instruction embeddings (qformer_text_input is off: no instruction text)"}
@@ -86,8 +91,6 @@ def _unflatten(flat: dict[str, Any]) -> dict:
 
 def load_part(role: str, path: str | None):
     """(model name, config, flat params) of a converted part, or CheckpointError."""
-    from calico_jax.checkpoints import converted as pretrained
-    from calico_jax.checkpoints.torch_files import CheckpointError
     try:
         meta = pretrained.read_meta(path)
     except (FileNotFoundError, ValueError, json.JSONDecodeError) as e:
@@ -104,10 +107,6 @@ def load_part(role: str, path: str | None):
 
 def build_config(parts: dict[str, tuple], overrides: dict) -> Any:
     """CalicoConfig from the parts' configs + overrides; raises CheckpointError listing every conflict."""
-    from calico_jax.checkpoints.torch_files import CheckpointError
-    from calico_jax.core.config import ConfigError
-    from calico_jax.models.calico import CalicoConfig
-
     base = CalicoConfig().to_dict()
     given: dict[str, dict] = {"vision": parts["blip2"][1].to_dict()}
     if "dinov2" in parts:
@@ -155,10 +154,6 @@ def assemble(parts: dict[str, tuple], config: Any, seed: int = 0) -> tuple[dict,
     import jax
     import numpy as np
 
-    from calico_jax.checkpoints.converted import abstract_params
-    from calico_jax.checkpoints.torch_files import CheckpointError
-    from calico_jax.models.calico import Calico
-
     module = Calico(config)
     target = {k: v for k, v in _flat(nn.unbox(abstract_params(module))).items()}
     given = _part_leaves(parts)
@@ -191,7 +186,7 @@ def assemble(parts: dict[str, tuple], config: Any, seed: int = 0) -> tuple[dict,
 
     # Only the new leaves leave the jitted init, so XLA never materialises the frozen parts' random init.
     new_set = sorted(new)
-    init = jax.jit(lambda k: {p: v for p, v in _flat(nn.unbox(module.init(k, **module.dummy_inputs())["params"]))
+    init = jax.jit(lambda k: {p: v for p, v in _flat(nn.unbox(module.init(k, module.dummy_inputs())["params"]))
                               .items() if p in new_set})
     fresh = {k: np.asarray(v) for k, v in init(jax.random.key(seed)).items()}
     for p in fresh:
@@ -212,9 +207,6 @@ def run(args: argparse.Namespace) -> int:
     import jax
     import ml_dtypes
     import numpy as np
-
-    from calico_jax.checkpoints import converted as pretrained
-    from calico_jax.checkpoints.torch_files import CheckpointError, load_json_arg
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -260,8 +252,6 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from calico_jax.checkpoints.torch_files import CheckpointError
-    from calico_jax.core.config import ConfigError
     try:
         return run(args)
     except (CheckpointError, ConfigError, FileExistsError) as e:

@@ -22,7 +22,13 @@ import sys
 from collections import Counter
 from typing import Any
 
+from calico_jax.checkpoints import author_layout
 from calico_jax.checkpoints.torch_files import CheckpointError, open_checkpoint
+from calico_jax.models.calico import CalicoConfig
+from calico_jax.models.llama import LlamaConfig
+from calico_jax.models.sam import SamConfig
+from convert import families
+from convert.families import blip2, calico, dinov2, glamm, lavis_blip2, llama, peft_lora, sam
 from convert.mapping import Skip
 
 PEFT = "base_model.model."
@@ -31,21 +37,14 @@ AUTHOR_ONLY = re.compile(r"model\.(?:Qformer|dino_model|extraction_layer|adaptiv
 
 
 def _sam_prefix(keys: list[str]) -> str:
-    from convert.families import sam
     try:
-        return sam._find_prefix(keys, "")
+        return sam.find_prefix(keys, "")
     except CheckpointError:
         return "model.grounding_encoder."
 
 
 def family_rules(name: str, keys: list[str]) -> list[tuple[re.Pattern, Any, str]]:
     """(regex, target | Skip, label) of a family's rename table, with default configs (nothing is read)."""
-    from calico_jax.checkpoints import author_layout
-    from calico_jax.models.calico import CalicoConfig
-    from calico_jax.models.llama import LlamaConfig
-    from calico_jax.models.sam import SamConfig
-    from convert.families import blip2, calico, dinov2, glamm, lavis_blip2, llama, peft_lora, sam
-
     labels: dict[str, str] = {}
     if name == "calico":
         labels = {r.author_regex.pattern: r.label for r in author_layout.RULES}
@@ -57,16 +56,16 @@ def family_rules(name: str, keys: list[str]) -> list[tuple[re.Pattern, Any, str]
     elif name == "hf-blip2":
         rules = blip2.hf_rules()
     elif name == "dinov2":
-        rules = [*dinov2._ORIGINAL_RULES, (dinov2._QKV.pattern, r"encoder.layer.\1.attention.attention.{q,k,v}.\2")]
+        rules = [*dinov2.ORIGINAL_RULES, (dinov2.QKV.pattern, r"encoder.layer.\1.attention.attention.{q,k,v}.\2")]
     elif name == "hf-dinov2":
-        rules = [(r"(?:dinov2\.)?" + p, t) for p, t in dinov2._HF_RULES]
-        rules.append((r"(?:dinov2\.)?" + dinov2._SWIGLU_SPLIT.pattern, r"encoder.layer.\1.mlp.weights_in.\3"))
+        rules = [(r"(?:dinov2\.)?" + p, t) for p, t in dinov2.HF_RULES]
+        rules.append((r"(?:dinov2\.)?" + dinov2.SWIGLU_SPLIT.pattern, r"encoder.layer.\1.mlp.weights_in.\3"))
     elif name == "sam":
         p = re.escape(_sam_prefix(keys))
         rules = [(p + r"((?:image_encoder|prompt_encoder|mask_decoder)\..+)", r"\1"),
                  (p + r"pixel_(?:mean|std)", Skip("pixel_mean/pixel_std constants"))]
     elif name == "hf-sam":
-        rules = sam._hf_rules(SamConfig())
+        rules = sam.hf_rules(SamConfig())
     elif name == "hf-llama":
         rules = llama.rules(LlamaConfig())
     elif name == "peft-lora":
@@ -114,7 +113,6 @@ def match(keys: list[str], rules) -> dict[str, tuple[str, str, str] | None]:
 
 
 def best_family(keys: list[str]) -> tuple[str | None, list[tuple[str, int]]]:
-    from convert import families
     scores = []
     for name in sorted(families.FAMILIES):
         if _detects(name, keys):
@@ -195,7 +193,6 @@ def _numel(shape) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from convert import families
     p = argparse.ArgumentParser(prog="python -m convert inspect", description=__doc__.split("\n\n")[0])
     p.add_argument("src", help="checkpoint file, save_pretrained directory or shards + index")
     p.add_argument("--family", choices=sorted(families.FAMILIES), default=None,

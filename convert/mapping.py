@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from calico_jax import models
 from calico_jax.checkpoints.converted import abstract_params
 from calico_jax.checkpoints.torch_files import Checkpoint, CheckpointError
 from calico_jax.core.config import Config
@@ -62,7 +63,6 @@ class Plan:
     files: list = dataclasses.field(default_factory=list)  # copied into OUT/tokenizer/ (GLaMM's tokenizer)
 
     def module(self) -> nn.Module:
-        from calico_jax import models
         return models.build(self.model, self.config)[0]
 
 

@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -27,3 +28,22 @@ try:
     torch.set_grad_enabled(False)
 except ImportError:  # parity tests skip themselves without torch
     pass
+
+_CACHE_ENV = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+
+
+@pytest.hookimpl(trylast=True)   # after the tmpdir plugin has set up pytest's temp root
+def pytest_configure(config):
+    """One persistent compilation cache for the whole session, under pytest's temp root: the xdist workers and the
+    subprocesses tests start (CLI, multi-process runs) inherit it through the environment, so each distinct
+    program is compiled once per session instead of once per process. A directory set by the caller wins."""
+    if not hasattr(config, "workerinput") and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = str(config._tmp_path_factory.getbasetemp() / "jax-compile-cache")
+    for k, v in _CACHE_ENV.items():
+        os.environ.setdefault(k, v)
+    # jax read its flags when conftest imported it: set them in this process too
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ[
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", int(os.environ[
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))

@@ -164,6 +164,19 @@ def test_over_budget_on_a_memory_budget_and_the_hints(capsys):
     assert "--config.model.llm.remat=full, --config.model.vision.qformer.remat=full" in msg and "FSDP" not in msg
 
 
+def test_cpu_predict_plan_with_the_instruction_aware_qformer(tmp_path):
+    """``train.py --config configs/tiny.py --compile_only --target cpu:1 --program predict
+    --config.model.qformer_text_input=true``, in process: the plan compiles the predictor's own program with the
+    Q-Former's instruction tokens (without them the model raises, which run_plan would answer with exit code 2)."""
+    from calico_jax.plans.cli import run_plan
+    cfg = load(ROOT / "configs/tiny.py", [("model.qformer_text_input", "true")])
+    args = argparse.Namespace(target="cpu:1", devices=0, search=False, program="predict",
+                              plan_json=str(tmp_path / "plan.json"), memory_gb=0.0, plan_cache="")
+    assert run_plan(cfg, args) == 0
+    report = json.loads((tmp_path / "plan.json").read_text())
+    assert report["program"] == "predict" and report["fits"] and report["devices"] == 1
+
+
 def test_missing_extra_names_it(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in (

@@ -94,10 +94,10 @@ def test_assemble_load_forward(parts, tmp_path):
     # forward: finite; the BOS position (before any image token, causal) sees only the LLM, so its
     # logits equal the GLaMM LLM's (LoRA B = 0)
     inputs = module.dummy_inputs()
-    res = jax.jit(lambda p, x: module.apply({"params": p}, **x))(params, inputs)
+    res = jax.jit(lambda p, x: module.apply({"params": p}, x))(params, inputs)
     assert np.all(np.isfinite(np.asarray(res["logits"]))) and np.all(np.isfinite(np.asarray(res["mask_logits"])))
     from calico_jax.models.glamm_parts import GlammParts
-    bos = inputs["input_ids"][:, :1]
+    bos = inputs.input_ids[:, :1]
     want = GlammParts(glamm_cfg).apply({"params": glamm_params}, bos, jnp.ones_like(bos),
                                        method=lambda m, i, a: m.llm(i, a)).logits
     np.testing.assert_allclose(np.asarray(res["logits"])[:, 0], np.asarray(want)[:, 0], rtol=1e-5, atol=1e-6)
@@ -210,7 +210,7 @@ def official(tmp_path_factory):
                             cam=CamConfig(layers=(3, 1), zero_init=False),
                             preprocess=CalicoConfig.tiny().preprocess.replace(sam_size=sam.image_encoder.img_size))
     module = Calico(cfg)   # jitted init: op-by-op init of the whole model is slow on CPU
-    params = jax.jit(lambda k: flax.linen.unbox(module.init(k, **module.dummy_inputs())["params"]))(jax.random.key(3))
+    params = jax.jit(lambda k: flax.linen.unbox(module.init(k, module.dummy_inputs())["params"]))(jax.random.key(3))
     params = jax.tree.map(np.asarray, params)
     g = np.random.default_rng(0)
     params = jax.tree_util.tree_map_with_path(   # trained LoRA: B != 0

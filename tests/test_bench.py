@@ -18,7 +18,7 @@ def test_alternate_runs_round_robin():
 
 def test_cost_analysis_counts_matmul_flops():
     x = jnp.ones((64, 32), jnp.float32)
-    _, flops, _ = timing.compiled_cost(jax.jit(lambda a, b: a @ b), x, x.T)
+    _, flops, _ = timing.compile_with_flops(jax.jit(lambda a, b: a @ b), x, x.T)
     assert flops == 2 * 64 * 32 * 64
 
 

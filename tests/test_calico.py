@@ -14,7 +14,9 @@ from calico_jax.models.calico import Calico, CalicoConfig
 from calico_jax.models.calico_layout import expand_sequence, postprocess_masks
 from calico_jax.models.cam import CamConfig
 from calico_jax.models.cem import CemConfig, CorrespondenceExtraction
+from calico_jax.models.inputs import split
 from calico_jax.models.seg_routing import route_segs, seg_hidden_index
+from calico_jax.train.config import PAPER_TRAINABLE
 from calico_jax.train.losses import calico_loss
 from calico_jax.train.step import value_and_grad_trainable
 from tests.helpers import rel_err
@@ -45,7 +47,13 @@ def make_batch(cfg, prompts=PROMPTS, answers=ANSWERS, seed=0, sizes=None):
             "pixel_values": r.standard_normal((b, N, ev, ev, 3)).astype(np.float32),
             "dino_pixel_values": r.standard_normal((b, N, dv, dv, 3)).astype(np.float32),
             "sam_pixel_values": r.standard_normal((b, N, s, s, 3)).astype(np.float32),
-            "resized_hw": resized, "original_hw": sizes}
+            "resized_hw": resized, "mask_hw": sizes}
+
+
+def apply(m, params, batch, **kw):
+    """The model on a flat batch with the contract's names (calico_jax.models.inputs), labels included."""
+    inputs, targets = split(batch)
+    return m.apply({"params": params}, inputs, labels=targets.labels, **kw)
 
 
 def randomize(params, seed, scale=0.2):
@@ -59,8 +67,8 @@ def randomize(params, seed, scale=0.2):
 def model():
     cfg = CalicoConfig.tiny()
     m = Calico(cfg)
-    params = nn.unbox(jax.jit(m.init)(jax.random.key(0), **m.dummy_inputs())["params"])
-    fwd = jax.jit(lambda p, batch: m.apply({"params": p}, **batch))
+    params = nn.unbox(jax.jit(m.init)(jax.random.key(0), m.dummy_inputs())["params"])
+    fwd = jax.jit(lambda p, batch: apply(m, p, batch))
     return cfg, m, params, fwd
 
 
@@ -88,13 +96,13 @@ def test_init_names_and_trainable_split(model):
     for leaf in jax.tree.leaves([params["cam_1"], params["cem"]["out_proj"]]):
         assert not np.any(np.asarray(leaf))                                                # zero-initialised
     assert "point_embeddings_0" in params["sam"]["prompt_encoder"]                          # unused tables exist
-    assert st.unmatched_patterns(params, cfg.trainable) == []
-    train, frozen = st.partition(params, cfg.trainable)
+    assert st.unmatched_patterns(params, PAPER_TRAINABLE) == []
+    train, frozen = st.partition(params, PAPER_TRAINABLE)
     names = ["/".join(k) for k in traverse_util.flatten_dict(train)]
     assert all(n.startswith(("cem/", "cam_", "sam/mask_decoder/")) or "/lora_" in n for n in names)
     assert any("/lora_a" in n for n in names) and any(n.startswith("sam/mask_decoder/") for n in names)
     assert "text_hidden_fcs_0_0" in frozen and "image_encoder" in frozen["sam"] and "lm_head" in frozen["llm"]
-    boxed = jax.eval_shape(lambda k: m.init(k, **m.dummy_inputs()), jax.random.key(0))["params"]
+    boxed = jax.eval_shape(lambda k: m.init(k, m.dummy_inputs()), jax.random.key(0))["params"]
     for path, leaf in jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda v: isinstance(v, nn.Partitioned)):
         assert isinstance(leaf, nn.Partitioned), jax.tree_util.keystr(path)
 
@@ -169,7 +177,7 @@ def test_zero_init_cams_equal_no_cams_and_trained_cams_change_image_tokens_only_
     with_cam = fwd(params, batch)["logits"]
     no_cfg = cfg.replace(cam=CamConfig(layers=()))
     no_params = {k: v for k, v in params.items() if not k.startswith("cam_")}
-    no_cam = jax.jit(lambda p, b: Calico(no_cfg).apply({"params": p}, **b))(no_params, batch)["logits"]
+    no_cam = jax.jit(lambda p, b: apply(Calico(no_cfg), p, b))(no_params, batch)["logits"]
     np.testing.assert_array_equal(np.asarray(with_cam), np.asarray(no_cam))
     live = dict(params, cam_1=randomize(params["cam_1"], 1), cam_3=randomize(params["cam_3"], 2))
     changed = np.abs(np.asarray(fwd(live, batch)["logits"]) - np.asarray(with_cam)).max(-1)   # [B, T']
@@ -258,7 +266,7 @@ def test_cem_and_cam_match_pytorch_reference(variant, tmp_path):
                        cam=CamConfig(layers=(1, 3), queries="shared" if shared else "per_cam"))
     m = Calico(cfg)
     # Shapes only (no init compile): every parameter this test reads is random or converted.
-    abstract = nn.unbox(jax.eval_shape(lambda k: m.init(k, **m.dummy_inputs()), jax.random.key(0))["params"])
+    abstract = nn.unbox(jax.eval_shape(lambda k: m.init(k, m.dummy_inputs()), jax.random.key(0))["params"])
     params = randomize(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract), 5)
     params["qformer"] = qparams
     r = np.random.default_rng(1)
@@ -320,11 +328,11 @@ def test_backward_step_and_overfit_one_batch(model):
     batch_j = {k: jnp.asarray(v) for k, v in batch.items()}
 
     def loss_fn(p):
-        return calico_loss(m.apply({"params": p}, **batch_j), jnp.asarray(gt))
+        return calico_loss(apply(m, p, batch_j), jnp.asarray(gt))
 
     # The paper's split plus lm_head, the final norm and f_segmentation: with a frozen random 48-wide
     # lm_head the CE alone has a floor near 1.1 (all tokens right, small logit margins).
-    patterns = cfg.trainable + (r"llm/lm_head/.*", r"llm/model/norm/.*", r"text_hidden_fcs.*")
+    patterns = PAPER_TRAINABLE + (r"llm/lm_head/.*", r"llm/model/norm/.*", r"text_hidden_fcs.*")
     tx = optax.adamw(1e-2, b1=0.9, b2=0.95, weight_decay=0.0)
     trainable, frozen = st.partition(params, patterns, strict=True)
     state = {"trainable": trainable, "opt_state": tx.init(trainable)}
@@ -359,7 +367,7 @@ def test_linear_image_path_ablation():
     """'Q-Former replaced by a linear projection': every EVA token X_global -> linear_projection -> LLM."""
     cfg = CalicoConfig.tiny(image_path="linear", cam=CamConfig(layers=()))
     m = Calico(cfg)
-    params = nn.unbox(jax.jit(m.init)(jax.random.key(1), **m.dummy_inputs())["params"])
+    params = nn.unbox(jax.jit(m.init)(jax.random.key(1), m.dummy_inputs())["params"])
     assert "linear_projection" in params and not {"qformer", "query_tokens", "language_projection"} & set(params)
     batch = make_batch(cfg)
     x_global, tokens = m.apply({"params": params}, batch["pixel_values"][0], method=Calico.encode_images)
@@ -368,7 +376,7 @@ def test_linear_image_path_ablation():
     w, bias = params["linear_projection"]["kernel"], params["linear_projection"]["bias"]
     ref = np.asarray(x_global, np.float64) @ np.asarray(w, np.float64) + np.asarray(bias, np.float64)
     assert rel_err(tokens, ref) <= 1e-5
-    out = jax.jit(lambda p, b: m.apply({"params": p}, **b))(params, batch)
+    out = jax.jit(lambda p, b: apply(m, p, b))(params, batch)
     assert out["logits"].shape == (2, T + N * (s - 1), cfg.llm.vocab_size)
     image_pos, _, _ = expected_layout(PROMPTS[1], ANSWERS[1], s)
     np.testing.assert_array_equal(out["image_positions"][1, :len(image_pos)], image_pos)

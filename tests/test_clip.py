@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 from calico_jax.checkpoints.converted import abstract_params  # noqa: E402
 from calico_jax.core.config import ConfigError  # noqa: E402
 from calico_jax.models.clip import ClipVision, ClipVisionConfig  # noqa: E402
+from calico_jax.models.inputs import CalicoInputs  # noqa: E402
 from convert.mapping import flax_path, to_flax  # noqa: E402
 from tests.helpers import randomize, rel_err  # noqa: E402
 
@@ -117,8 +118,8 @@ def test_calico_clip_mlp_forward():
     ids = np.array([[1, -200, 7, -200, 8, 60, 61, 62]], np.int32)
     kw = dict(input_ids=ids, attention_mask=np.ones_like(ids), pixel_values=px[None],
               sam_pixel_values=rng.standard_normal((1, 2, 32, 32, 3)).astype(np.float32),
-              resized_hw=np.full((1, 2, 2), 32, np.int32), original_hw=np.full((1, 2, 2), 32, np.int32))
-    fwd = jax.jit(lambda p, **k: model.apply({"params": p}, **k))
+              resized_hw=np.full((1, 2, 2), 32, np.int32), mask_hw=np.full((1, 2, 2), 32, np.int32))
+    fwd = jax.jit(lambda p, **k: model.apply({"params": p}, CalicoInputs(**k)))
     out = fwd(params, **kw)
     assert out["logits"].shape == (1, 8 + 2 * 15, 64)
     np.testing.assert_array_equal(out["image_positions"][0], [np.arange(1, 17), np.arange(18, 34)])

@@ -19,6 +19,7 @@ from calico_jax.checkpoints.torch_files import open_checkpoint  # noqa: E402
 from calico_jax.models.calico import Calico, CalicoConfig  # noqa: E402
 from calico_jax.models.cam import CamConfig  # noqa: E402
 from calico_jax.models.cem import CemConfig  # noqa: E402
+from calico_jax.models.inputs import CalicoInputs  # noqa: E402
 from convert import families  # noqa: E402
 from convert.families.calico import TEXT_OFF  # noqa: E402
 from convert.mapping import build_params  # noqa: E402
@@ -57,10 +58,12 @@ def test_torch_assembly_matches(tmp_path):
     module = Calico(cfg)
 
     def run(p):
-        return module.apply({"params": p}, jnp.asarray([ids], jnp.int32), jnp.ones((1, len(ids)), jnp.int32),
-                            nhwc(blip), nhwc(dino), nhwc(sam), jnp.asarray(resized[None], jnp.int32),
-                            jnp.asarray(original[None], jnp.int32), prompt_lengths=jnp.asarray([6]),
-                            capture_intermediates=True, mutable=["intermediates"])
+        inputs = CalicoInputs(input_ids=jnp.asarray([ids], jnp.int32),
+                              attention_mask=jnp.ones((1, len(ids)), jnp.int32), pixel_values=nhwc(blip),
+                              dino_pixel_values=nhwc(dino), sam_pixel_values=nhwc(sam),
+                              resized_hw=jnp.asarray(resized[None], jnp.int32),
+                              mask_hw=jnp.asarray(original[None], jnp.int32), prompt_lengths=jnp.asarray([6]))
+        return module.apply({"params": p}, inputs, capture_intermediates=True, mutable=["intermediates"])
     with jax.default_matmul_precision("highest"):
         out, inter = jax.jit(run)(params)
     pos = np.asarray(out["image_positions"][0]).reshape(-1)

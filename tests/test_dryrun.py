@@ -26,7 +26,7 @@ def tiny_glamm():
     """configs/glamm_like.py's switches on the tiny model (tiny sizes, a tiny CLIP, no DINOv2 input)."""
     cfg, tiny = load(ROOT / "configs/glamm_like.py"), load(ROOT / "configs/tiny.py")
     model = tiny.model.replace(image_path="clip_mlp", cam=CamConfig(layers=()), cem=CemConfig(enabled=False),
-                               clip=ClipVisionConfig().replace(**TINY_CLIP), trainable=cfg.model.trainable,
+                               clip=ClipVisionConfig().replace(**TINY_CLIP),
                                preprocess=tiny.model.preprocess.replace(dinov2_size=0, dinov2_crop=0))
     return cfg.replace(model=model, dtype="float32", frozen_dtype="float32", data=tiny.data)
 
@@ -46,9 +46,10 @@ def test_cli_format_tiny():
 
     # the counts are those of a real init of the same model with the paper's trainable patterns
     cfg = load(ROOT / "configs/tiny.py")
-    from calico_jax.models.calico import PAPER_TRAINABLE, Calico
+    from calico_jax.models.calico import Calico
+    from calico_jax.train.config import PAPER_TRAINABLE
     module = Calico(cfg.model)
-    params = module.init(jax.random.key(1), **module.dummy_inputs())["params"]
+    params = module.init(jax.random.key(1), module.dummy_inputs())["params"]
     assert count_params(params, PAPER_TRAINABLE) == (total, trainable)
 
 
@@ -69,9 +70,9 @@ def test_glamm_like_tiny(capsys):
     assert [ln.split("=")[0] for ln in out] == list(report)
     from calico_jax.models.calico import Calico
     module = Calico(mcfg)
-    params = nn.unbox(module.init(jax.random.key(0), **module.dummy_inputs())["params"])
+    params = nn.unbox(module.init(jax.random.key(0), module.dummy_inputs())["params"])
     assert "vision_tower" in params and "qformer" not in params and "query_tokens" not in params
-    assert count_params(params, cfg.model.trainable) == (report["params_total"], report["params_trainable"])
+    assert count_params(params, cfg.recipe.trainable) == (report["params_total"], report["params_trainable"])
     assert report["forward_tflops"] > 0
 
 

@@ -311,11 +311,12 @@ def test_fuzz_evaluate_predictions(eval_pairs, tmp_path):
 # -------------------------------------------------------------------------------------- config overrides
 OVERRIDES = [
     "--config.no_such_field=1", "--config.model.no_such=1", "--config.total_steps=many", "--config.total_steps=1.5",
-    "--config.model.loss.pixel_loss=l2", "--config.model.llm.remat=sometimes", "--config.mesh.fsdp=zero",
+    "--config.recipe.loss.pixel_loss=l2", "--config.model.llm.remat=sometimes", "--config.mesh.fsdp=zero",
     "--config.data.max_images=[1,2", "--config.optim.lr={}", "--config.model.cem.enabled=maybe",
     "--config.model.llm.lora.r=x", "--config.dtype=float7", "--config.model.preprocess.sam_size=-3",
     "--config.data.synthetic.no_field=2", "--config.model.seg.max_seg=a", "--config.batch_size=",
     "--config..x=1", "--config=1", "--config.model=3", "--config.task=nosuchtask",
+    "--config.model.loss.pixel_loss=focal", "--config.model.trainable=.*",   # moved to recipe: an error
 ]
 
 

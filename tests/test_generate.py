@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from calico_jax.checkpoints.converted import init_params
-from calico_jax.inference.generate import _decode_jit, decode, generate, sample_logits
+from calico_jax.inference.generate import decode, decode_jit, generate, sample_logits
 from calico_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
 N = 6
@@ -94,10 +94,10 @@ def test_sampled_generation_is_seeded(tiny):
 
 def test_one_compile_per_bucket(tiny):
     module, params = tiny
-    before = _decode_jit._cache_size()
+    before = decode_jit._cache_size()
     for length in (3, 5, 11):  # all in the 16 bucket
         generate(module, params, np.arange(1, length + 1)[None], max_new_tokens=4, bucket=16)
-    assert _decode_jit._cache_size() == before + 1
+    assert decode_jit._cache_size() == before + 1
 
 
 def test_decode_inside_jit_with_traced_hook(tiny):

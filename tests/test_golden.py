@@ -57,7 +57,7 @@ VARIANTS: dict[str, Callable[[], CalicoConfig]] = {
 def abstract_params(cfg: CalicoConfig) -> dict[str, Any]:
     """Boxed params as ShapeDtypeStructs, flattened to {"a/b/c": leaf}; boxes stay leaves."""
     module = Calico(cfg, jnp.float32)
-    variables = jax.eval_shape(lambda key: module.init(key, **module.dummy_inputs()), jax.random.key(0))
+    variables = jax.eval_shape(lambda key: module.init(key, module.dummy_inputs()), jax.random.key(0))
     flat = traverse_util.flatten_dict(variables["params"], sep="/")
     return dict(sorted(flat.items()))
 

@@ -244,6 +244,45 @@ def layering_violations(edges: Iterable[Edge]) -> list[str]:
     return sorted(out)
 
 
+# ----------------------------------------------------------------------------- private names
+PRIVATE_SCOPE = (*PACKAGES, "bench")   # tests/ may reach into a private name it unit-tests; the library may not
+PRIVATE_IMPORTS_ALLOWED: set[tuple[str, str]] = set()   # (importer, private name): none
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def private_uses(root: Path, packages=PRIVATE_SCOPE, scripts=SCRIPTS) -> list[tuple[str, str, str]]:
+    """(module, "owner.name", "file:line") for every ``from owner import _name`` and every ``owner._name`` attribute
+    read (``owner`` a project module bound by an import in the file, at any depth) into another module."""
+    index = module_index(root, packages, scripts)
+    tops = {m.split(".")[0] for m in index}
+    out = []
+    for module, path in index.items():
+        tree, bound, where = ast.parse(path.read_text(), filename=str(path)), {}, str(path.relative_to(root))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    if _resolve(a.name, index, tops) is not None:   # ``import a.b`` binds ``a``; ``as x`` binds a.b
+                        bound[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+            elif isinstance(node, ast.ImportFrom):
+                for a, target in zip(node.names, _targets(node, module, path)):
+                    dst = _resolve(target, index, tops)
+                    if dst == target:
+                        bound[a.asname or a.name] = dst
+                    elif dst not in (None, module) and _private(a.name):
+                        out.append((module, f"{dst}.{a.name}", f"{where}:{node.lineno}"))
+        for node in ast.walk(tree):
+            chain, v = [], getattr(node, "value", None)
+            while isinstance(v, ast.Attribute):
+                chain, v = [v.attr, *chain], v.value
+            owner = ".".join([bound.get(getattr(v, "id", None), ""), *chain])
+            if isinstance(node, ast.Attribute) and _private(node.attr) and owner in index and owner != module:
+                out.append((module, f"{owner}.{node.attr}", f"{where}:{node.lineno}"))
+    return sorted(set(out))
+
+
 # ----------------------------------------------------------------------------- tests
 @functools.lru_cache(maxsize=1)
 def project_edges() -> tuple[Edge, ...]:
@@ -294,8 +333,8 @@ def test_detector_on_a_synthetic_package(tmp_path):
         "calico_jax/a.py": "from . import b\n",
         "calico_jax/b.py": "import json\n\ndef f():\n    from calico_jax.a import thing\n",
         "calico_jax/models/__init__.py": "",
-        # ``from .. import layers`` is a submodule; ``from calico_jax import dense`` an attribute
-        "calico_jax/models/m.py": ("from .. import layers\nfrom calico_jax import dense\n"
+        # ``from ..models import layers`` is a submodule; ``from calico_jax import dense`` an attribute
+        "calico_jax/models/m.py": ("from ..models import layers\nfrom calico_jax import dense\n"
                                    "class M:\n    def load(self):\n        import calico_jax.train.loop\n"),
         "calico_jax/train/__init__.py": "",
         "calico_jax/train/loop.py": "try:\n    from tests.helpers import x\nexcept ImportError:\n    pass\n",
@@ -331,3 +370,23 @@ def test_cycle_finder_reports_each_member():
     g = graph([e("a", "b"), e("b", "a"), e("b", "c"), e("c", "b"), e("c", "d")])
     assert strongly_connected(g) == [["a", "b", "c"]]
     assert find_cycles(g) == [["a", "b", "a"], ["c", "b", "c"]]  # b -> a -> b is a rotation of the first
+
+
+
+def test_no_private_imports():
+    bad = [u for u in private_uses(ROOT) if u[:2] not in PRIVATE_IMPORTS_ALLOWED]
+    assert not bad, (f"{len(bad)} use(s) of another module's private name (make it public where it is shared, or "
+                     "move it to the module that owns it):\n" + "\n".join(f"  {w}: {m} uses {n}" for m, n, w in bad))
+
+
+def test_private_finder_on_a_synthetic_package(tmp_path):
+    _write(tmp_path, {
+        "calico_jax/__init__.py": "", "calico_jax/a.py": "_x = 1\n\ndef _f():\n    return _x\n",
+        "calico_jax/b.py": ("from calico_jax.a import _f, __doc__\nfrom . import a\nimport calico_jax.a as al\n"
+                            "import calico_jax.a\ndef g(self):\n    import os\n"
+                            "    return a._x, al._f, self._y, os._exit, a.public\ncalico_jax.a._x\n"),
+    })
+    assert private_uses(tmp_path) == [("calico_jax.b", "calico_jax.a._f", "calico_jax/b.py:1"),
+                                      ("calico_jax.b", "calico_jax.a._f", "calico_jax/b.py:7"),
+                                      ("calico_jax.b", "calico_jax.a._x", "calico_jax/b.py:7"),
+                                      ("calico_jax.b", "calico_jax.a._x", "calico_jax/b.py:8")]

@@ -94,7 +94,7 @@ def test_answer_and_prompt_format(hand):
     for s in data["samples"]:
         by_task.setdefault(s["task"], []).append(s)
         assert s["prompt"].startswith("The <image> (IMAGE1) and <image> (IMAGE2) provide an overview of the pictures. ")
-        assert s["prompt"][len(pairs.PREFIX.format(images=pairs._images_phrase(2))):] in pairs.QUESTIONS[s["task"]]
+        assert s["prompt"][len(pairs.PREFIX.format(images=pairs.images_phrase(2))):] in pairs.QUESTIONS[s["task"]]
         pairs.validate_sample(s, len(data["images"]), len(data["masks"]), data["masks"])
     co = by_task["common_object"][0]
     assert re.fullmatch(r"The images show an? <p> (chair|mug) </p> \[SEG\] \(IMAGE1\) \[SEG\] \(IMAGE2\)\.",

@@ -44,10 +44,10 @@ def test_batch_shapes_dtypes_padding_labels_and_masks(data):
     out = batches(pipe, 3)
     B, N, S, T = 4, 2, 12, 256
     want = {"input_ids": ((B, T), np.int32), "labels": ((B, T), np.int32), "attention_mask": ((B, T), np.int32),
-            "images_blip": ((B, N, 32, 32, 3), np.float32), "images_dinov2": ((B, N, 28, 28, 3), np.float32),
-            "images_sam": ((B, N, 96, 96, 3), np.float32), "image_valid": ((B, N), np.bool_),
-            "original_sizes": ((B, N, 2), np.int32), "sam_sizes": ((B, N, 2), np.int32),
-            "mask_sizes": ((B, N, 2), np.int32), "masks": ((B, S, 64, 64), np.bool_),
+            "pixel_values": ((B, N, 32, 32, 3), np.float32), "dino_pixel_values": ((B, N, 28, 28, 3), np.float32),
+            "sam_pixel_values": ((B, N, 96, 96, 3), np.float32), "image_valid": ((B, N), np.bool_),
+            "original_hw": ((B, N, 2), np.int32), "resized_hw": ((B, N, 2), np.int32),
+            "mask_hw": ((B, N, 2), np.int32), "masks": ((B, S, 64, 64), np.bool_),
             "mask_valid": ((B, S), np.bool_), "seg_image": ((B, S), np.int32), "task": ((B,), np.int32),
             "sample_index": ((B,), np.int32)}
     seg_id, eos = tok.convert_tokens_to_ids(SEG_TOKEN), tok.eos_token_id
@@ -65,10 +65,10 @@ def test_batch_shapes_dtypes_padding_labels_and_masks(data):
             n_img = len(s["images"])
             assert (ids == IMAGE_TOKEN_INDEX).sum() == n_img == b["image_valid"][r].sum()
             assert (lab != IMAGE_TOKEN_INDEX).all()
-            assert [tuple(x) for x in b["original_sizes"][r][:n_img]] == \
+            assert [tuple(x) for x in b["original_hw"][r][:n_img]] == \
                 [(p.images[i]["height"], p.images[i]["width"]) for i in s["images"]]
-            assert not b["images_sam"][r][n_img:].any() and not b["images_blip"][r][n_img:].any()
-            np.testing.assert_array_equal(b["images_blip"][r][0], blip(load_image(p.image_path(s, 0))))
+            assert not b["sam_pixel_values"][r][n_img:].any() and not b["pixel_values"][r][n_img:].any()
+            np.testing.assert_array_equal(b["pixel_values"][r][0], blip(load_image(p.image_path(s, 0))))
             # Labels: -100 up to the end of the prompt, then exactly the answer ids through </s>.
             first = int(np.argmax(lab != IGNORE_INDEX))
             assert (lab[:first] == IGNORE_INDEX).all() and (lab[first:L] == ids[first:L]).all()
@@ -83,7 +83,7 @@ def test_batch_shapes_dtypes_padding_labels_and_masks(data):
             for j, g in enumerate(s["segs"]):
                 want_m = msam.masks(decode(p.masks[g["mask"]]["rle"])[None])[0]
                 np.testing.assert_array_equal(b["masks"][r, j], want_m)
-                h, w = b["mask_sizes"][r, g["image"]]
+                h, w = b["mask_hw"][r, g["image"]]
                 assert b["masks"][r, j, :h, :w].any() and not b["masks"][r, j, h:].any() \
                     and not b["masks"][r, j, :, w:].any()
             assert not b["masks"][r, len(segs):].any() and not b["seg_image"][r, len(segs):].any()

@@ -22,8 +22,9 @@ from calico_jax.data.rle import decode
 from calico_jax.data.tokenize import build_tiny_tokenizer
 from calico_jax.inference.predict import build_question
 from calico_jax.inference.predict import main as predict_main
-from calico_jax.inference.predictor import INFERENCE_FILE, InferenceConfig, Predictor, _generate, _masks
+from calico_jax.inference.predictor import INFERENCE_FILE, InferenceConfig, Predictor, generate_program, mask_program
 from calico_jax.models.calico import Calico, CalicoConfig
+from calico_jax.models.inputs import CalicoInputs
 from tests.helpers import nothing_at
 
 ANSWER = "<p> wheel</p>[SEG] (IMAGE2)"   # every token distinct (see crafted)
@@ -73,12 +74,14 @@ def crafted(tokenizer):
 
 
 def _full_hidden(module, params, ids, mask, pixels, dino, prompt_lengths):
-    def run(m, ids, mask, pixels, dino, prompt_lengths):
-        inp = m.embed_inputs(ids, mask, pixels, dino, prompt_lengths=prompt_lengths)
+    def run(m, inputs):
+        inp = m.embed_inputs(inputs)
         out = m.llm(attention_mask=inp["mask"], inputs_embeds=inp["embeds"], hooks=m.cam_hooks(inp) or None,
                     last_prompt_index=inp["last_prompt_index"])
         return out.hidden_states, out.logits, inp["last_prompt_index"]
-    return module.apply({"params": params}, ids, mask, pixels, dino, prompt_lengths, method=run)
+    inputs = CalicoInputs(input_ids=ids, attention_mask=mask, pixel_values=pixels, dino_pixel_values=dino,
+                          prompt_lengths=prompt_lengths)
+    return module.apply({"params": params}, inputs, method=run)
 
 
 def test_kv_cache_generation_with_cams_equals_full_forward(tokenizer):
@@ -95,17 +98,19 @@ def test_kv_cache_generation_with_cams_equals_full_forward(tokenizer):
     mask = np.zeros((2, width), bool)
     for r, p in enumerate(prompts):
         ids[r, width - len(p):], mask[r, width - len(p):] = p, True
-    px = [pred._pixels(_images(r)) for r in range(2)]
+    px = [pred.image_fields(_images(r)) for r in range(2)]
     stack = lambda k: jnp.asarray(np.stack([p[k] for p in px]))  # noqa: E731
-    tokens, lengths, hidden, _ = _generate(params, jnp.asarray(ids), jnp.asarray(mask), stack("pixels"),
-                                           stack("dino"), stack("sam"), module=module, max_new_tokens=6,
-                                           eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
+    inputs = CalicoInputs(input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask), pixel_values=stack(
+        "pixel_values"), dino_pixel_values=stack("dino_pixel_values"), sam_pixel_values=stack("sam_pixel_values"))
+    tokens, lengths, hidden, _ = generate_program(params, inputs, module=module, max_new_tokens=6,
+                                                  eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
     tokens, hidden = np.asarray(tokens), np.asarray(hidden)
     for r, p in enumerate(prompts):
         n = int(lengths[r])
         full_ids = np.asarray([p + tokens[r, :n].tolist()], np.int32)
         h, logits, lpi = _full_hidden(module, params, jnp.asarray(full_ids), jnp.ones_like(full_ids),
-                                      stack("pixels")[r:r + 1], stack("dino")[r:r + 1], jnp.asarray([len(p)]))
+                                      stack("pixel_values")[r:r + 1], stack("dino_pixel_values")[r:r + 1],
+                                      jnp.asarray([len(p)]))
         start = int(lpi[0])
         ref = np.asarray(h[0, start:start + n])
         err = np.abs(hidden[r, :n] - ref).max() / np.abs(ref).max()
@@ -124,11 +129,12 @@ def test_crafted_answer_and_masks_match_training_graph(crafted, tokenizer):
     # The training graph on prompt + answer, [SEG] routed to image 2, masks at the original size.
     prompt = pred.prompt_ids(build_question(2, "common-parts"), 2)
     ids = np.asarray([prompt + tokenizer(ANSWER, add_special_tokens=False).input_ids], np.int32)
-    px = pred._pixels(images)
-    res = module.apply({"params": params}, jnp.asarray(ids), jnp.ones_like(ids), jnp.asarray(px["pixels"])[None],
-                       jnp.asarray(px["dino"])[None], jnp.asarray(px["sam"])[None], jnp.asarray(px["resized"])[None],
-                       jnp.asarray(px["original"])[None], prompt_lengths=jnp.asarray([len(prompt)]),
-                       seg_image=jnp.asarray([[1, 0, 0, 0]]))
+    px = {k: jnp.asarray(v)[None] for k, v in pred.image_fields(images).items()}
+    res = module.apply({"params": params}, CalicoInputs(
+        input_ids=jnp.asarray(ids), attention_mask=jnp.ones_like(ids), pixel_values=px["pixel_values"],
+        dino_pixel_values=px["dino_pixel_values"], sam_pixel_values=px["sam_pixel_values"],
+        resized_hw=px["resized_hw"], mask_hw=px["original_hw"], prompt_lengths=jnp.asarray([len(prompt)]),
+        seg_image=jnp.asarray([[1, 0, 0, 0]])))
     ref = np.asarray(res["mask_logits"][0, 0, :SIZES[1][0], :SIZES[1][1]])
     sure = np.abs(ref) > 1e-4
     np.testing.assert_array_equal(out.masks[0].mask[sure], (ref > 0)[sure])
@@ -143,8 +149,9 @@ def test_mask_program_pads_segs_without_changing_results(crafted):
     hid = jnp.asarray(rng.normal(size=(3, module.config.llm.hidden_size)), jnp.float32)
     emb = jnp.asarray(rng.normal(size=(3, 4, 4, 16)), jnp.float32)
     hw = jnp.asarray([[32, 24]] * 3)
-    one = _masks(params, hid[:1], emb[:1], hw, jnp.asarray([[40, 30]] * 3)[:1], module=module, mask_size=(64, 64))
-    three = _masks(params, hid, emb, hw, jnp.asarray([[40, 30]] * 3), module=module, mask_size=(64, 64))
+    one = mask_program(params, hid[:1], emb[:1], hw, jnp.asarray([[40, 30]] * 3)[:1], module=module,
+                       mask_size=(64, 64))
+    three = mask_program(params, hid, emb, hw, jnp.asarray([[40, 30]] * 3), module=module, mask_size=(64, 64))
     np.testing.assert_allclose(np.asarray(one[0]), np.asarray(three[0]), rtol=1e-6, atol=1e-6)
     assert np.all(np.asarray(three[:, 40:]) == 0) and np.all(np.asarray(three[:, :, 30:]) == 0)
 

@@ -15,6 +15,7 @@ from calico_jax.checkpoints import author_layout  # noqa: E402
 from calico_jax.checkpoints import converted as pretrained  # noqa: E402
 from calico_jax.data.qformer_text import QFormerText, build_tiny_qformer_tokenizer, load_qformer_tokenizer  # noqa: E402
 from calico_jax.models.calico import Calico, CalicoConfig  # noqa: E402
+from calico_jax.models.inputs import CalicoInputs, as_dict, spec  # noqa: E402
 from tests.helpers import rel_err  # noqa: E402
 
 
@@ -76,9 +77,9 @@ def test_on_path_matches_instructblip():
 def test_forward_needs_the_text():
     cfg = text_config()
     module = Calico(cfg)
-    inputs = {k: v for k, v in module.dummy_inputs().items() if k != "qformer_input_ids"}
+    inputs = module.dummy_inputs().replace(qformer_input_ids=None)
     with pytest.raises(ValueError, match="qformer_input_ids"):
-        jax.eval_shape(lambda: module.init(jax.random.key(0), **inputs))
+        jax.eval_shape(lambda: module.init(jax.random.key(0), inputs))
 
 
 def test_qformer_tokenizer(tmp_path):
@@ -132,7 +133,7 @@ def test_predictor_feeds_the_question_to_the_qformer(tmp_path):
     from calico_jax.data.tokenize import build_tiny_tokenizer
     from calico_jax.inference import export
     from calico_jax.inference.predict import build_question
-    from calico_jax.inference.predictor import Predictor, _generate, load_predictor
+    from calico_jax.inference.predictor import Predictor, generate_program, load_predictor
 
     tok_dir = tmp_path / "tok"
     tokenizer = build_tiny_tokenizer(tok_dir, ["The images show <p> wheel </p> [SEG] (IMAGE1)."] * 4, vocab_size=200)
@@ -152,16 +153,21 @@ def test_predictor_feeds_the_question_to_the_qformer(tmp_path):
     out = pred.predict([(images, question)])[0]
 
     ids = np.asarray([pred.prompt_ids(question, 2)], np.int32)
-    px = pred._pixels(images)
-    args = (pred.params, jnp.asarray(ids), jnp.ones(ids.shape, bool), jnp.asarray(px["pixels"][None]),
-            None if px["dino"] is None else jnp.asarray(px["dino"][None]), jnp.asarray(px["sam"][None]))
+    px = {k: None if v is None else jnp.asarray(v[None]) for k, v in pred.image_fields(images).items()}
+    base = CalicoInputs(input_ids=jnp.asarray(ids), attention_mask=jnp.ones(ids.shape, bool), **px)
     kw = dict(module=pred.module, max_new_tokens=4, eos=int(tokenizer.eos_token_id), pad=int(tokenizer.pad_token_id))
     text = QFormerText(qtok, cfg.qformer_max_tokens)
     right = {k: jnp.asarray(v) for k, v in text.batch([question]).items()}
     other = {k: jnp.asarray(v) for k, v in text.batch(["a different instruction"]).items()}
-    tokens, lengths, hidden, _ = _generate(*args, right, **kw)
-    _, _, hidden_other, _ = _generate(*args, other, **kw)
+    tokens, lengths, hidden, _ = generate_program(pred.params, base.replace(**right), **kw)
+    _, _, hidden_other, _ = generate_program(pred.params, base.replace(**other), **kw)
     assert rel_err(np.asarray(hidden_other)[0, :1], np.asarray(hidden)[0, :1]) > 1e-5   # the text is live
     gen = np.asarray(tokens)[0, :int(lengths[0])].tolist()
     gen = gen[:-1] if gen and gen[-1] == tokenizer.eos_token_id else gen
     assert out.answer == tokenizer.decode(gen).strip() and out.num_tokens == int(lengths[0])
+    # what the predictor runs is what the AOT predict plan compiles: the contract's "predict" fields, text included
+    made = pred.make_inputs([(images, question)])
+    fields = spec(pred.module.config, 1, 2, made.input_ids.shape[1], program="predict")
+    assert {k: (v.shape, v.dtype) for k, v in as_dict(made).items()} == \
+        {k: (f.shape, np.dtype(f.dtype)) for k, f in fields.items()}
+    assert "qformer_input_ids" in fields

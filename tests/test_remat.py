@@ -14,7 +14,7 @@ from calico_jax.models import layers
 from calico_jax.models.calico import REMAT_TOWERS, Calico, CalicoConfig
 from calico_jax.train import config as config_lib
 from calico_jax.train.losses import calico_loss
-from tests.test_calico import make_batch
+from tests.test_calico import apply, make_batch
 
 TOWERS = REMAT_TOWERS
 
@@ -66,7 +66,7 @@ def setup():
     base = small_config()
     batch = {k: jnp.asarray(v) for k, v in make_batch(base, seed=2).items()}
     m = Calico(base)
-    shapes = nn.unbox(jax.eval_shape(m.init, jax.random.key(0), **m.dummy_inputs())["params"])
+    shapes = nn.unbox(jax.eval_shape(m.init, jax.random.key(0), m.dummy_inputs())["params"])
     leaves, tree = jax.tree.flatten(shapes)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     params = jax.tree.unflatten(tree, [0.1 * jax.random.normal(k, x.shape, x.dtype) + (x.ndim == 1)
@@ -78,7 +78,7 @@ def grads_for(cfg, batch, params, gt):
     m = Calico(cfg)
 
     def loss_fn(p):
-        out = m.apply({"params": p}, **batch, deterministic=False, rngs={"dropout": jax.random.key(5)})
+        out = apply(m, p, batch, deterministic=False, rngs={"dropout": jax.random.key(5)})
         return calico_loss(out, gt)[0]
 
     return jax.jit(jax.value_and_grad(loss_fn))(params)
@@ -88,7 +88,7 @@ def test_param_tree_identical_with_any_policy():
     """Paths, shapes, dtypes and logical axis names of every tower (CLIP via image_path='clip_mlp')."""
     def tree(cfg):
         m = Calico(cfg)
-        boxed = jax.eval_shape(m.init, jax.random.key(0), **m.dummy_inputs())["params"]
+        boxed = jax.eval_shape(m.init, jax.random.key(0), m.dummy_inputs())["params"]
         return jax.tree_util.tree_map_with_path(
             lambda path, x: (jax.tree_util.keystr(path), x.value.shape, x.value.dtype, x.names), boxed,
             is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -150,11 +150,11 @@ def test_policy_reaches_the_program_per_tower(setup, tower):
     base, batch, params, _ = setup
     policy = {"vision": "full", "dinov2": "dots", "qformer": "dots_no_batch", "llm": "dots", "sam": "full"}[tower]
     m = Calico(remat_cfg(base, **{tower: policy}))
-    jaxpr = jax.make_jaxpr(lambda p: m.apply({"params": p}, **batch))(params).jaxpr
+    jaxpr = jax.make_jaxpr(lambda p: apply(m, p, batch))(params).jaxpr
     found = checkpoints(jaxpr)
     assert len(found) == CALLS[tower], (tower, len(found))
     assert all(e.params["policy"] is layers.REMAT_POLICIES[policy] for e in found)
-    assert not checkpoints(jax.make_jaxpr(lambda p: Calico(base).apply({"params": p}, **batch))(params).jaxpr)
+    assert not checkpoints(jax.make_jaxpr(lambda p: apply(Calico(base), p, batch))(params).jaxpr)
 
 
 def test_model_config_maps_towers_and_rejects_unknown():

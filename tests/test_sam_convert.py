@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 import calico_jax  # noqa: E402
 from calico_jax.checkpoints.torch_files import open_checkpoint  # noqa: E402
 from calico_jax.models.sam import SamConfig  # noqa: E402
-from convert.families.sam import SAM, _infer_preset  # noqa: E402
+from convert.families.sam import SAM, infer_preset  # noqa: E402
 from tests.helpers import nothing_at, rel_err, run_convert  # noqa: E402
 from tests.test_sam import CONFIG_A, CONFIG_B, TOL, hf_fixture, original_fixture  # noqa: E402
 
@@ -183,5 +183,5 @@ def test_infer_preset(name, dim, depth):
     prefix = "model.grounding_encoder."
     shapes = {prefix + "image_encoder.patch_embed.proj.weight": (dim, 3, 16, 16)}
     shapes.update({f"{prefix}image_encoder.blocks.{i}.norm1.weight": (dim,) for i in range(depth)})
-    assert _infer_preset(_Shapes(shapes), prefix) == name
+    assert infer_preset(_Shapes(shapes), prefix) == name
     assert SamConfig.preset(name).image_encoder.embed_dim == dim

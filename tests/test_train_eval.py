@@ -117,7 +117,8 @@ def test_two_process_shards_are_disjoint_and_cover_the_global_batch(runs):
         # jax.make_array_from_process_local_data places on its devices).
         for p in range(2):
             np.testing.assert_array_equal(shards[p][step]["input_ids"], full["input_ids"][2 * p:2 * p + 2])
-            np.testing.assert_array_equal(shards[p][step]["images_sam"], full["images_sam"][2 * p:2 * p + 2])
+            np.testing.assert_array_equal(shards[p][step]["sam_pixel_values"],
+                                          full["sam_pixel_values"][2 * p:2 * p + 2])
 
 
 def test_non_zero_process_builds_nothing_and_waits_at_the_barrier(tmp_path, monkeypatch):

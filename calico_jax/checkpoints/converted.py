@@ -31,13 +31,13 @@ FORMAT_VERSION = 1
 
 def abstract_params(module: nn.Module) -> Any:
     """Shape/dtype tree (boxed with logical axis names) of ``module``'s params, without allocating them."""
-    variables = jax.eval_shape(lambda k: module.init(k, **module.dummy_inputs()), jax.random.key(0))
+    variables = jax.eval_shape(lambda k: models.init_variables(module, k), jax.random.key(0))
     return variables["params"]
 
 
 def init_params(module: nn.Module, seed: int = 0) -> Any:
     """Random, unboxed params (used by tests and demos)."""
-    return nn.unbox(module.init(jax.random.key(seed), **module.dummy_inputs())["params"])
+    return nn.unbox(models.init_variables(module, jax.random.key(seed))["params"])
 
 
 def write(directory: str | os.PathLike, model: str, config: Any, params: Any, *, dtype: str = "float32",

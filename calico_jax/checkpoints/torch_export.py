@@ -105,7 +105,7 @@ def write_sharded(directory: Path, tensors: dict[str, np.ndarray], shard_bytes: 
     return names
 
 
-def hf_config(config: Any) -> dict[str, Any]:
+def config_json(config: Any) -> dict[str, Any]:
     """config.json: the LLaMA fields a GLaMM/LLaVA-style loader reads, plus our model config."""
     c = config.llm
     return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": c.hidden_size,
@@ -123,7 +123,7 @@ def save(out: str | Path, config: Any, params: Any, *, full: bool = False, token
     state = author_state(config, params, full)
     with fs.atomic_directory(out, overwrite=overwrite) as tmp:
         write_sharded(tmp, state, shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(hf_config(config), indent=2))
+        (tmp / "config.json").write_text(json.dumps(config_json(config), indent=2))
         if config.llm.lora is not None:
             (tmp / author_layout.ADAPTER_DIR).mkdir()
             write_safetensors(tmp / author_layout.ADAPTER_DIR / "adapter_model.safetensors", adapter_state(params))

@@ -19,7 +19,7 @@ Several processes: every process writes its shards of ``state`` and its own iter
 (``data_iter/process_I-of-N.json``); process 0 commits the step once all have written (orbax's barrier), so a
 process killed mid-save leaves only a temporary directory, never a step. Restoring onto another process count
 re-derives each process's iterator position from the saved ones (:func:`translate_data_state`). All processes
-agree on the step they restore. A save that fails (disk full, a killed writer) raises :class:`CheckpointError`
+agree on the step they restore. A save that fails (disk full, a killed writer) raises :class:`CheckpointWriteError`
 naming the step; the steps before it stay readable.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ ocp.type_handlers.register_type_handler(
     jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=1 << 20), override=True)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written; the message names the step and the newest complete one."""
 
 
@@ -87,10 +87,10 @@ class Checkpointer:
             return []
         return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
 
-    def _error(self, step: int, e: Exception) -> CheckpointError:
+    def _error(self, step: int, e: Exception) -> CheckpointWriteError:
         self.failed = True
         steps = [s for s in self.committed_steps() if s != step]
-        return CheckpointError(
+        return CheckpointWriteError(
             f"checkpoint step {step} could not be written to {self.directory} ({type(e).__name__}: {str(e)[:400]}); "
             f"the newest complete checkpoint is {f'step {steps[-1]}' if steps else 'none'}")
 
@@ -110,7 +110,7 @@ class Checkpointer:
         return saved
 
     def check(self) -> None:
-        """Raises :class:`CheckpointError` if the last async save has failed (cheap; called every step, so a
+        """Raises :class:`CheckpointWriteError` if the last async save has failed (cheap; called every step, so a
         full disk stops training at once rather than at the next save)."""
         if self.pending is not None and not self.mngr.is_saving_in_progress():
             self.wait()   # the save has ended: returns at once, or raises its error
@@ -123,7 +123,7 @@ class Checkpointer:
         self.pending = None
 
     def close(self) -> None:
-        """Waits for the last save (its failure raises :class:`CheckpointError`), then closes."""
+        """Waits for the last save (its failure raises :class:`CheckpointWriteError`), then closes."""
         try:
             if not self.failed:
                 self.wait()

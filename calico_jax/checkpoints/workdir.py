@@ -127,7 +127,7 @@ def _restore_step(step_dir: Path, step: int) -> WorkdirModel:
     patterns = tuple(model["trainable"])
 
     def init(key):
-        return nn.unbox(module.init(key, **module.dummy_inputs())["params"])
+        return nn.unbox(models.init_variables(module, key)["params"])
 
     abstract = jax.eval_shape(init, jax.random.key(0))
     a_train = partition(abstract, patterns)[0]

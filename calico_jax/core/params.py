@@ -1,7 +1,7 @@
 """Trainable/frozen split of a params tree by path regexes (big_vision style).
 
 A leaf is trainable iff its '/'-joined path (``llm/model/layers_3/self_attn/q_proj/lora_a``) fully matches one
-of the patterns of the model config (``CalicoConfig.trainable``). Training keeps the two parts in separate trees
+of the patterns of the training recipe (``RecipeConfig.trainable``). Training keeps the two parts in separate trees
 and differentiates the trainable one only (:func:`calico_jax.train.step.value_and_grad_trainable`), so no
 gradient or optimizer state exists for a frozen leaf; checkpoints hold the trainable tree, and restoring puts it
 back over the frozen one (:func:`combine`).

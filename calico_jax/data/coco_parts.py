@@ -42,11 +42,10 @@ The generic file reading is :mod:`calico_jax.data.coco_reader`, each convention'
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
-from calico_jax.data.coco_conventions import _guess_whole, _load_ade, _load_paco, _load_partimagenet, detect_convention
-from calico_jax.data.coco_reader import ObjectInst, PartDataset, PartImage, _finish, _object, _read_raw
+from calico_jax.data.coco_conventions import detect_convention, link_parts
+from calico_jax.data.coco_reader import ObjectInst, PartDataset, PartImage, read_raw
 from calico_jax.data.rle import decode, encode, rle_area, rle_intersection_area, rle_union, to_rle
 from calico_jax.data.skips import DataError, Report
 
@@ -61,21 +60,8 @@ def load_part_dataset(path, convention: str = "auto", *, whole=None, part_maps=N
         raise DataError(f"unknown convention {convention!r}; one of {CONVENTIONS}")
     report = report if report is not None else Report(strict)
     path = Path(path)
-    raw = _read_raw(path, report)
-    if convention == "auto":
-        convention = detect_convention(raw, path)
-        if convention == "partimagenet" and whole is None:
-            whole = _guess_whole(path)
-    if convention == "paco":
-        return _load_paco(raw, report)
-    if convention == "partimagenet":
-        return _load_partimagenet(raw, report, whole)
-    if convention == "ade20k_part":
-        return _load_ade(raw, report, part_maps, part_names)
-    per_image: dict[int, list[ObjectInst]] = defaultdict(list)
-    for a in raw.anns:
-        per_image[a["image_id"]].append(_object(a, raw.cats[a["category_id"]]))
-    return _finish(raw, "objects", per_image, report)
+    return link_parts(read_raw(path, report), path, convention, report, whole=whole, part_maps=part_maps,
+                      part_names=part_names)
 
 
 def clean_name(name: str) -> str:

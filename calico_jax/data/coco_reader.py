@@ -53,7 +53,8 @@ class PartDataset:
 
 
 @dataclass
-class _Raw:
+class RawFile:
+    """One COCO file as read by :func:`read_raw`: its valid records by id, before any part is linked."""
     path: str
     data: dict
     images: dict[int, dict]
@@ -61,7 +62,8 @@ class _Raw:
     anns: list[dict]                      # valid annotations, each with "_rle" and "_area"
 
 
-def _read_json(path) -> dict:
+def read_coco_json(path) -> dict:
+    """The JSON object of a COCO annotation file (``images`` and ``annotations`` lists), or :class:`DataError`."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -94,8 +96,10 @@ def _bad_fields(rec, spec: dict[str, type]) -> list[str]:
     return bad
 
 
-def _read_raw(path, report: Report, extra_cat_keys=("part_categories",)) -> _Raw:
-    data = _read_json(path)
+def read_raw(path, report: Report, extra_cat_keys=("part_categories",)) -> RawFile:
+    """Reads a COCO file: bad, duplicate or dangling records are skipped into ``report``; each kept annotation
+    gets its mask as ``_rle`` (with ``_area`` and ``_rec``, the record's name for the report)."""
+    data = read_coco_json(path)
     name = os.path.basename(str(path))
     if not isinstance(data.get("categories", []), list):
         raise DataError(f"{path}: 'categories' is a {type(data['categories']).__name__}, not a list")
@@ -146,23 +150,26 @@ def _read_raw(path, report: Report, extra_cat_keys=("part_categories",)) -> _Raw
         if rle is None:
             continue
         anns.append(dict(a, _rle=rle, _area=rle_area(rle), _rec=rec))
-    return _Raw(str(path), data, images, cats, anns)
+    return RawFile(str(path), data, images, cats, anns)
 
 
 def _image(im: dict) -> PartImage:
     return PartImage(int(im["id"]), str(im["file_name"]), int(im["height"]), int(im["width"]))
 
 
-def _object(a: dict, cat: dict) -> ObjectInst:
+def make_object(a: dict, cat: dict) -> ObjectInst:
+    """An object (no parts yet) from an annotation read by :func:`read_raw` and its category."""
     return ObjectInst(int(a["id"]), str(cat["name"]), a["_rle"], a["_area"], str(cat.get("supercategory", "")))
 
 
-def _add_part(ob: ObjectInst, part: str, rle: dict, ann_id: int) -> None:
+def add_part(ob: ObjectInst, part: str, rle: dict, ann_id: int) -> None:
+    """Adds one mask of part ``part`` (annotation ``ann_id``) to ``ob``."""
     ob.parts.setdefault(part, []).append(rle)
     ob.part_ann_ids.setdefault(part, []).append(ann_id)
 
 
-def _best_object(rle: dict, candidates: list[ObjectInst]) -> ObjectInst | None:
+def best_object(rle: dict, candidates: list[ObjectInst]) -> ObjectInst | None:
+    """The candidate the part mask ``rle`` overlaps most (the only one if none overlaps), else None."""
     best, best_area = None, 0.0
     for ob in candidates:
         inter = rle_intersection_area(rle, ob.rle)
@@ -173,7 +180,9 @@ def _best_object(rle: dict, candidates: list[ObjectInst]) -> ObjectInst | None:
     return best
 
 
-def _finish(raw: _Raw, convention: str, per_image: dict[int, list[ObjectInst]], report: Report) -> PartDataset:
+def build_dataset(raw: RawFile, convention: str, per_image: dict[int, list[ObjectInst]],
+                  report: Report) -> PartDataset:
+    """The :class:`PartDataset` of every image of ``raw`` with its linked objects (an image without any keeps none)."""
     images = []
     for iid, im in raw.images.items():
         pim = _image(im)

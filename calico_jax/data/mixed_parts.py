@@ -50,8 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from calico_jax.data.coco_parts import clean_name
-from calico_jax.data.coco_reader import _read_json
-from calico_jax.data.pairs_io import PREFIX, TASKS, _check_image, _images_phrase, validate_sample
+from calico_jax.data.coco_reader import read_coco_json
+from calico_jax.data.pairs_io import PREFIX, TASKS, check_image, images_phrase, validate_sample
 from calico_jax.data.rle import rle_area, to_rle
 from calico_jax.data.skips import DataError, Report
 
@@ -108,7 +108,7 @@ def load_sources(coco: list[tuple[str, str]], images: dict[str, str]) -> dict[st
         if root is None:
             raise DataError(f"--images: no image root for source {name!r} (give --images {name}=DIR or one DIR)")
         src = out.setdefault(name, Source(name, len(out), [], str(root)))
-        data = _read_json(path)
+        data = read_coco_json(path)
         src.paths.append(str(path))
         for im in data["images"]:   # entries without a usable id are unreachable, not an error
             if isinstance(im, dict) and isinstance(im.get("id"), (int, str)):
@@ -135,7 +135,7 @@ def infer_task(question: str) -> str | None:
 
 def prompt_prefix(n: int, style: str = "ours") -> str:
     if style == "ours":
-        return PREFIX.format(images=_images_phrase(n))
+        return PREFIX.format(images=images_phrase(n))
     tags = [f"<image> (IMAGE{k + 1})" for k in range(n)]
     listed = tags[0] if n == 1 else " and ".join(tags) if n == 2 else ", ".join(tags[:-1]) + f", and {tags[-1]}"
     return "The " + listed + (" provide an overview of the pictures.\n" if n > 1 else
@@ -182,8 +182,8 @@ class MixedPartsConverter:
             self._skip("bad_record", rec, f"img_ids[{k}]={iid!r}: COCO image size {info['height']}x{info['width']}")
         key = (src.index, info["image_id"])
         if key not in self._image_ok:   # each image checked once, reported once
-            self._image_ok[key] = _check_image(Path(src.root) / info["file"], (info["height"], info["width"]),
-                                               f"{rec} img_ids[{k}]={iid!r}", self.check, self.report)
+            self._image_ok[key] = check_image(Path(src.root) / info["file"], (info["height"], info["width"]),
+                                              f"{rec} img_ids[{k}]={iid!r}", self.check, self.report)
         if not self._image_ok[key]:
             raise _Skip
         return info

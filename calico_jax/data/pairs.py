@@ -49,13 +49,14 @@ from calico_jax.data.coco_parts import (
     rle_area,
     rle_union,
 )
+from calico_jax.data.mixed_parts import from_args
 from calico_jax.data.pairs_io import (
     PREFIX,
     SEG_RE,
     TASKS,
     Pairs,
-    _check_image,
-    _images_phrase,
+    check_image,
+    images_phrase,
     read_pairs,
     validate_sample,
     write_pairs,
@@ -153,7 +154,7 @@ class PairBuilder:
             if not cand:
                 continue
             record = f"{Path(ds.path).name}: image id={im.image_id} ({im.file_name})"
-            if not _check_image(root / im.file_name, (im.height, im.width), record, cfg.check_images, self.report):
+            if not check_image(root / im.file_name, (im.height, im.width), record, cfg.check_images, self.report):
                 continue
             idx = len(self.images)
             self.images.append({"source": s, "image_id": im.image_id, "file": im.file_name,
@@ -264,7 +265,7 @@ class PairBuilder:
                     parts[k].append(p)
             answer += f" The unique part{'s are' if len(phrases) > 1 else ' is'} {_join(phrases)}."
         t = rng.randrange(len(QUESTIONS[task]))
-        prompt = PREFIX.format(images=_images_phrase(len(views))) + QUESTIONS[task][t]
+        prompt = PREFIX.format(images=images_phrase(len(views))) + QUESTIONS[task][t]
         return {"id": f"{task}-{n:07d}", "task": task, "images": [v.image for v in views], "prompt": prompt,
                 "template": t, "answer": answer, "objects": classes, "parts": parts, "segs": segs}
 
@@ -339,7 +340,6 @@ def main(argv=None) -> int:
     report = Report(a.strict)
     try:
         if a.from_mixed_parts:
-            from calico_jax.data.mixed_parts import from_args
             data = from_args(a, report)
         else:
             data = _build(a, report)

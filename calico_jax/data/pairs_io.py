@@ -37,12 +37,15 @@ TASKS = ("common_object", "common_parts", "unique_parts")
 PREFIX = "{images} provide an overview of the pictures. "   # the first user turn's start, before the question
 
 
-def _images_phrase(n: int) -> str:
+def images_phrase(n: int) -> str:
+    """The prompt's image preamble subject: ``"The <image> (IMAGE1) and <image> (IMAGE2)"`` for ``n = 2``."""
     tags = [f"<image> (IMAGE{k + 1})" for k in range(n)]
     return "The " + (tags[0] if n == 1 else ", ".join(tags[:-1]) + " and " + tags[-1])
 
 
-def _check_image(path: Path, hw: tuple[int, int], record: str, mode: str, report: Report) -> bool:
+def check_image(path: Path, hw: tuple[int, int], record: str, mode: str, report: Report) -> bool:
+    """Whether the image of ``record`` is usable under ``mode`` (``none`` / ``exists`` / a full decode that checks
+    its size ``hw``, EXIF rotation allowed); a bad one is skipped into ``report``."""
     if mode == "none":
         return True
     if not path.is_file():
@@ -141,4 +144,5 @@ def read_pairs(path, validate: bool = True, images_root: str | dict[int, str] | 
     return Pairs(data, images_root)
 
 
-__all__ = ["SEG_RE", "TASKS", "PREFIX", "Pairs", "read_pairs", "write_pairs", "validate_sample"]
+__all__ = ["SEG_RE", "TASKS", "PREFIX", "Pairs", "read_pairs", "write_pairs", "validate_sample", "images_phrase",
+           "check_image"]

@@ -19,35 +19,13 @@ Sharding over processes: element ``k`` of process ``i``'s stream is element
 micro-batch's rows per process), so process ``i`` reads rows ``[i*b, (i+1)*b)`` of every global micro-batch -- the
 rows its devices hold -- and the global batches are those of one process reading everything, in order.
 
-Batch dict (B = batch_size per process, N = max_images, S = max_segs, T = max_tokens)::
-
-    input_ids       int32   [B, T]  llava_v1 conversation; one IMAGE_TOKEN_INDEX (-200) slot per
-                                    valid image (in image order), wrapped in <im_start>/<im_end>;
-                                    right-padded with the tokenizer's pad id
-    labels          int32   [B, T]  input_ids with the prompt, image slots and padding = -100; the
-                                    answer (incl. every [SEG], its "(IMAGEk)" identifier) and </s> are
-                                    targets. Unshifted: position t predicts token t (the model shifts).
-    attention_mask  int32   [B, T]  1 on real tokens, 0 on padding
-    images_blip     float32 [B, N, blip_size, blip_size, 3]       EVA-CLIP / Q-Former input (X_global)
-    images_dinov2   float32 [B, N, Hd, Wd, 3]                     DINOv2 input (only if dinov2_size)
-    images_sam      float32 [B, N, sam_size, sam_size, 3]         SAM input, zero-padded bottom/right
-                                    (sizes: ``PipelineConfig.preprocess``, a
-                                    :class:`~calico_jax.core.preprocess.Preprocess`)
-    image_valid     bool    [B, N]  False for padding images (their pixels are 0)
-    original_sizes  int32   [B, N, 2]  (H, W) of each image as loaded (EXIF applied); 0 for padding
-    sam_sizes       int32   [B, N, 2]  (h, w) valid region of images_sam (SAM reshaped_input_size)
-    masks           bool    [B, S, M, M]  ground truth of the s-th [SEG] of the answer (M = mask_size),
-                                    on the SAM input frame: longest side resized
-                                    to M (PIL nearest), padded bottom/right with False; the valid
-                                    region is [:h, :w] with (h, w) = mask_sizes[b, seg_image[b, s]]
-    mask_sizes      int32   [B, N, 2]  (h, w) valid mask region at mask_size (= sam_sizes when
-                                    mask_size == sam_size); bring a prediction back to the original
-                                    resolution with crop [:h, :w] and resize to original_sizes
-    mask_valid      bool    [B, S]  True for the first (number of [SEG] in input_ids) entries
-    seg_image       int32   [B, S]  0-based image (within the sample) the s-th [SEG] refers to, i.e.
-                                    its "(IMAGEk)" minus 1; 0 on padding
-    task            int32   [B]     index into calico_jax.data.pairs.TASKS
-    sample_index    int32   [B]     index of the sample in the pairs file
+Batch: a flat dict of numpy arrays whose keys, shapes and dtypes are the CALICO batch contract's
+(:mod:`calico_jax.models.inputs`, ``spec(model_config, B, N, T)`` with B = batch_size per process, N = max_images,
+T = max_tokens and M = max_segs [SEG] slots): inputs, targets and the bookkeeping ``task`` / ``sample_index``.
+What this pipeline puts there: ``input_ids`` is the llava_v1 conversation (one IMAGE_TOKEN_INDEX slot per valid
+image, wrapped in <im_start>/<im_end>), right-padded with the tokenizer's pad id; padding images are 0 in every
+pixel field and size; ``masks`` are the pairs file's RLEs transformed as SAM's input (longest side to
+``mask_size``, PIL nearest, padded with False); ``seg_image`` is 0 on padding.
 
 The s-th ``[SEG]`` token of ``input_ids[b]`` (in order) goes with ``masks[b, s]``; the number of
 ``[SEG]`` ids in a row always equals ``mask_valid[b].sum()``.
@@ -83,7 +61,7 @@ from calico_jax.data.pairs_io import Pairs, read_pairs
 from calico_jax.data.processors import SamProcessor, from_preprocess, load_image
 from calico_jax.data.rle import decode
 from calico_jax.data.skips import Report
-from calico_jax.data.tokenize import SampleTokenizer
+from calico_jax.data.tokenize import SampleTokenizer, build_tiny_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -202,24 +180,24 @@ class Process(grain.transforms.Map):
                "attention_mask": np.zeros(t, np.int32)}
         L = len(ex["input_ids"])
         out["input_ids"][:L], out["labels"][:L], out["attention_mask"][:L] = ex["input_ids"], ex["labels"], 1
-        out["images_blip"] = np.zeros((n, cfg.blip_size, cfg.blip_size, 3), np.float32)
-        out["images_sam"] = np.zeros((n, cfg.sam_size, cfg.sam_size, 3), np.float32)
+        out["pixel_values"] = np.zeros((n, cfg.blip_size, cfg.blip_size, 3), np.float32)
+        out["sam_pixel_values"] = np.zeros((n, cfg.sam_size, cfg.sam_size, 3), np.float32)
         out["image_valid"] = np.zeros(n, bool)
-        out["original_sizes"], out["sam_sizes"], out["mask_sizes"] = (np.zeros((n, 2), np.int32) for _ in range(3))
+        out["original_hw"], out["resized_hw"], out["mask_hw"] = (np.zeros((n, 2), np.int32) for _ in range(3))
         dino = []
         for k, im in enumerate(ex["images"]):
-            out["images_blip"][k] = self.blip(im)
+            out["pixel_values"][k] = self.blip(im)
             sam = self.sam(im)
-            out["images_sam"][k] = sam["pixel_values"]
-            out["sam_sizes"][k] = sam["reshaped_input_size"]
-            out["original_sizes"][k] = im.shape[:2]
-            out["mask_sizes"][k] = SamProcessor.resized_hw(*im.shape[:2], cfg.mask_size)
+            out["sam_pixel_values"][k] = sam["pixel_values"]
+            out["resized_hw"][k] = sam["reshaped_input_size"]
+            out["original_hw"][k] = im.shape[:2]
+            out["mask_hw"][k] = SamProcessor.resized_hw(*im.shape[:2], cfg.mask_size)
             out["image_valid"][k] = True
             if self.dino is not None:
                 dino.append(self.dino(im))
         if self.dino is not None:
-            out["images_dinov2"] = np.zeros((n, *dino[0].shape), np.float32)
-            out["images_dinov2"][:len(dino)] = dino
+            out["dino_pixel_values"] = np.zeros((n, *dino[0].shape), np.float32)
+            out["dino_pixel_values"][:len(dino)] = dino
         m = cfg.mask_size
         out["masks"] = np.zeros((s, m, m), bool)
         for j, mask in enumerate(ex["masks"]):
@@ -341,7 +319,6 @@ def main(argv=None) -> int:
     ap.add_argument("--max_tokens", type=int, default=512)
     ap.add_argument("--batches", type=int, default=20)
     a = ap.parse_args(argv)
-    from calico_jax.data.tokenize import build_tiny_tokenizer, load_tokenizer
     if a.tokenizer is None:
         a.tokenizer = tempfile.mkdtemp()
         build_tiny_tokenizer(a.tokenizer, vocab_size=400)

@@ -34,6 +34,10 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from calico_jax.core.fs import atomic_directory
+from calico_jax.data import pairs
+from calico_jax.data.coco_parts import Report, load_part_dataset
+
 
 # ----------------------------------------------------------------------- shapes in the object frame
 def _rect(cx, cy, w, h):
@@ -247,10 +251,6 @@ def make_split(root, num_images: int, seed: int, pair_seed: int, *, progress: bo
     """A synthetic dataset and its pairs file under ``root`` (``images/``, ``annotations.json``, ``pairs.json``),
     written atomically; an existing complete split is reused. ``options``: :func:`generate`'s keywords.
     Returns the pairs file. Used by the training task (no ``data.pairs``) and by ``make demo``."""
-    from calico_jax.core.fs import atomic_directory
-    from calico_jax.data import pairs
-    from calico_jax.data.coco_parts import Report, load_part_dataset
-
     root = Path(root)
     if not (root / "pairs.json").is_file():
         with atomic_directory(root, overwrite=root.exists()) as tmp:

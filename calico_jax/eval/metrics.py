@@ -55,6 +55,7 @@ from calico_jax.core.config import Config, ConfigError
 from calico_jax.data.pairs import TASKS
 from calico_jax.eval.labels import CLEANINGS, cleaners
 from calico_jax.eval.masks import ImageMasks, SampleResult, image_ap50, image_miou, match, mean_or_nan, prepare, units
+from calico_jax.eval.sentence import SentenceEncoder
 
 Similarity = Callable[[str, str], float]
 METRICS = ("AP50", "mIoU", "Recall", "SS", "S-IoU")
@@ -215,8 +216,6 @@ def evaluate(results: Sequence[SampleResult], config: MetricConfig = MetricConfi
     ``similarity(a, b)``: label similarity (None = a :class:`SentenceEncoder`); ``progress``: a bar
     over the samples (None = only for 200 samples or more)."""
     if similarity is None:
-        from calico_jax.eval.sentence import SentenceEncoder
-
         similarity = SentenceEncoder().similarity
     progress = len(results) >= 200 if progress is None else progress
     sim = _LabelScore(similarity, config.label_cleaning, "ss")

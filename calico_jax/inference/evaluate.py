@@ -24,13 +24,21 @@ import json
 import sys
 from pathlib import Path
 
+from calico_jax.core.fs import write_atomic
+from calico_jax.core.viz import overlay
+from calico_jax.data.pairs_io import read_pairs
+from calico_jax.data.processors import load_image
+from calico_jax.data.rle import decode, encode
+from calico_jax.eval.masks import Mask, SampleResult
+from calico_jax.eval.metrics import PROTOCOLS, MetricConfig, evaluate
+from calico_jax.eval.report import format_table, write_report
+from calico_jax.eval.sentence import SentenceEncoder, SentenceModelError
+
 PRED_FORMAT = "calico_jax.predictions"
 
 
 def gt_results(pairs, samples: list[dict], predictions: dict[str, dict]):
     """Pairs samples + {sample id: prediction record} -> SampleResults (a sample without a prediction has none)."""
-    from calico_jax.eval.masks import Mask, SampleResult
-
     out = []
     for s in samples:
         gt = [Mask(image=g["image"], label=g["label"], rle=pairs.masks[g["mask"]]["rle"]) for g in s["segs"]]
@@ -43,9 +51,7 @@ def gt_results(pairs, samples: list[dict], predictions: dict[str, dict]):
 
 def predict_samples(args, pairs, samples: list[dict]) -> dict[str, dict]:
     """Runs the model over ``samples`` -> {id: prediction record}; overlays for the first few."""
-    from calico_jax.data.processors import load_image
-    from calico_jax.data.rle import encode
-    from calico_jax.inference.predictor import load_predictor
+    from calico_jax.inference.predictor import load_predictor  # after argparse: --help stays fast (imports the models)
 
     overrides = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
     predictor = load_predictor(args.ckpt, **overrides)
@@ -81,8 +87,6 @@ def _draw(root: Path, sample: dict, images, pred, pairs) -> None:
     """Prediction | ground truth side by side (captioned), one PNG per image of the sample."""
     from PIL import Image, ImageDraw
 
-    from calico_jax.core.viz import overlay
-
     root.mkdir(parents=True, exist_ok=True)
     for k, im in enumerate(images):
         p = overlay(im, [(m.mask, m.label) for m in pred.masks if m.image == k])
@@ -117,7 +121,6 @@ def _check_mask(m, where: str) -> None:
     if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)) \
             or not isinstance(rle.get("counts"), (str, list)):
         raise ValueError(f"{where}.rle: expected {{'size': [H, W], 'counts': str}}, got {str(rle)[:80]}")
-    from calico_jax.data.rle import decode
     try:
         decoded = decode(rle)
     except Exception as e:   # pycocotools raises several kinds on malformed counts
@@ -178,8 +181,6 @@ def _bool(text: str) -> bool:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from calico_jax.eval.metrics import PROTOCOLS, MetricConfig
-
     ap = argparse.ArgumentParser(prog="python -m calico_jax.evaluate", description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="exported checkpoint or training workdir")
@@ -208,8 +209,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def metric_config(args):
     """``--protocol``'s preset with the switches given on the command line on top."""
-    from calico_jax.eval.metrics import MetricConfig
-
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(MetricConfig)
              if f.name != "protocol" and getattr(args, f.name) is not None}
     return MetricConfig.preset(args.protocol, **given)
@@ -231,7 +230,6 @@ def _load_predictions(args, pairs, samples) -> dict:
         return preds
     preds = predict_samples(args, pairs, samples)
     if args.save_predictions:
-        from calico_jax.core.fs import write_atomic
         out = Path(args.save_predictions)
         out.parent.mkdir(parents=True, exist_ok=True)
         data = {"format": PRED_FORMAT, "version": 1, "pairs": str(Path(args.pairs).absolute()),
@@ -242,11 +240,6 @@ def _load_predictions(args, pairs, samples) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from calico_jax.data.pairs_io import read_pairs
-    from calico_jax.eval.metrics import evaluate
-    from calico_jax.eval.report import format_table, write_report
-    from calico_jax.eval.sentence import SentenceEncoder, SentenceModelError
-
     try:
         metric_cfg = metric_config(args)
         pairs = read_pairs(args.pairs, images_root=args.images)

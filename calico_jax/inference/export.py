@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from calico_jax.checkpoints import converted as pretrained
+from calico_jax.checkpoints import torch_export
 from calico_jax.checkpoints import workdir as checkpoints
 from calico_jax.core import fs
 from calico_jax.core.config import ConfigError
@@ -48,7 +49,6 @@ def export(workdir: str | Path, out: str | Path, overwrite: bool = False) -> Pat
 
 def export_torch(out: str | Path, *, workdir: str | Path | None = None, ckpt: str | Path | None = None,
                  full: bool = False, overwrite: bool = False) -> Path:
-    from calico_jax.checkpoints import torch_export
     if workdir is not None:
         run = checkpoints.restore_workdir(workdir)
         config, params, tok = run.config, run.params, run.tokenizer_dir

@@ -139,8 +139,9 @@ def left_align(input_ids: np.ndarray, attention_mask: np.ndarray | None, pad_tok
 
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "stop_token_ids", "pad_token_id",
                                              "temperature", "top_p", "hooks", "return_hidden"))
-def _decode_jit(params, input_ids, attention_mask, rng, *, module, max_new_tokens, stop_token_ids,
-                pad_token_id, temperature, top_p, hooks, return_hidden):
+def decode_jit(params, input_ids, attention_mask, rng, *, module, max_new_tokens, stop_token_ids,
+               pad_token_id, temperature, top_p, hooks, return_hidden):
+    """:func:`decode` jit-compiled, one program per static setting (:func:`generate` calls it; benchmarks time it)."""
     return decode(module, params, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                   stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, temperature=temperature,
                   top_p=top_p, rng=rng, hooks=dict(hooks) if hooks else None, return_hidden=return_hidden)
@@ -159,7 +160,7 @@ def generate(module, params, input_ids, attention_mask=None, *, max_new_tokens: 
     stop = tuple(cfg.eos_token_ids) if stop_token_ids is None else tuple(stop_token_ids)
     pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
     ids, mask = left_align(np.asarray(input_ids), attention_mask, pad, bucket)
-    return _decode_jit(params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), jax.random.key(seed),
-                       module=module, max_new_tokens=int(max_new_tokens), stop_token_ids=stop,
-                       pad_token_id=int(pad), temperature=float(temperature), top_p=float(top_p),
-                       hooks=tuple(sorted(hooks.items())) if hooks else None, return_hidden=return_hidden)
+    return decode_jit(params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), jax.random.key(seed),
+                      module=module, max_new_tokens=int(max_new_tokens), stop_token_ids=stop,
+                      pad_token_id=int(pad), temperature=float(temperature), top_p=float(top_p),
+                      hooks=tuple(sorted(hooks.items())) if hooks else None, return_hidden=return_hidden)

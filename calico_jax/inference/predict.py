@@ -23,6 +23,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from calico_jax.core.fs import atomic_directory
+from calico_jax.core.viz import overlay
+from calico_jax.data.pairs import PREFIX, QUESTIONS, images_phrase
+from calico_jax.data.processors import load_image
+from calico_jax.data.rle import encode
+
 TASK_NAMES = {"common-object": "common_object", "common-parts": "common_parts", "unique-parts": "unique_parts"}
 DEFAULT_MAX_PIXELS = 64_000_000
 
@@ -34,8 +40,6 @@ class InputError(ValueError):
 def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """An image file -> RGB uint8 [H, W, 3] with its EXIF orientation applied; grayscale, palette, CMYK and
     alpha images are converted (alpha composited on white). Clear :class:`InputError` otherwise."""
-    from calico_jax.data.processors import load_image
-
     path = Path(path)
     if not path.exists():
         raise InputError(f"image {path}: no such file")
@@ -57,16 +61,14 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
 
 
 def build_question(num_images: int, task: str | None = None, prompt: str | None = None) -> str:
-    from calico_jax.data.pairs import PREFIX, QUESTIONS, _images_phrase
-
     if task is not None:
-        return PREFIX.format(images=_images_phrase(num_images)) + QUESTIONS[TASK_NAMES.get(task, task)][0]
+        return PREFIX.format(images=images_phrase(num_images)) + QUESTIONS[TASK_NAMES.get(task, task)][0]
     prompt = (prompt or "").strip()
     if not prompt:
         raise InputError("--prompt is empty")
     slots = prompt.count("<image>")
     if slots == 0:
-        return PREFIX.format(images=_images_phrase(num_images)) + prompt
+        return PREFIX.format(images=images_phrase(num_images)) + prompt
     if slots != num_images:
         raise InputError(f"--prompt has {slots} <image> slots but {num_images} --image files were given")
     return prompt
@@ -78,9 +80,6 @@ def _slug(text: str) -> str:
 
 def write_outputs(out: Path, images: list[np.ndarray], paths: list[str], question: str, pred) -> None:
     """Writes the prediction files into the (empty, temporary) directory ``out``."""
-    from calico_jax.core.viz import overlay
-    from calico_jax.data.rle import encode
-
     (out / "masks").mkdir()
     (out / "answer.txt").write_text(pred.answer + "\n", encoding="utf-8")
     records = []
@@ -113,8 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max_new_tokens", type=int, default=None)
     ap.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="per image; 0 = no limit")
     args = ap.parse_args(argv)
-    from calico_jax.core.fs import atomic_directory
-
     try:
         if not args.image:
             raise InputError("no images: pass at least one --image FILE")
@@ -123,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"{out} already exists (pass --overwrite to replace it)")
         images = [read_image(p, args.max_pixels) for p in args.image]
         question = build_question(len(images), args.task, args.prompt)
-        from calico_jax.inference.predictor import load_predictor
+        from calico_jax.inference.predictor import load_predictor  # after argparse: --help stays fast (the models)
         overrides = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
         predictor = load_predictor(args.ckpt, **overrides)
         pred = predictor.predict([(images, question)])[0]

@@ -5,18 +5,21 @@ routed ``[SEG]`` at the image's original resolution:
 
 1. Host: the ``llava_v1`` prompt (the training format, :class:`~calico_jax.data.tokenize.SampleTokenizer`), left
    aligned and padded to a length bucket; the processors of the training pipeline (BLIP, DINOv2, SAM).
-2. One jitted program: :meth:`Calico.prefill` (image tokens spliced in, the CAMs as LLM hooks, into a KV cache that
-   carries their effect into decoding), then :func:`calico_jax.inference.generate.decode_loop` over
-   :meth:`Calico.decode_step`,
-   keeping every generated token's final hidden state; the frozen SAM image embeddings.
+2. One jitted program, :func:`generate_program` (also what ``train.py --compile_only --program predict`` compiles,
+   :mod:`calico_jax.plans.predict_plan`), on a :class:`~calico_jax.models.inputs.CalicoInputs` (the batch
+   contract's "predict" fields, :meth:`Predictor.make_inputs`): :meth:`Calico.prefill` (image tokens spliced in, the
+   CAMs as LLM hooks, into a KV cache that carries their effect into decoding), then
+   :func:`calico_jax.inference.generate.decode_loop` over :meth:`Calico.decode_step`, keeping every generated
+   token's final hidden state; the frozen SAM image embeddings.
 3. Host: each ``[SEG]`` is routed to the image its identifier ``(IMAGEk)`` names
    (:func:`~calico_jax.models.seg_routing.parse_identifier`) and labelled with the phrase of the last
    ``<p> ... </p>`` before it. Its hidden state is
    :func:`~calico_jax.models.seg_routing.seg_hidden_index` of a generated sequence ("before" the [SEG] generated
    at step j: ``hidden[:, j]``, whose logits produced it; "at" it: ``hidden[:, j + 1]``). No second LLM pass.
-4. One jitted program per padded [SEG] count: f_segmentation -> SAM mask decoder -> low-res logits, then GLaMM's
-   post-processing to the original size (:func:`~calico_jax.models.calico_layout.postprocess_masks`, sizes padded
-   to a bucket so few programs compile). Mask = logits > ``mask_threshold``; score = mean foreground probability.
+4. One jitted program per padded [SEG] count (:func:`mask_program`): f_segmentation -> SAM mask decoder -> low-res
+   logits, then GLaMM's post-processing to the original size
+   (:func:`~calico_jax.models.calico_layout.postprocess_masks`, sizes padded to a bucket so few programs compile).
+   Mask = logits > ``mask_threshold``; score = mean foreground probability.
 
 A batch holds samples with the same number of images (so every row's prompt ends at the same expanded slot);
 :meth:`Predictor.predict` groups and pads batches itself.
@@ -35,14 +38,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from calico_jax.checkpoints import converted as pretrained
+from calico_jax.checkpoints import workdir as checkpoints
 from calico_jax.core.config import Config
 from calico_jax.core.preprocess import Preprocess
 from calico_jax.core.tokens import IMAGE_TOKEN_INDEX, SEG_TOKEN
 from calico_jax.data.processors import from_preprocess
-from calico_jax.data.tokenize import LLAVA_V1_SYSTEM, SampleTokenizer
+from calico_jax.data.qformer_text import QFORMER_TOKENIZER_DIR, QFormerText, load_qformer_tokenizer
+from calico_jax.data.tokenize import LLAVA_V1_SYSTEM, SampleTokenizer, load_tokenizer
 from calico_jax.inference.generate import decode_loop, left_align
 from calico_jax.models.calico import Calico
 from calico_jax.models.calico_layout import postprocess_masks
+from calico_jax.models.inputs import CalicoInputs
 from calico_jax.models.seg_routing import seg_hidden_index
 
 log = logging.getLogger(__name__)
@@ -83,20 +90,21 @@ class Prediction:
 
 # ------------------------------------------------------------------------------------ jitted programs
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "eos", "pad"))
-def _generate(params, input_ids, attention_mask, pixels, dino, sam_pixels, qformer_text=None, *, module: Calico,
-              max_new_tokens: int, eos: int, pad: int):
-    """``qformer_text``: {qformer_input_ids, qformer_attention_mask} [B, T_q] with ``qformer_text_input``, else None."""
+def generate_program(params, inputs: CalicoInputs, *, module: Calico, max_new_tokens: int, eos: int, pad: int):
+    """The predictor's generation program, which the AOT predict plan compiles as is: ``inputs`` holds the batch
+    contract's "predict" fields (``spec(..., program="predict")``: the left-padded prompt, the images and their
+    sizes, and the Q-Former's instruction tokens with ``qformer_text_input``) -> (tokens [B, G], lengths [B],
+    final hidden states [B, G, D] of the generated tokens, SAM image embeddings [B, N, h, w, C])."""
     apply = functools.partial(module.apply, {"params": params})
-    first = apply(input_ids, attention_mask, pixels, dino, max_new_tokens=max_new_tokens, method="prefill",
-                  **(qformer_text or {}))
+    first = apply(inputs, max_new_tokens=max_new_tokens, method="prefill")
     out = decode_loop(first, lambda tok, cache: apply(tok, cache, method="decode_step"),
                       max_new_tokens=max_new_tokens, stop_token_ids=(eos,), pad_token_id=pad, return_hidden=True)
-    sam_embeddings = apply(sam_pixels, method="sam_embeddings")
+    sam_embeddings = apply(inputs.sam_pixel_values, method="sam_embeddings")
     return out.tokens, out.lengths, out.hidden_states, sam_embeddings
 
 
 @functools.partial(jax.jit, static_argnames=("module", "mask_size"))
-def _masks(params, seg_hidden, image_embeddings, resized_hw, original_hw, *, module: Calico,
+def mask_program(params, seg_hidden, image_embeddings, resized_hw, original_hw, *, module: Calico,
            mask_size: tuple[int, int]):
     low_res = module.apply({"params": params}, seg_hidden, image_embeddings,
                            method=lambda m, h, e: m.seg_low_res_masks(m.project_seg(h), e))
@@ -135,13 +143,33 @@ class Predictor:
             raise ValueError(f"the prompt has {ids.count(IMAGE_TOKEN_INDEX)} <image> slots for {num_images} images")
         return ids
 
-    def _pixels(self, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    def image_fields(self, images: Sequence[np.ndarray]) -> dict[str, np.ndarray | None]:
+        """One sample's image fields of the batch contract (no row axis): ``pixel_values``, ``dino_pixel_values``
+        (None without DINOv2 input), ``sam_pixel_values``, ``resized_hw`` and ``original_hw``."""
         sam = [self.sam(im) for im in images]
-        return {"pixels": np.stack([self.blip(im) for im in images]),
-                "dino": np.stack([self.dino(im) for im in images]) if self.dino is not None else None,
-                "sam": np.stack([s["pixel_values"] for s in sam]),
-                "resized": np.asarray([s["reshaped_input_size"] for s in sam], np.int32),
-                "original": np.asarray([im.shape[:2] for im in images], np.int32)}
+        return {"pixel_values": np.stack([self.blip(im) for im in images]),
+                "dino_pixel_values": np.stack([self.dino(im) for im in images]) if self.dino is not None else None,
+                "sam_pixel_values": np.stack([s["pixel_values"] for s in sam]),
+                "resized_hw": np.asarray([s["reshaped_input_size"] for s in sam], np.int32),
+                "original_hw": np.asarray([im.shape[:2] for im in images], np.int32)}
+
+    def make_inputs(self, rows: Sequence[tuple[Sequence[np.ndarray], str]]) -> CalicoInputs:
+        """(images, question) rows, each with the same image count -> :func:`generate_program`'s inputs (numpy):
+        the prompts left-aligned and padded to a multiple of ``prompt_bucket``, the image fields, and the
+        question's Q-Former tokens with ``qformer_text_input``."""
+        tok, n = self.tokenizer, len(rows[0][0])
+        prompts = [self.prompt_ids(q, n) for _, q in rows]
+        width = max(len(p) for p in prompts)
+        raw = np.full((len(rows), width), tok.pad_token_id, np.int64)
+        mask = np.zeros((len(rows), width), bool)
+        for r, p in enumerate(prompts):
+            raw[r, :len(p)], mask[r, :len(p)] = p, True
+        ids, mask = left_align(raw, mask, tok.pad_token_id, self.config.prompt_bucket)
+        px = [self.image_fields(images) for images, _ in rows]
+        fields = {k: None if px[0][k] is None else np.stack([p[k] for p in px]) for k in px[0]}
+        text = {} if self.qformer_text is None else self.qformer_text.batch([q for _, q in rows])
+        return CalicoInputs(input_ids=np.asarray(ids, np.int32), attention_mask=mask.astype(np.int32), **fields,
+                            **text)
 
     def _parse(self, ids: list[int], num_images: int) -> tuple[list[tuple[int, int, str]], int, int]:
         """Generated ids -> [(hidden index, image, label)] per routed [SEG], unrouted and unlabeled counts."""
@@ -187,21 +215,9 @@ class Predictor:
 
     def _predict_batch(self, batch, n: int, batch_size: int) -> list[Prediction]:
         c, tok = self.config, self.tokenizer
-        rows = list(batch) + [batch[0]] * (batch_size - len(batch))
-        prompts = [self.prompt_ids(q, n) for _, q in rows]
-        width = max(len(p) for p in prompts)
-        raw = np.full((len(rows), width), tok.pad_token_id, np.int64)
-        mask = np.zeros((len(rows), width), bool)
-        for r, p in enumerate(prompts):
-            raw[r, :len(p)], mask[r, :len(p)] = p, True
-        ids, mask = left_align(raw, mask, tok.pad_token_id, c.prompt_bucket)
-        px = [self._pixels(images) for images, _ in rows]
-        stack = lambda k: None if px[0][k] is None else jnp.asarray(np.stack([p[k] for p in px]))  # noqa: E731
-        qtext = None if self.qformer_text is None else {
-            k: jnp.asarray(v) for k, v in self.qformer_text.batch([q for _, q in rows]).items()}
-        tokens, lengths, hidden, sam_emb = _generate(
-            self.params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), stack("pixels"), stack("dino"),
-            stack("sam"), qtext, module=self.module, max_new_tokens=c.max_new_tokens, eos=int(tok.eos_token_id),
+        inputs = self.make_inputs(list(batch) + [batch[0]] * (batch_size - len(batch)))
+        tokens, lengths, hidden, sam_emb = generate_program(
+            self.params, inputs, module=self.module, max_new_tokens=c.max_new_tokens, eos=int(tok.eos_token_id),
             pad=int(tok.pad_token_id))
         tokens, lengths = np.asarray(tokens), np.asarray(lengths)
 
@@ -214,17 +230,17 @@ class Predictor:
             segs += [(r, *p) for p in parsed]
             preds.append(Prediction(tok.decode(text_ids).strip(), [], len(gen), unrouted, unlabeled, truncated))
         if segs:
-            self._decode_masks(segs, hidden, sam_emb, px, preds)
+            self._decode_masks(segs, hidden, sam_emb, inputs, preds)
         return preds
 
-    def _decode_masks(self, segs, hidden, sam_emb, px, preds) -> None:
+    def _decode_masks(self, segs, hidden, sam_emb, inputs: CalicoInputs, preds) -> None:
         k = _bucket(len(segs), 8)
         pick = lambda f: np.asarray([f(s) for s in segs] + [f(segs[0])] * (k - len(segs)))  # noqa: E731
         r_idx, h_idx, i_idx = pick(lambda s: s[0]), pick(lambda s: s[1]), pick(lambda s: s[2])
-        original = np.stack([px[r]["original"][i] for r, i in zip(r_idx, i_idx)])
-        resized = np.stack([px[r]["resized"][i] for r, i in zip(r_idx, i_idx)])
+        original = np.stack([inputs.original_hw[r, i] for r, i in zip(r_idx, i_idx)])
+        resized = np.stack([inputs.resized_hw[r, i] for r, i in zip(r_idx, i_idx)])
         size = (_bucket(int(original[:, 0].max()), 64), _bucket(int(original[:, 1].max()), 64))
-        logits = _masks(self.params, hidden[r_idx, h_idx], sam_emb[r_idx, i_idx], jnp.asarray(resized),
+        logits = mask_program(self.params, hidden[r_idx, h_idx], sam_emb[r_idx, i_idx], jnp.asarray(resized),
                         jnp.asarray(original), module=self.module, mask_size=size)
         logits = np.asarray(logits)
         for j, (r, _, image, label) in enumerate(segs):
@@ -240,12 +256,8 @@ def load_predictor(path: str | Path, preprocess: Preprocess | None = None, **ove
     """A :class:`Predictor` from an exported checkpoint (``python -m calico_jax.export``; also any ``calico``
     checkpoint from ``python -m convert calico-assemble`` with its tokenizer) or a training workdir (its newest
     checkpoint + frozen weights, :func:`calico_jax.checkpoints.workdir.restore_workdir`). ``preprocess``: what the
-    caller
-    means to feed; a difference from the checkpoint's is an error naming the fields. ``overrides``:
+    caller means to feed; a difference from the checkpoint's is an error naming the fields. ``overrides``:
     :class:`InferenceConfig` fields (e.g. ``max_new_tokens``)."""
-    from calico_jax.checkpoints import converted as pretrained
-    from calico_jax.checkpoints import workdir as checkpoints
-    from calico_jax.data.tokenize import load_tokenizer
 
     path = Path(path)
     if not path.is_dir():
@@ -271,7 +283,6 @@ def load_predictor(path: str | Path, preprocess: Preprocess | None = None, **ove
         tokenizer = load_tokenizer(tok_dir)
         qformer_text = None
         if module.config.qformer_text_input:
-            from calico_jax.data.qformer_text import QFORMER_TOKENIZER_DIR, QFormerText, load_qformer_tokenizer
             qformer_text = QFormerText(load_qformer_tokenizer(Path(tok_dir) / QFORMER_TOKENIZER_DIR),
                                        module.config.qformer_max_tokens)
     except (OSError, ValueError) as e:

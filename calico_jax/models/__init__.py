@@ -29,6 +29,13 @@ def classes(name: str) -> tuple[type, type]:
     return getattr(mod, module_cls), getattr(mod, config_cls)
 
 
+def init_variables(module: Any, key: Any) -> Any:
+    """``module.init`` on its ``dummy_inputs()``: keyword arguments where that is a dict (the towers), else the one
+    positional input (CALICO's :class:`~calico_jax.models.inputs.CalicoInputs`)."""
+    dummy = module.dummy_inputs()
+    return module.init(key, **dummy) if isinstance(dummy, Mapping) else module.init(key, dummy)
+
+
 def build(name: str, config: Mapping[str, Any] | Any) -> tuple[Any, Any]:
     """Returns ``(module, config)`` for a registry name and a config (dataclass or dict)."""
     module_cls, config_cls = classes(name)

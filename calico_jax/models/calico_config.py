@@ -3,17 +3,21 @@
 :class:`CalicoConfig` is ``ExperimentConfig.model`` (so every field is a ``--config.model.<path>`` override), it is
 stored in every training workdir, checkpoint and exported model, and :class:`~calico_jax.models.calico.Calico`
 reads nothing else: architecture (the towers' own configs), ablation switches (``image_path``, ``cem``, ``cam``,
-``seg``), the pre-processing its inputs need (``preprocess``), the training loss (``loss``), the trainable patterns
-and each tower's remat policy. ``docs/paper_map.md`` lists what each switch decides and where its default comes from.
+``seg``), the pre-processing its inputs need (``preprocess``) and each tower's remat policy. The training recipe --
+the loss and the trainable patterns -- is not part of it: it is ``ExperimentConfig.recipe``
+(:class:`calico_jax.train.config.RecipeConfig`); a config written before that move still loads
+(:meth:`CalicoConfig.from_dict` drops its ``loss`` and ``trainable``). ``docs/paper_map.md`` lists what each switch
+decides and where its default comes from.
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 from calico_jax.core.config import Config, ConfigError
 from calico_jax.core.preprocess import Preprocess
-from calico_jax.models import layers
+from calico_jax.models import image_paths, layers
 from calico_jax.models.blip2 import Blip2VisionConfig
 from calico_jax.models.cam import CamConfig
 from calico_jax.models.cem import CemConfig
@@ -32,13 +36,10 @@ from calico_jax.models.sam.config import (
     TwoWayTransformerConfig,
 )
 from calico_jax.models.seg_routing import SegConfig
-from calico_jax.train.losses import LossConfig
 
 REMAT_TOWERS = ("vision", "dinov2", "qformer", "llm", "sam")
-# Paper recipe (the frozen/trained marks of the paper's figures, docs/paper_map.md): LoRA + CEM + CAMs (+ their
-# queries) + SAM mask decoder.
-PAPER_TRAINABLE = (r"llm/.*/lora_(a|b)", r"cem/.*", r"cam_.*", r"sam/mask_decoder/.*")
-
+# Training-recipe fields a model config written before they moved to ExperimentConfig.recipe still holds.
+LEGACY_FIELDS = ("loss", "trainable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +59,8 @@ class CalicoConfig(Config):
     cam: CamConfig = CamConfig()
     seg: SegConfig = SegConfig()
     preprocess: Preprocess = Preprocess()                 # input sizes + normalisation (stored with the weights)
-    loss: LossConfig = LossConfig()                       # training objective (CE + pixel + Dice weights, BCE/focal)
     image_token_index: int = -200
-    trainable: tuple[str, ...] = PAPER_TRAINABLE          # path regexes (full match on "a/b/c")
-    image_path: str = "qformer"                           # "qformer" (S_I = 32) | "clip_mlp" (GLaMM) | "linear"
+    image_path: str = "qformer"                           # image_paths: "qformer" (S_I = 32) | "clip_mlp" | "linear"
     clip: ClipVisionConfig = ClipVisionConfig()           # used by image_path="clip_mlp" only
     vocab_from_tokenizer: bool = False                    # training: llm.vocab_size := len(tokenizer) (from scratch)
     qformer_text_input: bool = False                      # InstructBLIP: the Q-Former of Eq. 2 also reads the prompt
@@ -72,35 +71,30 @@ class CalicoConfig(Config):
             if policy not in layers.REMAT_POLICIES:
                 raise ConfigError(f"CalicoConfig: unknown remat policy {policy!r} for the {tower} tower; "
                                   f"known: {sorted(layers.REMAT_POLICIES)}")
-        if self.image_path not in ("qformer", "clip_mlp", "linear"):
-            raise ConfigError(f"CalicoConfig: image_path must be 'qformer', 'clip_mlp' or 'linear', "
-                              f"got {self.image_path!r}")
-        if self.image_path != "qformer" and self.cam.layers:
-            raise ConfigError(f"CalicoConfig: image_path {self.image_path!r} has no Q-Former for CAMs: "
-                              "set cam.layers=()")
+        image_paths.check_config(self)   # the image-path part's rules (name, CAMs, Q-Former text, input size)
         if self.vision.text_hidden_size != self.llm.hidden_size:
             raise ConfigError(f"CalicoConfig: vision.text_hidden_size {self.vision.text_hidden_size} != "
                               f"llm.hidden_size {self.llm.hidden_size}")
         bad = [i for i in self.cam.layers if i >= self.llm.num_hidden_layers]
         if bad:
             raise ConfigError(f"CalicoConfig: CAM layers {bad} outside 0..{self.llm.num_hidden_layers - 1}")
-        if self.image_path == "clip_mlp" and self.preprocess.blip_size != self.clip.image_size:
-            raise ConfigError(f"CalicoConfig: image_path 'clip_mlp' needs preprocess.blip_size == clip.image_size "
-                              f"({self.clip.image_size}, a fixed position table), got {self.preprocess.blip_size}")
         if self.preprocess.sam_size != self.sam.image_encoder.img_size:
             raise ConfigError(f"CalicoConfig: preprocess.sam_size {self.preprocess.sam_size} != "
                               f"sam.image_encoder.img_size {self.sam.image_encoder.img_size}")
-        if self.qformer_text_input and (self.image_path != "qformer" or not self.vision.qformer.text_embeddings):
-            raise ConfigError("CalicoConfig: qformer_text_input needs image_path 'qformer' and a Q-Former with "
-                              "instruction embeddings (vision.qformer.text_embeddings, the InstructBLIP layout)")
-        if self.qformer_text_input and self.qformer_max_tokens > self.vision.qformer.max_position_embeddings:
-            raise ConfigError(f"CalicoConfig: qformer_max_tokens {self.qformer_max_tokens} > the Q-Former's "
-                              f"max_position_embeddings {self.vision.qformer.max_position_embeddings}")
         if self.cem.enabled and self.cem.use_dinov2 and not self.preprocess.dinov2_size:
             raise ConfigError("CalicoConfig: the CEM reads DINOv2 features but preprocess.dinov2_size is 0")
         if self.cem.enabled and self.vision.vision.hidden_size % self.cem.num_heads:
             raise ConfigError(f"CalicoConfig: cem.num_heads {self.cem.num_heads} does not divide the EVA width "
                               f"{self.vision.vision.hidden_size}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str | None = None) -> CalicoConfig:
+        """:meth:`Config.from_dict`, dropping :data:`LEGACY_FIELDS`: ``loss`` and ``trainable`` were model fields
+        before the training recipe moved to ``ExperimentConfig.recipe``, and the model configs written then
+        (converted and exported checkpoints, a workdir's ``config.json`` and checkpoint ``meta``) carry them. The
+        model never read them; a workdir's trainable patterns are also in its checkpoint ``meta["model"]
+        ["trainable"]``, which restoring reads, and ``ExperimentConfig.from_dict`` moves both into ``recipe``."""
+        return super().from_dict({k: v for k, v in data.items() if k not in LEGACY_FIELDS}, where)
 
     @classmethod
     def tiny(cls, **changes: Any) -> CalicoConfig:
@@ -128,7 +122,7 @@ class CalicoConfig(Config):
                    llm=llm, sam=sam, cem=CemConfig(num_heads=4), cam=CamConfig(layers=(1, 3)),
                    seg=SegConfig(token_id=60, identifier_ids=((61, 62), (61, 63), (61, 5, 59)), max_seg=4),
                    preprocess=Preprocess(blip_size=28, dinov2_size=42, dinov2_crop=42, sam_size=32, mask_size=40),
-                   vocab_from_tokenizer=True)
+                   vocab_from_tokenizer=True, qformer_max_tokens=16)   # T_q <= the Q-Former's 16 positions
         return base.replace(**changes)
 
     def remat_policies(self) -> dict[str, str]:
@@ -159,13 +153,6 @@ class CalicoConfig(Config):
             cfg = cfg.replace(sam=cfg.sam.replace(image_encoder=cfg.sam.image_encoder.replace(remat=policies["sam"])))
         return cfg
 
-    def active_trainable(self) -> tuple[str, ...]:
-        """``trainable`` without the patterns of modules an ablation switched off (``cem/`` without a CEM,
-        ``cam_`` without CAM layers), so ``--config.model.cem.enabled=false`` trains as is; any other pattern
-        that selects nothing stays an error (a typo)."""
-        off = (("cem/",) if not self.cem.enabled else ()) + (("cam_",) if not self.cam.layers else ())
-        return tuple(p for p in self.trainable if not p.startswith(off))
-
     def for_tokenizer(self, vocab_size: int, seg_token_id: int) -> CalicoConfig:
         """The model config a training run uses with this tokenizer: its [SEG] id (routing is host-side, so no
         identifier ids) and, for a model whose vocabulary is smaller (a tiny model trained from scratch), its
@@ -185,6 +172,4 @@ class CalicoConfig(Config):
     @property
     def num_image_tokens(self) -> int:
         """S_I: visual tokens per image in the LLM sequence."""
-        if self.image_path == "linear":   # every EVA token at the native resolution (CLS + grid)
-            return self.vision.vision.grid ** 2 + 1
-        return self.clip.num_patches if self.image_path == "clip_mlp" else self.vision.num_query_tokens
+        return image_paths.for_config(self).num_tokens(self)

@@ -6,19 +6,20 @@ from __future__ import annotations
 
 import sys
 
+from calico_jax.plans import targets
+from calico_jax.plans.predict_plan import compile_predict
+from calico_jax.plans.search import search
+from calico_jax.plans.train_plan import PlanDoesNotFit, compile_only
+
 
 def run_plan(cfg, args) -> int:
-    from calico_jax.plans import targets
-    from calico_jax.plans.train_plan import PlanDoesNotFit, compile_only
     spec = args.target or f"cpu:{args.devices or 0}"
     try:
         target = targets.parse(spec)
         if args.search:
-            from calico_jax.plans.search import search
             return 0 if search(cfg, target, cache_dir=args.plan_cache or None, json_path=args.plan_json or None,
                                memory_gb=args.memory_gb) else 2
         if args.program == "predict":
-            from calico_jax.plans.predict_plan import compile_predict
             compile_predict(cfg, target, memory_gb=args.memory_gb, json_path=args.plan_json or None)
         else:
             compile_only(cfg, target, memory_gb=args.memory_gb, json_path=args.plan_json or None)

@@ -4,10 +4,10 @@
 
     params_total=<int>  params_trainable=<int>  trainable_fraction=<percent>  forward_tflops=<float>
 
-Parameters come from ``jax.eval_shape`` of the task's init; trainable = ``model.trainable``. ``forward_tflops``
+Parameters come from ``jax.eval_shape`` of the task's init; trainable = ``recipe.trainable``. ``forward_tflops``
 is XLA's cost analysis of the compiled inference forward (``deterministic``, no labels, no loss), lowered from
-``ShapeDtypeStruct`` arguments of the training batch (:func:`calico_jax.train.calico_task.batch_spec`, image
-sizes from ``model.preprocess``) at the paper's efficiency shapes (:data:`PAPER_SHAPES`): batch 1, 2 images, a
+``ShapeDtypeStruct`` arguments of the training batch (the batch contract's :func:`calico_jax.models.inputs.spec`,
+image sizes from ``model.preprocess``) at the paper's efficiency shapes (:data:`PAPER_SHAPES`): batch 1, 2 images, a
 128-token prompt + answer plus one placeholder per image (widened to S_I visual tokens each), 4 [SEG] slots.
 Decided here (the paper does not say): the 128 tokens exclude the image placeholders, the SAM image encoder is
 included (it runs once per image), and the count is of the CPU-compiled program (XLA's HLO cost model: 2 FLOPs
@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 
 from calico_jax.core.params import count_params
+from calico_jax.models import inputs as contract
 from calico_jax.train.step import flops
 from calico_jax.train.tasks import build as build_task
 
@@ -39,8 +40,9 @@ def dry_run(cfg, verbose: bool = True, shapes: dict = PAPER_SHAPES) -> dict:
     task = build_task(at_shapes(cfg, shapes), None, plan_only=True)
     params = jax.eval_shape(task.init_variables, jax.random.key(0))["params"]
     total, trainable = count_params(params, task.trainable)
-    spec = task.batch_spec(shapes["batch"])
-    batch = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in spec.items() if k != "labels"}
+    data = task.cfg.data
+    fields = contract.spec(task.model_config, shapes["batch"], data.max_images, data.max_tokens)
+    batch = {k: v for k, v in contract.abstract(fields).items() if k != "labels"}
     unboxed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(params))
     compiled = jax.jit(lambda p, b: task.forward(p, b, True)).lower(unboxed, batch).compile()
     report = {"params_total": int(total), "params_trainable": int(trainable),

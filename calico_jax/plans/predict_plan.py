@@ -1,10 +1,12 @@
-"""AOT plan of the predict program (:func:`calico_jax.inference.predictor._generate`: prefill with the CAMs, KV-cache
-decode,
-SAM image embeddings) for one batch, sharded by the logical-axis rules on a target's devices.
+"""AOT plan of the predict program -- the very jitted function the predictor runs,
+:func:`calico_jax.inference.predictor.generate_program` (prefill with the CAMs, KV-cache decode, SAM image
+embeddings) -- for one batch, sharded by the logical-axis rules on a target's devices.
 
 All weights are stored in ``cfg.frozen_dtype`` (an exported model for inference has no optimizer or fp32 masters);
-the batch is one sample of ``data.max_images`` images with a ``PROMPT_TOKENS``-token prompt and
-``InferenceConfig.max_new_tokens`` decode steps, replicated (one sample cannot be split over ``data``). Memory
+the batch is the contract's "predict" fields (:func:`calico_jax.models.inputs.spec`, the Q-Former's instruction
+tokens included with ``qformer_text_input``) for one sample of ``data.max_images`` images with a
+``PROMPT_TOKENS``-token prompt, and ``InferenceConfig.max_new_tokens`` decode steps, replicated (one sample cannot be
+split over ``data``). Memory
 covers the whole call (the KV cache for all decode steps is allocated up front); FLOPs count the prefill, the SAM
 image encoder and one decode step (the decode ``while`` loop's trip count depends on the answer).
 """
@@ -18,9 +20,19 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from calico_jax.inference.predictor import InferenceConfig, generate_program
+from calico_jax.models import inputs as contract
 from calico_jax.parallel.sharding import RULES, make_mesh, param_shardings
 from calico_jax.plans import roofline
-from calico_jax.plans.train_plan import GB, PlanDoesNotFit, _compile, _finish, _sizes, as_target, not_fit_message
+from calico_jax.plans.train_plan import (
+    GB,
+    PlanDoesNotFit,
+    as_target,
+    compile_lowered,
+    emit_report,
+    memory_sizes,
+    not_fit_message,
+)
 from calico_jax.train.step import compiler_options
 from calico_jax.train.tasks import build as build_task
 from calico_jax.train.trainer import fit_shardings
@@ -30,7 +42,6 @@ PROMPT_TOKENS = 128
 
 def lower_predict(cfg, mesh, rows: int = 1):
     """(traced, lowered predict program, abstract params) for ``rows`` samples."""
-    from calico_jax.inference.predictor import InferenceConfig, _generate
     task = build_task(cfg, None, plan_only=True)
     with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
         boxed = jax.eval_shape(lambda: task.init_variables(jax.random.key(0)))["params"]
@@ -38,16 +49,11 @@ def lower_predict(cfg, mesh, rows: int = 1):
     dtype = jnp.dtype(cfg.frozen_dtype)
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype if jnp.issubdtype(a.dtype, jnp.floating)
                                                             else a.dtype, sharding=s), nn.unbox(boxed), shardings)
-    rep = NamedSharding(mesh, P())
-    spec = task.batch_spec(rows)
-    arg = lambda name, shape=None, dtype=None: jax.ShapeDtypeStruct(  # noqa: E731
-        shape or spec[name][0], dtype or spec[name][1], sharding=rep)
-    ids = arg("input_ids", (rows, PROMPT_TOKENS), jnp.int32)
-    mask = arg("input_ids", (rows, PROMPT_TOKENS), jnp.bool_)
-    dino = arg("images_dinov2") if "images_dinov2" in spec else None
+    fields = contract.spec(task.model_config, rows, cfg.data.max_images, PROMPT_TOKENS, program="predict")
+    inputs = contract.CalicoInputs(**contract.abstract(fields, NamedSharding(mesh, P())))
     with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
-        traced = _generate.trace(params, ids, mask, arg("images_blip"), dino, arg("images_sam"), module=task.module,
-                                 max_new_tokens=InferenceConfig().max_new_tokens, eos=2, pad=0)
+        traced = generate_program.trace(params, inputs, module=task.module,
+                                        max_new_tokens=InferenceConfig().max_new_tokens, eos=2, pad=0)
         return traced, traced.lower(), params
 
 
@@ -57,7 +63,7 @@ def compile_predict(cfg, target, verbose: bool = True, memory_gb: float = 0.0, j
     mesh = make_mesh(cfg.mesh, target.devices)
     t0 = time.perf_counter()
     traced, lowered, params = lower_predict(cfg, mesh)
-    compiled, need, avail = _compile(lowered, compiler_options(mesh))
+    compiled, need, avail = compile_lowered(lowered, compiler_options(mesh))
     budget = memory_gb * GB or avail or target.memory_bytes
     report = {"program": "predict", "target": target.spec, "device_kind": target.devices[0].device_kind,
               "platform": target.platform, "devices": target.num_devices, "mesh": dict(mesh.shape),
@@ -65,9 +71,9 @@ def compile_predict(cfg, target, verbose: bool = True, memory_gb: float = 0.0, j
               "weights_gb_total": sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params)) / GB, "remat": {}}
     if compiled is None:
         report.update({"fits": False, "per_device_memory_gb": need / GB})
-        _finish(report, json_path, verbose=False)
+        emit_report(report, json_path, verbose=False)
         raise PlanDoesNotFit(not_fit_message(cfg, target, need, budget, mesh), report)
-    sz = _sizes(compiled)
+    sz = memory_sizes(compiled)
     cost = roofline.compiled_cost(compiled)
     coll = roofline.collectives([roofline.hlo_text(compiled)], top=8)
     flops, whiles = roofline.traced_flops(traced)   # the decode loop's body counts once (see the module doc)
@@ -81,7 +87,7 @@ def compile_predict(cfg, target, verbose: bool = True, memory_gb: float = 0.0, j
                    "estimate": {**est, "note": "roofline estimate of one predict call; not a measurement"}
                    if est else {}})
     report["fits"] = bool(budget == 0 or sz["peak"] <= budget)
-    _finish(report, json_path, verbose)
+    emit_report(report, json_path, verbose)
     if not report["fits"]:
         raise PlanDoesNotFit(not_fit_message(cfg, target, sz["peak"], budget, mesh), report)
     return report

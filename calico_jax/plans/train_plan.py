@@ -54,6 +54,8 @@ class PlanDoesNotFit(RuntimeError):
 
 
 def abstract_micro_batches(tr) -> list[dict]:
+    """The step's batch arguments from the task's ``batch_spec`` (CALICO: the batch contract's
+    :func:`calico_jax.models.inputs.spec`), rows sharded over data x fsdp as the loop feeds them."""
     cfg, spec = tr.cfg, tr.task.batch_spec
     micro = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=tr.batch_sh)
              for name, (shape, dtype) in spec(cfg.batch_size // cfg.optim.grad_accum).items()}
@@ -64,7 +66,8 @@ def per_device_bytes(tree) -> int:
     return sum(math.prod(a.sharding.shard_shape(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
 
 
-def _sizes(compiled) -> dict:
+def memory_sizes(compiled) -> dict:
+    """Per-device argument / output / temp / alias bytes of a compiled program, and its peak."""
     m = compiled.memory_analysis()
     sz = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes, "temp": m.temp_size_in_bytes,
           "alias": getattr(m, "alias_size_in_bytes", 0)}
@@ -88,7 +91,7 @@ _HBM = re.compile(r"\(([\d.]+)([KMGT])\)\s*exceeds available HBM \(([\d.]+)([KMG
 _UNIT = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
 
 
-def _compile(lowered, opts):
+def compile_lowered(lowered, opts):
     """Compiles; libtpu's out-of-HBM refusal becomes (None, needed bytes, available bytes)."""
     try:
         return lowered.compile(opts), 0.0, 0.0
@@ -112,7 +115,7 @@ def compile_programs(cfg: ExperimentConfig, target: targets_lib.Target) -> dict:
     opts = compiler_options(mesh)
     compiled, refused = {}, None
     for name, low in lowered.items():
-        c, need, avail = _compile(low, opts)
+        c, need, avail = compile_lowered(low, opts)
         if c is None:
             refused = (name, need, avail)
             break
@@ -151,13 +154,13 @@ def plan_report(cfg, target, progs: dict, verbose: bool = True, memory_gb: float
         budget = memory_gb * GB or avail
         report.update({"fits": False, "refused_program": name, "per_device_memory_gb": need / GB,
                        "memory_per_device_gb": budget / GB})
-        _finish(report, json_path, verbose=False)
+        emit_report(report, json_path, verbose=False)
         raise PlanDoesNotFit(not_fit_message(cfg, target, need, budget, mesh), report)
     report.update(_memory(tr, progs["compiled"], accum))
     report.update(_costs(progs, accum, target))
     peak = report["per_device_memory_gb"] * GB
     report["fits"] = bool(budget == 0 or peak <= budget)
-    _finish(report, json_path, verbose)
+    emit_report(report, json_path, verbose)
     if not report["fits"]:
         raise PlanDoesNotFit(not_fit_message(cfg, target, peak, budget, mesh), report)
     return report
@@ -170,11 +173,11 @@ def _remat(cfg) -> dict:
 
 def _memory(tr, compiled, accum) -> dict:
     if accum == 1:
-        sz = _sizes(compiled["step"])
+        sz = memory_sizes(compiled["step"])
         return {"per_device_memory_gb": sz["peak"] / GB, **{f"{k}_gb": v / GB for k, v in sz.items()}}
-    sz = _sizes(compiled["grads"])
+    sz = memory_sizes(compiled["grads"])
     held = per_device_bytes(tr.abstract_state["opt_state"]) + sz["output"]   # opt state + running sum
-    upd = _sizes(compiled["apply"])
+    upd = memory_sizes(compiled["apply"])
     peak_micro, peak_update = sz["peak"] + held, upd["peak"]
     return {"per_device_memory_gb": max(peak_micro, peak_update) / GB, **{f"{k}_gb": v / GB for k, v in sz.items()},
             "micro_step_peak_gb": peak_micro / GB, "update_peak_gb": peak_update / GB,
@@ -226,7 +229,8 @@ def not_fit_message(cfg, target, need: float, avail: float, mesh) -> str:
             f"available; change: " + "; ".join(hints))
 
 
-def _finish(report: dict, json_path, verbose: bool) -> None:
+def emit_report(report: dict, json_path, verbose: bool) -> None:
+    """Writes the plan as JSON (when ``json_path``) and prints it (when ``verbose``)."""
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")

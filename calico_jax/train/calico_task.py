@@ -1,11 +1,13 @@
 """The CALICO training task: :class:`~calico_jax.models.calico.Calico` + :func:`~calico_jax.train.losses.calico_loss`
-(weights and BCE/focal from ``model.loss``) on the grain pipeline (:mod:`calico_jax.data.pipeline`).
+(weights and BCE/focal from ``recipe.loss``) on the grain pipeline (:mod:`calico_jax.data.pipeline`).
 
 Everything about the model comes from ``cfg.model`` (a :class:`~calico_jax.models.calico.CalicoConfig`); the
 pipeline's image sizes are its ``preprocess`` section and its [SEG] slots ``seg.max_seg``. The model's [SEG] id
 (and, with ``vocab_from_tokenizer``, its vocabulary) follow the tokenizer (:meth:`CalicoConfig.for_tokenizer`);
 [SEG] routing uses the pipeline's ``seg_image`` (host side), and predicted masks come out on the pipeline's mask
-frame (``original_hw`` = ``mask_sizes``), so they line up with ``batch["masks"]``.
+frame (at ``mask_hw``), so they line up with ``batch["masks"]``. Batches use the names of the CALICO batch contract
+(:mod:`calico_jax.models.inputs`): :func:`~calico_jax.models.inputs.split` makes the model's inputs and the
+targets of one, with no renaming.
 
 Without ``data.pairs`` a synthetic part dataset (``data.synthetic``) and a held-out one
 (``data.synthetic_heldout``, other images) are built under ``WORKDIR/data/{train,heldout}`` with a tiny
@@ -27,18 +29,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from calico_jax.core.fs import atomic_directory
 from calico_jax.core.tokens import SEG_TOKEN
 from calico_jax.data import synthetic
 from calico_jax.data.pairs_io import read_pairs
 from calico_jax.data.pipeline import Pipeline, PipelineConfig
 from calico_jax.data.qformer_text import (
-    QFORMER_KEYS,
     QFORMER_TOKENIZER_DIR,
     QFormerText,
     build_tiny_qformer_tokenizer,
     load_qformer_tokenizer,
 )
 from calico_jax.data.tokenize import build_tiny_tokenizer, load_tokenizer
+from calico_jax.models import inputs as contract
 from calico_jax.models.calico import Calico, CalicoConfig
 from calico_jax.models.llama import LlamaForCausalLM
 from calico_jax.parallel import distributed
@@ -51,8 +54,6 @@ log = logging.getLogger(__name__)
 def prepare_data(cfg, workdir: Path) -> tuple[Path, Path, Path | None]:
     """-> (pairs file, tokenizer dir, held-out pairs file or None); builds the synthetic sets and the tiny
     tokenizer on first use (process 0; every process waits for it)."""
-    from calico_jax.core.fs import atomic_directory
-
     root, d, first = workdir / "data", cfg.data, jax.process_index() == 0
     pairs_path, eval_path = (Path(d.pairs) if d.pairs else None), (Path(d.eval_pairs) if d.eval_pairs else None)
     if pairs_path is None:
@@ -73,20 +74,10 @@ def prepare_data(cfg, workdir: Path) -> tuple[Path, Path, Path | None]:
 
 
 def batch_spec(cfg, model: CalicoConfig, rows: int) -> dict:
-    """name -> (shape, dtype) of one pipeline batch of ``rows`` rows (see calico_jax.data.pipeline)."""
-    pre, B, N, S, T = model.preprocess, rows, cfg.data.max_images, model.seg.max_seg, cfg.data.max_tokens
-    i32, f32 = jnp.int32, jnp.float32
-    spec = {"input_ids": ((B, T), i32), "labels": ((B, T), i32), "attention_mask": ((B, T), i32),
-            "images_blip": ((B, N, pre.blip_size, pre.blip_size, 3), f32),
-            "images_sam": ((B, N, pre.sam_size, pre.sam_size, 3), f32), "image_valid": ((B, N), jnp.bool_),
-            "original_sizes": ((B, N, 2), i32), "sam_sizes": ((B, N, 2), i32), "mask_sizes": ((B, N, 2), i32),
-            "masks": ((B, S, pre.mask_size, pre.mask_size), jnp.bool_), "mask_valid": ((B, S), jnp.bool_),
-            "seg_image": ((B, S), i32), "task": ((B,), i32), "sample_index": ((B,), i32)}
-    if pre.dinov2_size:
-        spec["images_dinov2"] = ((B, N, pre.dinov2_side, pre.dinov2_side, 3), f32)
-    if model.qformer_text_input:   # the Q-Former's instruction tokens (calico_jax.data.qformer_text)
-        spec.update({k: ((B, model.qformer_max_tokens), i32) for k in QFORMER_KEYS})
-    return spec
+    """name -> (shape, dtype) of one pipeline batch of ``rows`` rows: the contract's ``spec`` (program "train"; the
+    Q-Former's instruction tokens under ``qformer_text_input``, added by :meth:`CalicoTask.with_qformer_text`)."""
+    return {k: (f.shape, f.dtype) for k, f in contract.spec(model, rows, cfg.data.max_images,
+                                                           cfg.data.max_tokens).items()}
 
 
 def pipeline_config(cfg, model: CalicoConfig) -> PipelineConfig:
@@ -123,27 +114,23 @@ class CalicoTask(Task):
                 build_tiny_qformer_tokenizer(qdir)
             self.qformer_text = QFormerText(load_qformer_tokenizer(qdir), mcfg.qformer_max_tokens)
         self.module = Calico(mcfg, jnp.dtype(cfg.dtype))
-        self.trainable = mcfg.active_trainable()
+        self.trainable = cfg.recipe.active_trainable(mcfg)
         self.tokens_per_example, self.images_per_example = cfg.data.max_tokens, cfg.data.max_images
         self.pcfg = pipeline_config(cfg, mcfg)
 
     def forward(self, params, batch, deterministic, rngs=None):
-        return self.module.apply(
-            {"params": params}, batch["input_ids"], batch["attention_mask"], batch["images_blip"],
-            batch.get("images_dinov2"), batch["images_sam"], batch["sam_sizes"], batch["mask_sizes"],
-            labels=batch.get("labels"), image_valid=batch["image_valid"], seg_image=batch["seg_image"],
-            qformer_input_ids=batch.get("qformer_input_ids"),
-            qformer_attention_mask=batch.get("qformer_attention_mask"),
-            deterministic=deterministic, rngs=rngs)
+        inputs, targets = contract.split(batch)
+        return self.module.apply({"params": params}, inputs, labels=targets.labels, deterministic=deterministic,
+                                 rngs=rngs)
 
     def init_variables(self, rng):
-        return self.module.init(rng, **self.module.dummy_inputs())
+        return self.module.init(rng, self.module.dummy_inputs())
 
     def loss_fn(self, params, batch, rng):
-        out = self.forward(params, batch, False, {"dropout": rng})
+        out, targets = self.forward(params, batch, False, {"dropout": rng}), contract.split(batch)[1]
         # the CE straight from the final hidden states: lm_head and CE share one backward
         lm_head = LlamaForCausalLM.output_kernel(self.model_config.llm, params["llm"])
-        total, parts = calico_loss(out, batch["masks"], batch["mask_valid"], self.model_config.loss, lm_head=lm_head)
+        total, parts = calico_loss(out, targets.masks, targets.mask_valid, self.cfg.recipe.loss, lm_head=lm_head)
         return total, {"ce_loss": parts["ce"], "mask_bce_loss": parts["pixel"], "mask_dice_loss": parts["dice"],
                        "num_masks": parts["num_masks"].astype(jnp.float32), "token_accuracy": parts["token_accuracy"]}
 
@@ -184,11 +171,11 @@ class CalicoTask(Task):
                 it.close()
 
     def eval_metrics(self, params, batch):
-        out = self.forward(params, batch, True)
-        total, parts = calico_loss(out, batch["masks"], batch["mask_valid"], self.model_config.loss)
-        valid = out["seg_valid"] & batch["mask_valid"].astype(bool)
-        region = pixel_mask(out["mask_hw"], batch["masks"].shape[-2:])
-        pred, gt = (out["mask_logits"] > 0) & region, batch["masks"].astype(bool) & region
+        out, targets = self.forward(params, batch, True), contract.split(batch)[1]
+        total, parts = calico_loss(out, targets.masks, targets.mask_valid, self.cfg.recipe.loss)
+        valid = out["seg_valid"] & targets.mask_valid.astype(bool)
+        region = pixel_mask(out["mask_hw"], targets.masks.shape[-2:])
+        pred, gt = (out["mask_logits"] > 0) & region, targets.masks.astype(bool) & region
         inter = jnp.sum(pred & gt, axis=(-2, -1)).astype(jnp.float32)
         union = jnp.sum(pred | gt, axis=(-2, -1)).astype(jnp.float32)
         iou = jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 1.0)   # both empty: a perfect match

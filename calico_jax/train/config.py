@@ -1,12 +1,15 @@
 """Experiment config: typed, frozen dataclasses; ``configs/NAME.py`` files return one from ``get_config()``.
 
 :class:`ExperimentConfig` = the model (``model``: a :class:`~calico_jax.models.calico.CalicoConfig` -- architecture,
-ablations, ``preprocess``, ``loss``, trainable patterns, per-tower remat) + how to train it (task, data, optimizer,
-checkpoints, mesh, steps). Command-line overrides are dotted paths into it (``--config.optim.learning_rate=1e-4``,
-``--config.model.cem.enabled=false``, ``--config.model.loss.pixel_loss=focal``,
-``--config.mesh={"data":2,"fsdp":-1}``); each value is parsed with the type of the field it replaces, so a typo in
-a key or an unparsable value fails before anything runs. The resolved config is written to
-``WORKDIR/config.json`` (atomically). A subclass may narrow ``model`` to another model's config (the tests' toy).
+ablations, ``preprocess``, per-tower remat) + how to train it: the recipe (``recipe``: the loss and the trainable
+patterns), task, data, optimizer, checkpoints, mesh, steps. Command-line overrides are dotted paths into it
+(``--config.optim.learning_rate=1e-4``, ``--config.model.cem.enabled=false``,
+``--config.recipe.loss.pixel_loss=focal``, ``--config.mesh={"data":2,"fsdp":-1}``); each value is parsed with the
+type of the field it replaces, so a typo in a key or an unparsable value fails before anything runs. The loss and
+the trainable patterns were ``model.loss`` / ``model.trainable`` before: an override of the old path is an error
+naming the new one (:data:`MOVED`), and a config.json written then loads with them in ``recipe``. The resolved
+config is written to ``WORKDIR/config.json`` (atomically). A subclass may narrow ``model`` to another model's
+config (the tests' toy).
 """
 from __future__ import annotations
 
@@ -16,16 +19,22 @@ import json
 import os
 import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from calico_jax.core.config import Config, ConfigError, optional_inner
 from calico_jax.core.fs import write_atomic
 from calico_jax.models.calico import CalicoConfig
+from calico_jax.train.losses import LossConfig
 
 C = typing.TypeVar("C", bound=Config)
 DTYPES = ("float32", "bfloat16", "float16")   # compute / frozen-storage dtypes
+# Paper recipe (the frozen/trained marks of the paper's figures, docs/paper_map.md): LoRA + CEM + CAMs (+ their
+# queries) + SAM mask decoder.
+PAPER_TRAINABLE = (r"llm/.*/lora_(a|b)", r"cem/.*", r"cam_.*", r"sam/mask_decoder/.*")
+# Fields that moved out of the model config: old dotted path -> new one (an override of the old path is an error).
+MOVED = {"model.loss": "recipe.loss", "model.trainable": "recipe.trainable"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +91,21 @@ class OptimConfig(Config):
 
 
 @dataclasses.dataclass(frozen=True)
+class RecipeConfig(Config):
+    """What training optimises and which weights it updates; the model itself (``ExperimentConfig.model``) reads
+    neither."""
+    loss: LossConfig = LossConfig()                       # training objective (CE + pixel + Dice weights, BCE/focal)
+    trainable: tuple[str, ...] = PAPER_TRAINABLE          # param path regexes (full match on "a/b/c")
+
+    def active_trainable(self, model: CalicoConfig) -> tuple[str, ...]:
+        """``trainable`` without the patterns of modules an ablation of ``model`` switched off (``cem/`` without a
+        CEM, ``cam_`` without CAM layers), so ``--config.model.cem.enabled=false`` trains as is; any other pattern
+        that selects nothing stays an error (a typo)."""
+        off = (("cem/",) if not model.cem.enabled else ()) + (("cam_",) if not model.cam.layers else ())
+        return tuple(p for p in self.trainable if not p.startswith(off))
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointConfig(Config):
     directory: str = ""                   # "" = WORKDIR/checkpoints; any orbax/tensorstore path
     max_to_keep: int = 3
@@ -90,11 +114,12 @@ class CheckpointConfig(Config):
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig(Config):
-    """One training run. ``model`` is the whole model (architecture, ablation switches, pre-processing, loss,
-    trainable patterns, per-tower ``remat``); everything else says how to train it."""
+    """One training run. ``model`` is the whole model (architecture, ablation switches, pre-processing, per-tower
+    ``remat``); everything else says how to train it, ``recipe`` the loss and the trainable patterns."""
     name: str = "experiment"
-    task: str = "calico"                  # calico_jax.train.tasks.TASKS
+    task: str = "calico"                  # calico_jax.train.tasks.REGISTRY
     model: CalicoConfig = CalicoConfig()
+    recipe: RecipeConfig = RecipeConfig()
     base_checkpoint: str = ""             # converted base (``python -m convert`` output); "" = random init
     dtype: str = "float32"                # compute dtype of the model
     frozen_dtype: str = "float32"         # storage dtype of the frozen weights (bfloat16 halves them)
@@ -122,8 +147,51 @@ class ExperimentConfig(Config):
             raise ConfigError(f"batch_size {self.batch_size} is not divisible by optim.grad_accum "
                               f"{self.optim.grad_accum}")
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str | None = None) -> ExperimentConfig:
+        """:meth:`Config.from_dict`; a config.json written before the recipe moved out of the model (``model.loss``,
+        ``model.trainable``; see :data:`MOVED`) loads with them as ``recipe.loss`` / ``recipe.trainable``
+        (a ``recipe`` section it also has wins). A model section that has such a field itself (the toy) keeps it."""
+        moved = {old.split(".")[1]: new.split(".")[1] for old, new in MOVED.items() if not _has_path(cls, old)}
+        model, recipe = data.get("model"), data.get("recipe") or {}
+        if isinstance(model, Mapping) and isinstance(recipe, Mapping) and moved.keys() & model.keys():
+            legacy = {moved[k]: model[k] for k in moved.keys() & model.keys()}
+            data = {**data, "model": {k: v for k, v in model.items() if k not in moved},
+                    "recipe": {**legacy, **recipe}}
+        return super().from_dict(data, where)
+
 
 # ------------------------------------------------------------------------------------ overrides
+def _has_path(cls: type, dotted: str) -> bool:
+    """``dotted`` names a field of the config class ``cls`` (through its sections)."""
+    for name in dotted.split("."):
+        is_config = isinstance(cls, type) and issubclass(cls, Config)
+        if not is_config or name not in {f.name for f in dataclasses.fields(cls)}:
+            return False
+        cls = optional_inner(typing.get_type_hints(cls)[name])
+    return True
+
+
+def _check_moved(cls: type, dotted: str, text: str) -> None:
+    """An override of a path that moved (:data:`MOVED`) -- itself, below it, or its section given as a JSON object
+    holding it -- fails with one line naming the new path."""
+    for old, new in MOVED.items():
+        if _has_path(cls, old):
+            continue
+        if dotted == old or dotted.startswith(old + "."):
+            raise ConfigError(f"--config.{dotted}: moved to --config.{new}{dotted[len(old):]} (the loss and the "
+                              "trainable patterns are the training recipe, not part of the model config)")
+        section, _, key = old.rpartition(".")
+        if dotted == section:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict) and key in value:
+                raise ConfigError(f"--config.{dotted}: {key!r} moved to --config.{new} (the loss and the "
+                                  "trainable patterns are the training recipe, not part of the model config)")
+
+
 def _parse(tp: Any, text: str, where: str) -> Any:
     origin = typing.get_origin(tp)
     try:
@@ -186,6 +254,7 @@ def apply_overrides(cfg: C, overrides: Sequence[tuple[str, str]]) -> C:
     change in the same command)."""
     data = cfg.to_dict()
     for dotted, text in overrides:
+        _check_moved(type(cfg), dotted, text)
         _set(type(cfg), data, dotted, text, dotted)
     return type(cfg).from_dict(data)
 

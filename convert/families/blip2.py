@@ -27,9 +27,10 @@ import numpy as np
 from calico_jax.checkpoints.torch_files import Checkpoint, CheckpointError
 from calico_jax.core.config import ConfigError
 from calico_jax.data.qformer_text import QFORMER_TOKENIZER_DIR
-from calico_jax.models.blip2 import Blip2VisionConfig
+from calico_jax.models.blip2 import Blip2Vision, Blip2VisionConfig
 from convert.families import Family
 from convert.mapping import Plan, Skip, Tensor, apply_rules
+from convert.verify import compare
 
 LLM_REASON = ("language model ({kind}): not part of the vision front end; LLaMA/Vicuna language models "
               "are converted by the hf-llama family (issue 7)")
@@ -127,8 +128,6 @@ def jax_image_features(config: Blip2VisionConfig, params: Any, inputs: dict) -> 
     import jax
     import jax.numpy as jnp
 
-    from calico_jax.models.blip2 import Blip2Vision
-
     kwargs = {k: jnp.asarray(inputs[k]) for k in ("input_ids", "attention_mask") if k in inputs}
     pixels = jnp.asarray(inputs["pixel_values"]).transpose(0, 2, 3, 1)
     # one jit: op-by-op dispatch would compile every primitive separately (slow on CPU)
@@ -152,8 +151,6 @@ def torch_image_features(model: Any, config: Blip2VisionConfig, inputs: dict) ->
 
 
 def compare_image_features(model: Any, config: Blip2VisionConfig, params: Any, inputs: dict) -> list:
-    from convert.verify import compare
-
     ours = jax_image_features(config, params, inputs)
     ref = torch_image_features(model, config, inputs)
     names = {"vision": "vision_model.last_hidden_state", "query_output": "qformer.query_output",

@@ -58,7 +58,7 @@ from calico_jax.models.calico import CalicoConfig
 from convert.assemble import merge
 from convert.families import Family, calico_checks, glamm, sam
 from convert.families.blip2 import split_qkv_bias
-from convert.families.dinov2 import _HF_RULES as DINOV2_RULES
+from convert.families.dinov2 import HF_RULES as DINOV2_RULES
 from convert.mapping import Plan, Skip, Tensor
 
 P = r"(?:model\.)?"
@@ -245,7 +245,7 @@ def plan(ckpt: Checkpoint, config_arg: str | None, parts: list[str] | None = Non
     if problems:
         raise CheckpointError(f"{ckpt.path}: {len(problems)} module(s) do not match the CALICO config:\n    "
                               + "\n    ".join(problems))
-    sam_prefix = sam._find_prefix(list(keys), ckpt.path)
+    sam_prefix = sam.find_prefix(list(keys), ckpt.path)
     compiled = [(re.compile(p), t) for p, t in rules(arg, config, sam_prefix)]
     matched, unmatched, skipped = _match(keys, compiled, config.cam.layers, ckpt.path)
     tensors = {name: Tensor((source,), combine) for name, (source, combine) in matched.items()}

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from calico_jax.checkpoints import author_layout
+from calico_jax.checkpoints import converted as pretrained
 from calico_jax.checkpoints.torch_files import Checkpoint, CheckpointError
 from calico_jax.models.dinov2 import PRESETS as DINOV2_PRESETS
 from calico_jax.models.dinov2 import Dinov2Config
@@ -156,7 +157,6 @@ def fill_from_parts(config, tensors: dict[str, Tensor], parts: list[str]) -> tup
     with those towers' architecture taken from the parts, and one note per part and tower."""
     import jax
 
-    from calico_jax.checkpoints import converted as pretrained
     filled: dict[str, Tensor] = {}
     notes = []
     for part in parts:

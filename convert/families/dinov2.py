@@ -42,7 +42,7 @@ from convert.verify import compare, rng
 MODEL = "dinov2"
 
 _LAYER = r"encoder\.layer\.(\d+)\."
-_HF_RULES = [
+HF_RULES = [
     (r"embeddings\.(cls_token|mask_token|position_embeddings|register_tokens)", r"embeddings.\1"),
     (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"embeddings.patch_embeddings.projection.\1"),
     (_LAYER + r"(norm1|norm2)\.(weight|bias)", r"encoder.layer.\1.\2.\3"),
@@ -59,10 +59,10 @@ _HF_RULES = [
     (r"layernorm\.(weight|bias)", r"layernorm.\1"),
     (r"classifier\..*", Skip("Dinov2ForImageClassification head (not part of the backbone)")),
 ]
-_SWIGLU_SPLIT = re.compile(_LAYER + r"mlp\.(gate_proj|up_proj)\.(weight|bias)")
+SWIGLU_SPLIT = re.compile(_LAYER + r"mlp\.(gate_proj|up_proj)\.(weight|bias)")
 
 _BLOCK = r"blocks\.(?:\d+\.)?(\d+)\."  # blocks.N. or, with block_chunks > 0, blocks.C.N.
-_ORIGINAL_RULES = [
+ORIGINAL_RULES = [
     (r"(cls_token|mask_token|register_tokens)", r"embeddings.\1"),
     (r"pos_embed", r"embeddings.position_embeddings"),
     (r"patch_embed\.proj\.(weight|bias)", r"embeddings.patch_embeddings.projection.\1"),
@@ -74,7 +74,7 @@ _ORIGINAL_RULES = [
     (_BLOCK + r"mlp\.w3\.(weight|bias)", r"encoder.layer.\1.mlp.weights_out.\2"),
     (r"norm\.(weight|bias)", r"layernorm.\1"),
 ]
-_QKV = re.compile(_BLOCK + r"attn\.qkv\.(weight|bias)")
+QKV = re.compile(_BLOCK + r"attn\.qkv\.(weight|bias)")
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -95,14 +95,14 @@ def _hf_plan(ckpt: Checkpoint, config_arg: str | None) -> Plan:
     config = Dinov2Config.from_hf_config(hf_cfg)
     keys = [k.removeprefix("dinov2.") for k in ckpt.keys()]
     src = dict(zip(keys, ckpt.keys(), strict=True))
-    plain = [k for k in keys if not _SWIGLU_SPLIT.fullmatch(k)]
-    tensors, unexpected, skipped = apply_rules(plain, _HF_RULES)
+    plain = [k for k in keys if not SWIGLU_SPLIT.fullmatch(k)]
+    tensors, unexpected, skipped = apply_rules(plain, HF_RULES)
     tensors = {c: Tensor(tuple(src[s] for s in t.sources)) for c, t in tensors.items()}
     unexpected = [src[k] for k in unexpected]
     # 5.x SwiGLU gate_proj (first half, silu'd) + up_proj -> fused weights_in.
     halves: dict[tuple[str, str], dict[str, str]] = {}
     for k in keys:
-        m = _SWIGLU_SPLIT.fullmatch(k)
+        m = SWIGLU_SPLIT.fullmatch(k)
         if m:
             halves.setdefault((m[1], m[3]), {})[m[2]] = src[k]
     for (layer, leaf), parts in halves.items():
@@ -162,9 +162,9 @@ def _original_plan(ckpt: Checkpoint, config_arg: str | None) -> Plan:
     config, _ = _original_config(ckpt, config_arg)
     _check_shapes(ckpt, config)
     keys = ckpt.keys()
-    tensors, unexpected, skipped = apply_rules([k for k in keys if not _QKV.fullmatch(k)], _ORIGINAL_RULES)
+    tensors, unexpected, skipped = apply_rules([k for k in keys if not QKV.fullmatch(k)], ORIGINAL_RULES)
     for k in keys:
-        m = _QKV.fullmatch(k)
+        m = QKV.fullmatch(k)
         if m:  # rows are q | k | v (reshape(B, N, 3, heads, head_dim) in Attention.forward)
             for i, name in enumerate(("query", "key", "value")):
                 tensors[f"encoder.layer.{m[1]}.attention.attention.{name}.{m[2]}"] = Tensor((k,), _third(i))

@@ -34,6 +34,7 @@ import numpy as np
 
 from calico_jax.checkpoints.torch_files import Checkpoint, CheckpointError, load_json_arg
 from calico_jax.core.config import ConfigError
+from calico_jax.core.tokens import SEG_TOKEN
 from calico_jax.models.glamm_parts import GlammParts, GlammPartsConfig
 from calico_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from calico_jax.models.sam import PRESETS, Sam, SamConfig
@@ -44,7 +45,6 @@ from convert.verify import Comparison, compare, rng
 MODEL = "glamm_parts"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
-SEG_TOKEN = "[SEG]"
 EMBED = "model.embed_tokens.weight"
 UNUSED = [
     (r"model\.vision_tower\..+", Skip("CLIP vision tower (CALICO uses the BLIP-2 vision front end)")),
@@ -108,11 +108,11 @@ def plan(ckpt: Checkpoint, config_arg: str | None) -> Plan:
     if unknown:
         raise CheckpointError(f"--config: unknown key(s) {unknown}; expected 'sam' and/or 'llm'")
     llm_config, notes = _llm_config(ckpt, dict(arg.get("llm", {})))
-    sam_prefix = sam._find_prefix(ckpt.keys(), ckpt.path)
+    sam_prefix = sam.find_prefix(ckpt.keys(), ckpt.path)
     if "sam" in arg:
         sam_arg = arg["sam"]
     else:
-        sam_arg = sam._infer_preset(ckpt, sam_prefix)
+        sam_arg = sam.infer_preset(ckpt, sam_prefix)
         notes.append(f"SAM preset {sam_arg} inferred from the image-encoder shapes")
     try:
         sam_config = SamConfig.from_original(PRESETS[sam_arg] if isinstance(sam_arg, str) and sam_arg in PRESETS

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from calico_jax.checkpoints.torch_files import Checkpoint, CheckpointError, hf_config
+from calico_jax.inference.generate import generate
 from calico_jax.models.llama import LlamaConfig
 from convert.families import Family
 from convert.mapping import Plan, Skip, apply_rules, canonical_name
@@ -100,7 +101,6 @@ def compare_greedy(module, params, model, ids: np.ndarray, mask: np.ndarray, n: 
     """Greedy tokens vs ``transformers.generate(do_sample=False)`` (no EOS stop on either side)."""
     import torch
 
-    from calico_jax.inference.generate import generate
     model.generation_config.eos_token_id = None
     ref = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
                          max_new_tokens=n, min_new_tokens=n, pad_token_id=module.config.pad_token_id)

@@ -25,12 +25,14 @@ from typing import Any
 
 import numpy as np
 
+from calico_jax.checkpoints import converted as pretrained
 from calico_jax.checkpoints.torch_files import Checkpoint, CheckpointError
 from calico_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from calico_jax.models.lora import LORA_LEAVES, TARGETABLE, LoraConfig, merge_lora
 from convert.families import Family
+from convert.families.llama import hf_state_dict, random_batch, torch_llama
 from convert.mapping import Plan, Skip, Tensor, apply_rules, canonical_name
-from convert.verify import Comparison
+from convert.verify import Comparison, compare
 
 PREFIX = r"(?:base_model\.model\.)?"
 LORA_KEY = re.compile(PREFIX + r"(model\.layers\.\d+\.(?:self_attn|mlp)\.(\w+_proj))\.lora_([AB])(?:\.\w+)?\.weight")
@@ -90,7 +92,6 @@ def target_modules(spec: Any, num_layers: int, where: str) -> tuple[str, ...]:
 
 
 def _load_base(base: str):
-    from calico_jax.checkpoints import converted as pretrained
     try:
         meta = pretrained.read_meta(base)
         if meta.get("model") != "llama":
@@ -184,9 +185,6 @@ def _peft_model(ckpt: Checkpoint, plan: Plan, torch_model):
 def verify(ckpt: Checkpoint, plan: Plan, params: Any) -> list[Comparison]:
     import jax.numpy as jnp
     import torch
-
-    from convert.families.llama import hf_state_dict, random_batch, torch_llama
-    from convert.verify import compare
 
     base_cfg = plan.config.replace(lora=None)
     merged = merge_lora(params, plan.config.lora)

@@ -53,7 +53,8 @@ def segment_anything_modeling():
 
 # ----------------------------------------------------------------------------------------------- plans
 
-def _find_prefix(keys: list[str], src: Any) -> str:
+def find_prefix(keys: list[str], src: Any) -> str:
+    """The one prefix (of :data:`PREFIXES`) the SAM keys sit under; CheckpointError for none or several."""
     counts = {p: sum(1 for k in keys if re.match(re.escape(p) + _PARTS + r"\.", k)) for p in PREFIXES}
     found = [p for p, n in counts.items() if n]
     if not found:
@@ -64,7 +65,8 @@ def _find_prefix(keys: list[str], src: Any) -> str:
     return found[0]
 
 
-def _infer_preset(ckpt: Checkpoint, prefix: str) -> str:
+def infer_preset(ckpt: Checkpoint, prefix: str) -> str:
+    """The SAM preset (vit_b / vit_l / vit_h) whose image encoder width and depth the checkpoint's tensors have."""
     key = prefix + "image_encoder.patch_embed.proj.weight"
     blocks = {int(m.group(1)) for k in ckpt.keys()
               if (m := re.match(re.escape(prefix) + r"image_encoder\.blocks\.(\d+)\.", k))}
@@ -82,10 +84,10 @@ def _infer_preset(ckpt: Checkpoint, prefix: str) -> str:
 
 def _original_plan(ckpt: Checkpoint, config_arg: str | None) -> Plan:
     keys = ckpt.keys()
-    prefix = _find_prefix(keys, ckpt.path)
+    prefix = find_prefix(keys, ckpt.path)
     notes = []
     if config_arg is None:
-        config_arg = _infer_preset(ckpt, prefix)
+        config_arg = infer_preset(ckpt, prefix)
         notes.append(f"no --config: inferred preset {config_arg} from the image-encoder shapes")
     config = SamConfig.from_original(load_json_arg(config_arg, PRESETS, "SAM constructor arguments"))
     p = re.escape(prefix)
@@ -102,7 +104,8 @@ def _original_plan(ckpt: Checkpoint, config_arg: str | None) -> Plan:
     return Plan(MODEL, config, tensors, unexpected, skipped, notes)
 
 
-def _hf_rules(config: SamConfig) -> list:
+def hf_rules(config: SamConfig) -> list:
+    """The rename table of an HF ``SamModel`` state dict (``vision_encoder.*``, ...) to the original SAM names."""
     ve, md = r"vision_encoder\.", r"mask_decoder\."
     wb = r"(weight|bias)"
     proj = r"(?:q|k|v|out)_proj\.(?:weight|bias)"
@@ -152,7 +155,7 @@ def _hf_plan(ckpt: Checkpoint, config_arg: str | None) -> Plan:
     if cfg.get("model_type", "sam") != "sam":
         raise CheckpointError(f"{ckpt.path}: config.json model_type is {cfg.get('model_type')!r}, expected 'sam'")
     config = SamConfig.from_hf_config(cfg)
-    rules = _hf_rules(config)
+    rules = hf_rules(config)
     if "shared_image_embedding.positional_embedding" not in ckpt:  # a file holding only the tied copy
         rules[1] = (rules[1][0], rules[0][1])
     tensors, unexpected, skipped = apply_rules(ckpt.keys(), rules)
