@@ -17,6 +17,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from calico_jax.parallel import chips
 from calico_jax.plans import roofline, targets
 from calico_jax.plans.predict_plan import compile_predict
 from calico_jax.plans.search import candidates, config_hash
@@ -214,6 +215,6 @@ def test_collectives_are_read_from_the_optimised_hlo():
     assert c["reduce-scatter"] == {"count": 1, "bytes": 64} and c["all-reduce"] == {"count": 1, "bytes": 32}
     assert c["largest"] == [{"bytes": 4096 * 1024 * 2, "op": "all-gather", "shape": "bf16[4096,1024]{1,0}",
                              "op_name": "jit(f)/llm/dot"}]
-    chip = targets.CHIPS["TPU v5"]
+    chip = chips.CHIPS["TPU v5"]
     est = roofline.estimate(459e12, 2765e9 / 2, 0.0, chip)     # 1 s of compute, 0.5 s of HBM traffic
     assert est["bound"] == "compute" and est["step_s"] == pytest.approx(1.0) and est["mfu"] == pytest.approx(1.0)

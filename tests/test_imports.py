@@ -35,6 +35,9 @@ MODEL_FORBIDDEN = ("calico_jax.data", "calico_jax.train", "calico_jax.inference"
                    "calico_jax.checkpoints", "calico_jax.eval", "convert")
 INFERENCE = ("calico_jax.inference", "calico_jax.eval")
 INFERENCE_FORBIDDEN = ("calico_jax.train", "calico_jax.plans", "calico_jax.checkpoints.training")
+# The middle floors: data, checkpoints and parallel sit below training; training sits below plans and commands.
+MIDDLE_FORBIDDEN = ("calico_jax.train", "calico_jax.plans", "calico_jax.inference", "calico_jax.eval")
+TRAIN_FORBIDDEN = ("calico_jax.plans", "calico_jax.inference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +237,9 @@ def layering_violations(edges: Iterable[Edge]) -> list[str]:
         (lambda m: _within(m, "calico_jax.models"), MODEL_FORBIDDEN,
          "models import none of data, losses, training, inference or IO"),
         (lambda m: any(_within(m, p) for p in INFERENCE), INFERENCE_FORBIDDEN, "inference must not need training"),
+        (lambda m: any(_within(m, p) for p in ("calico_jax.data", "calico_jax.checkpoints", "calico_jax.parallel")),
+         MIDDLE_FORBIDDEN, "data, checkpoints and parallel sit below training and inference"),
+        (lambda m: _within(m, "calico_jax.train"), TRAIN_FORBIDDEN, "training sits below plans and commands"),
         (lambda m: _within(m, "calico_jax"), ("tests",), "the library must not depend on its tests"),
     ]
     out = set()

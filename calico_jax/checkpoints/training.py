@@ -24,6 +24,7 @@ naming the step; the steps before it stay readable.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -38,8 +39,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from calico_jax.checkpoints.workdir import DATA_ITER, META, STATE
+from calico_jax.core.config import Config
 from calico_jax.parallel import distributed
-from calico_jax.train.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,14 @@ log = logging.getLogger(__name__)
 # shape (~2 s of compiles per process for the toy and tiny models); below 1 MiB per slice one replica writes it.
 ocp.type_handlers.register_type_handler(
     jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=1 << 20), override=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig(Config):
+    """Where and how training checkpoints are written (``ExperimentConfig.checkpoint``)."""
+    directory: str = ""                   # "" = WORKDIR/checkpoints; any orbax/tensorstore path
+    max_to_keep: int = 3
+    async_save: bool = True
 
 
 class CheckpointWriteError(RuntimeError):

@@ -9,10 +9,9 @@
 * a GPU node, ``h100:8``, ``a100-80g:8``, ``a100-40g:8``, ``h200:8`` (the CUDA PJRT plugin compiles for a device
   described by one of our ``gpu_targets/*.txtpb`` files; needs the ``gpu-aot`` extra; no GPU, driver or ptxas).
 
-:data:`CHIPS` holds the published per-chip figures the plans compare with (dense bf16 peak, HBM size and bandwidth,
-interconnect bandwidth), keyed by the exact ``device_kind`` the runtime reports. ``hbm_gib`` is what a program may
-use: on TPU the compiler's own limit (from its RESOURCE_EXHAUSTED messages: 15.75 GiB of a 16 GiB v5e), on GPU the
-device memory times JAX's preallocation fraction (``XLA_PYTHON_CLIENT_MEM_FRACTION``, default 0.75).
+Each target carries its chip's published figures (:data:`calico_jax.parallel.chips.CHIPS`); on GPU, ``hbm_gib`` is the
+device memory of the target's description file times JAX's preallocation fraction (``XLA_PYTHON_CLIENT_MEM_FRACTION``,
+default 0.75).
 """
 from __future__ import annotations
 
@@ -22,34 +21,10 @@ import re
 from importlib import resources
 from typing import Any
 
+from calico_jax.parallel.chips import Chip, chip_for
+
 GPU_MEM_FRACTION_DEFAULT = 0.75      # jax's default XLA_PYTHON_CLIENT_MEM_FRACTION
 
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """Published figures of one chip (per device as JAX sees it)."""
-    name: str
-    peak_tflops: float               # dense bf16
-    hbm_gib: float                   # memory a program may use (see module doc)
-    hbm_gbps: float                  # HBM bandwidth, GB/s
-    link_gbps: float                 # chip-to-chip bandwidth one way, GB/s (ICI or NVLink); roofline only
-
-
-# device_kind -> figures. TPU: Cloud TPU system-architecture pages (v5e 197 TF/s, 819 GB/s, ICI 1600 Gbit/s; v5p
-# 459, 2765, 4800 Gbit/s; v4 275, 1200, 2400 Gbit/s; v6e 918, 1640, 3584 Gbit/s). GPU: NVIDIA data sheets (H100
-# SXM 989 TF/s dense bf16, 3.35 TB/s; H200 989, 4.8 TB/s; A100 312, 2.039 TB/s (80 GB) / 1.555 TB/s (40 GB);
-# NVLink 900 / 600 GB/s both ways). GPU memory sizes come from the gpu_targets files at plan time.
-CHIPS: dict[str, Chip] = {c.name: c for c in (
-    Chip("TPU v5 lite", 197.0, 15.75, 819.0, 200.0),      # v5e
-    Chip("TPU v5", 459.0, 95.74, 2765.0, 600.0),          # v5p
-    Chip("TPU v5p", 459.0, 95.74, 2765.0, 600.0),
-    Chip("TPU v4", 275.0, 30.75, 1200.0, 300.0),          # megacore: one device per chip
-    Chip("TPU v6 lite", 918.0, 31.25, 1640.0, 448.0),     # v6e
-    Chip("NVIDIA H100 80GB HBM3", 989.0, 0.0, 3350.0, 450.0),
-    Chip("NVIDIA H200", 989.0, 0.0, 4800.0, 450.0),
-    Chip("NVIDIA A100-SXM4-80GB", 312.0, 0.0, 2039.0, 300.0),
-    Chip("NVIDIA A100-SXM4-40GB", 312.0, 0.0, 1555.0, 300.0),
-)}
 
 # --target GPU names -> description files (package data, written from the data sheets; GpuTargetConfigProto text
 # in the schema of the pinned jaxlib 0.10.2).
@@ -158,8 +133,3 @@ def parse(spec: str) -> Target:
         return Target(spec, "tpu", list(topo.devices), chip_for(kind))
     raise TargetError(f"--target {spec}: expected cpu:N, a TPU topology ({', '.join(TPU_GENERATIONS)}, e.g. "
                       f"v5p:2x2x1) or a GPU node ({', '.join(sorted(GPU_TARGETS))}, e.g. h100:8)")
-
-
-def chip_for(device_kind: str) -> Chip | None:
-    """Exact ``device_kind`` lookup (a substring match took v5p's "TPU v5" for v5e's figures)."""
-    return CHIPS.get(device_kind)

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from calico_jax.checkpoints.training import CheckpointConfig
 from calico_jax.core.config import Config, ConfigError, optional_inner
 from calico_jax.core.fs import write_atomic
 from calico_jax.models.calico import CalicoConfig
@@ -103,13 +104,6 @@ class RecipeConfig(Config):
         that selects nothing stays an error (a typo)."""
         off = (("cem/",) if not model.cem.enabled else ()) + (("cam_",) if not model.cam.layers else ())
         return tuple(p for p in self.trainable if not p.startswith(off))
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointConfig(Config):
-    directory: str = ""                   # "" = WORKDIR/checkpoints; any orbax/tensorstore path
-    max_to_keep: int = 3
-    async_save: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

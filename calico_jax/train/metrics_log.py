@@ -7,7 +7,7 @@ from pathlib import Path
 import jax
 
 from calico_jax.core.fs import write_atomic
-from calico_jax.plans.targets import CHIPS
+from calico_jax.parallel.chips import CHIPS
 
 METRIC_KEYS = ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "lr", "grad_norm")
 # Dense bf16 peak TFLOP/s per device by the exact ``device_kind`` (a substring match took v5p, whose kind is
