@@ -1,4 +1,5 @@
-"""Input pipeline throughput (no PyTorch counterpart): samples/s of the grain loader on synthetic pairs."""
+"""Input pipeline throughput (no PyTorch counterpart): samples/s of the grain loader on synthetic pairs, from the
+JSON file and from its packed directory (``calico_jax.data.pack``). At MixedParts scale: ``bench/data_scale.py``."""
 from __future__ import annotations
 
 import functools
@@ -21,6 +22,7 @@ def _pairs() -> Path:
     run("calico_jax.data.synthetic", "--out", str(d / "syn"), "--num_images", "60", "--seed", "0")
     run("calico_jax.data.pairs", "--coco", str(d / "syn" / "annotations.json"), "--images", str(d / "syn" / "images"),
         "--out", str(d / "pairs.json"), "--seed", "0")
+    run("calico_jax.data.pack", "--pairs", str(d / "pairs.json"), "--out", str(d / "packed"), "--quiet")
     return d / "pairs.json"
 
 
@@ -34,10 +36,14 @@ def data_pipeline(ctx) -> Result:
         pre = Preprocess(sam_size=sam, mask_size=sam, dinov2_size=dino or 0, dinov2_crop=224 if dino else 0)
         cfg = PipelineConfig(batch_size=4, worker_count=0, preprocess=pre, max_tokens=512, num_epochs=None)
         rates[name] = measure_throughput(Pipeline(pairs, tok, cfg, 0, 1), num_batches=10)["samples_per_s"]
+        if name == "tiny":
+            packed = read_pairs(_pairs().parent / "packed")
+            rates["packed"] = measure_throughput(Pipeline(packed, tok, cfg, 0, 1), num_batches=10)["samples_per_s"]
     ms_per_batch = 4 / rates["7b"] * 1e3
     return Result(name="data_pipeline", jax_ms=ms_per_batch, torch_ms=None, ratio=None, gflops=0.0,
                   limit_fraction=0.0, compile_s=0.0, jax_range_ms=(ms_per_batch, ms_per_batch),
-                  note=f"samples/s: tiny shapes {rates['tiny']:.1f}, 7B input shapes {rates['7b']:.1f} "
+                  note=f"samples/s: tiny shapes {rates['tiny']:.1f} (packed {rates['packed']:.1f}), "
+                       f"7B input shapes {rates['7b']:.1f} "
                        "(batch 4, 0 workers); jax_ms = ms per 7B-shape batch")
 
 

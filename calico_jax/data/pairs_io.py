@@ -23,17 +23,16 @@ carry ``original`` (the record's ``dataset_name``, ``img_ids``, ``q``, ``a``) an
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from calico_jax.data.packed import PackedPairs, is_packed
+from calico_jax.data.pairs_schema import SEG_RE, TASKS, validate_sample
 from calico_jax.data.rle import decode
 from calico_jax.data.skips import DataError, Report
 
-SEG_RE = re.compile(r"\[SEG\] \(IMAGE(\d+)\)")
-TASKS = ("common_object", "common_parts", "unique_parts")
 PREFIX = "{images} provide an overview of the pictures. "   # the first user turn's start, before the question
 
 
@@ -104,30 +103,15 @@ class Pairs:
         return decode(m["rle"])
 
 
-def validate_sample(s: dict, n_images: int, n_masks: int, masks: list[dict]) -> None:
-    sid = s.get("id", "?")
-    k = len(s["images"])
-    if s["prompt"].count("<image>") != k:
-        raise DataError(f"sample {sid}: prompt has {s['prompt'].count('<image>')} <image> for {k} images")
-    ids = [int(i) - 1 for i in SEG_RE.findall(s["answer"])]
-    if s["answer"].count("[SEG]") != len(ids) or len(ids) != len(s["segs"]):
-        raise DataError(f"sample {sid}: {s['answer'].count('[SEG]')} [SEG] in the answer, {len(ids)} with an "
-                        f"identifier, {len(s['segs'])} mask references")
-    for j, (i, seg) in enumerate(zip(ids, s["segs"])):
-        if i != seg["image"] or not 0 <= i < k or not 0 <= seg["mask"] < n_masks:
-            raise DataError(f"sample {sid}: [SEG] #{j} points at (IMAGE{i + 1}) / mask {seg['mask']} "
-                            f"but its reference says image {seg['image'] + 1}")
-        if masks[seg["mask"]]["image"] != s["images"][i]:
-            raise DataError(f"sample {sid}: [SEG] #{j}'s mask belongs to another image")
-    if any(not 0 <= i < n_images for i in s["images"]):
-        raise DataError(f"sample {sid}: image index out of range")
-
-
 def read_pairs(path, validate: bool = True, images_root: str | dict[int, str] | None = None) -> Pairs:
     """Reads a pairs file written by :func:`write_pairs`; ``validate`` checks every sample's
     ``[SEG]``/identifier/mask consistency (raises :class:`DataError` naming the sample).
-    ``images_root`` (one directory, or source index -> directory) overrides the stored roots."""
+    ``images_root`` (one directory, or source index -> directory) overrides the stored roots.
+    A packed directory (:mod:`calico_jax.data.pack`) opens as a :class:`~calico_jax.data.packed.PackedPairs`:
+    the same interface, records read on demand (``validate`` then happens per record as it is read)."""
     path = Path(path)
+    if is_packed(path):
+        return PackedPairs(path, images_root)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
@@ -145,4 +129,4 @@ def read_pairs(path, validate: bool = True, images_root: str | dict[int, str] | 
 
 
 __all__ = ["SEG_RE", "TASKS", "PREFIX", "Pairs", "read_pairs", "write_pairs", "validate_sample", "images_phrase",
-           "check_image"]
+           "check_image", "PackedPairs"]

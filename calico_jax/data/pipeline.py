@@ -2,17 +2,29 @@
 
 Stages (grain 0.2 dataset API)::
 
-    MapDataset.source(kept records)            tokenized up front (SampleTokenizer): drops counted
+    MapDataset.source(kept records)            a pairs file in memory: tokenized up front (SampleTokenizer),
+                                               drops counted
+    | MapDataset.range(samples)                a packed directory (calico_jax.data.packed): sample indices only
       .seed(seed).shuffle()                    seeded; reshuffled every epoch (grain reseeds per epoch)
       .repeat(num_epochs)
-      .map(Decode)                             image files -> RGB uint8, [SEG] masks -> bool (original size)
+      .map(LoadDecode)                         packed: read, check and tokenize the record, read its image
+                                               entries and masks (calico_jax.data.records; a bad one -> skip),
+                                               then Decode
+    | .map(Decode)                             image files -> RGB uint8, [SEG] masks -> bool (original size)
       .random_map(Augment)                     seeded per element: h-flip (image and its masks together),
                                                colour jitter (image only)
       .map(Process)                            BLIP / DINOv2 / SAM processors, mask transform, padding
       BlockShard(process_index, process_count) per-process shard: block i of every batch (see below)
-      .to_iter_dataset(ReadOptions)            skips samples whose image failed to load (logged, named)
+      .to_iter_dataset(ReadOptions)
+      CountSkips                               drops skipped records (an image that failed to load, a bad
+                                               packed record), counting them by kind into the next element
       .batch(batch_size)                       stacks: every element already has the static shapes
       .mp_prefetch(workers)                    optional (worker_count > 0)
+      .map(ReportSkips)                        main process: the counts into ``Pipeline.report``
+
+The graph pickles small either way for a packed directory (its paths, the tokenizer): a worker reads the records
+it needs; the maps are lazy, so the per-process shard, applied last, reads only that process's block of
+the shuffled global order -- the same for every worker count.
 
 Sharding over processes: element ``k`` of process ``i``'s stream is element
 ``(k // b) * n * b + i * b + k % b`` of the global one (``n`` processes, ``b`` = ``shard_block`` rows: a
@@ -34,7 +46,9 @@ Drops (counted in ``Pipeline.report``, named by sample id): ``too_long_prompt`` 
 (truncation would separate an image slot or a [SEG] from its identifier or mask, see
 :class:`~calico_jax.data.tokenize.SampleTokenizer`), ``bad_seg_identifier``, ``too_many_images``,
 ``too_many_segs``. An image that fails to load at read time (missing, corrupt, size not the
-annotation's) is logged by name and the sample skipped -- never a crash mid-epoch.
+annotation's) is logged by name and the sample skipped -- never a crash mid-epoch. With a packed directory every
+drop happens at read time (the same kinds, plus ``bad_record`` / ``bad_sample`` for a record that is not a valid
+sample) and ``strict=True`` raises :class:`DataError` at the first instead.
 
 Checkpointing: ``it = iter(pipeline.dataset()); state = it.get_state(); it2.set_state(state)``
 yields exactly the batch ``it`` would yield next, with or without workers (orbax:
@@ -56,11 +70,13 @@ import numpy as np
 
 from calico_jax.core.preprocess import Preprocess
 from calico_jax.core.tokens import IGNORE_INDEX
-from calico_jax.data.pairs import TASKS
+from calico_jax.data.packed import PackedPairs
 from calico_jax.data.pairs_io import Pairs, read_pairs
+from calico_jax.data.pairs_schema import TASKS
 from calico_jax.data.processors import SamProcessor, from_preprocess, load_image
+from calico_jax.data.records import CountSkips, LoadPacked, ReportSkips, skip_marker, tokenize_sample
 from calico_jax.data.rle import decode
-from calico_jax.data.skips import Report
+from calico_jax.data.skips import DataError, Report
 from calico_jax.data.tokenize import SampleTokenizer, build_tiny_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -90,28 +106,15 @@ class PipelineConfig:
 
 # -------------------------------------------------------------------------------------- records
 def tokenize_records(pairs: Pairs, tokenizer, cfg: PipelineConfig, report: Report) -> list[dict]:
-    """Tokenizes every sample once; returns the kept ones as small picklable records."""
+    """Tokenizes every sample of a pairs file in memory once; returns the kept ones as small picklable records."""
     st = SampleTokenizer(tokenizer, cfg.max_tokens, cfg.use_im_start_end)
     out = []
     for i, s in enumerate(pairs.samples):
-        rec = f"sample {s.get('id', i)}"
-        if len(s["images"]) > cfg.max_images:
-            report.skip("too_many_images", rec, f"{len(s['images'])} > max_images {cfg.max_images}")
-            continue
-        if len(s["segs"]) > cfg.max_segs:
-            report.skip("too_many_segs", rec, f"{len(s['segs'])} > max_segs {cfg.max_segs}")
-            continue
-        tok, kind, detail = st(s["prompt"], s["answer"])
-        if tok is None:
-            report.skip(kind, rec, detail)
-            continue
-        # The batch's seg_image comes from the pairs file's mask references; keeping only samples where they
-        # equal the token identifiers (read by seg_routing.parse_identifier, as the predictor reads them) ties
-        # training routing to the convention inference uses.
-        if list(tok.seg_images) != [g["image"] for g in s["segs"]] or tok.num_images != len(s["images"]):
-            report.skip("bad_seg_identifier", rec, "token identifiers disagree with the mask references")
-            continue
-        out.append({"index": i, "input_ids": tok.input_ids, "labels": tok.labels})
+        rec, kind, detail = tokenize_sample(s, i, st, cfg.max_images, cfg.max_segs)
+        if rec is None:
+            report.skip(kind, f"sample {s.get('id', i)}", detail)
+        else:
+            out.append(rec)
     return out
 
 
@@ -122,23 +125,39 @@ class Decode(grain.transforms.Map):
     def __init__(self, pairs: Pairs):
         self.pairs = pairs
 
-    def map(self, rec: dict) -> dict | None:
-        s = self.pairs.samples[rec["index"]]
+    def map(self, rec: dict) -> dict:
+        if "skip" in rec:
+            return rec
+        if "sample" in rec:   # read with its tables by LoadPacked
+            s, paths, hws, rles = rec.pop("sample"), rec.pop("paths"), rec.pop("hw"), rec.pop("rles")
+        else:
+            s = self.pairs.samples[rec["index"]]
+            paths = [self.pairs.image_path(s, k) for k in range(len(s["images"]))]
+            hws = [(self.pairs.images[i]["height"], self.pairs.images[i]["width"]) for i in s["images"]]
+            rles = [self.pairs.masks[g["mask"]]["rle"] for g in s["segs"]]
         try:
             images = []
-            for k, i in enumerate(s["images"]):
-                meta = self.pairs.images[i]
-                im = load_image(self.pairs.image_path(s, k), (meta["height"], meta["width"]))
-                if im.shape[:2] != (meta["height"], meta["width"]):
-                    raise ValueError(f"image {im.shape[:2]} != annotation {(meta['height'], meta['width'])}")
+            for path, hw in zip(paths, hws):
+                im = load_image(path, tuple(hw))
+                if im.shape[:2] != tuple(hw):
+                    raise ValueError(f"image {im.shape[:2]} != annotation {tuple(hw)}")
                 images.append(im)
         except Exception as e:  # noqa: BLE001 -- PIL raises many types; a bad file must not stop the epoch
-            log.warning("skipping sample %s: image %s: %s: %s", s.get("id"), self.pairs.image_path(s, k),
-                        type(e).__name__, e)
-            return None
-        masks = [decode(self.pairs.masks[g["mask"]]["rle"]) for g in s["segs"]]
+            log.warning("skipping sample %s: image %s: %s: %s", s.get("id"), path, type(e).__name__, e)
+            return skip_marker("image_unreadable", f"sample {s.get('id')}", f"{path}: {type(e).__name__}: {e}")
+        masks = [decode(r) for r in rles]
         return {**rec, "task": TASKS.index(s["task"]), "images": images, "masks": masks,
                 "seg_image": [g["image"] for g in s["segs"]]}
+
+
+class LoadDecode(grain.transforms.Map):
+    """A packed directory's sample index -> :class:`Decode`'s output (or a skip marker)."""
+
+    def __init__(self, load: LoadPacked, decode: Decode):
+        self.load, self.decode = load, decode
+
+    def map(self, i) -> dict:
+        return self.decode.map(self.load.map(i))
 
 
 class Augment(grain.transforms.RandomMap):
@@ -149,6 +168,8 @@ class Augment(grain.transforms.RandomMap):
         self.hflip, self.jitter = hflip, color_jitter
 
     def random_map(self, ex: dict, rng: np.random.Generator) -> dict:
+        if "skip" in ex:
+            return ex
         images, masks = list(ex["images"]), list(ex["masks"])
         for k in range(len(images)):
             flip = rng.random() < self.hflip
@@ -175,6 +196,8 @@ class Process(grain.transforms.Map):
         self.mask_proc = SamProcessor(pre.mask_size)
 
     def map(self, ex: dict) -> dict:
+        if "skip" in ex:
+            return ex
         cfg, n, s, t = self.cfg.preprocess, self.cfg.max_images, self.cfg.max_segs, self.cfg.max_tokens
         out = {"input_ids": np.full(t, self.pad_id, np.int32), "labels": np.full(t, IGNORE_INDEX, np.int32),
                "attention_mask": np.zeros(t, np.int32)}
@@ -240,28 +263,37 @@ def shard(ds: grain.MapDataset, index: int, count: int, block: int) -> grain.Map
 
 
 class Pipeline:
-    """Builds the grain dataset for one process. ``report`` holds the samples dropped up front."""
+    """Builds the grain dataset for one process. ``report`` holds the samples dropped up front (a pairs file in
+    memory) and those skipped at read time, added as their batches arrive (:mod:`calico_jax.data.records`).
+    ``pairs``: a :class:`Pairs` (tokenized up front) or a :class:`PackedPairs` (read, checked, tokenized and
+    decoded in the grain map: the graph holds paths, each process reads only its block's records)."""
 
-    def __init__(self, pairs: Pairs, tokenizer, cfg: PipelineConfig = PipelineConfig(),
-                 process_index: int | None = None, process_count: int | None = None):
+    def __init__(self, pairs: Pairs | PackedPairs, tokenizer, cfg: PipelineConfig = PipelineConfig(),
+                 process_index: int | None = None, process_count: int | None = None, strict: bool = False):
         if process_index is None or process_count is None:
             import jax
             process_index, process_count = jax.process_index(), jax.process_count()
         self.pairs, self.cfg = pairs, cfg
         self.process_index, self.process_count = process_index, process_count
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
-        self.report = Report()
-        self.records = tokenize_records(pairs, tokenizer, cfg, self.report)
+        self.report, self.strict, self.tokenizer = Report(strict), strict, tokenizer
+        self.lazy = isinstance(pairs, PackedPairs)
+        self.records = None if self.lazy else tokenize_records(pairs, tokenizer, cfg, self.report)
 
     def map_dataset(self) -> grain.MapDataset:
         """Per-element (unbatched) padded examples of this process, in epoch order."""
         cfg = self.cfg
-        ds = grain.MapDataset.source(self.records).seed(cfg.seed)
+        src = grain.MapDataset.range(len(self.pairs)) if self.lazy else grain.MapDataset.source(self.records)
+        ds = src.seed(cfg.seed)
         if cfg.shuffle:
             ds = ds.shuffle()
         if cfg.num_epochs != 1:
             ds = ds.repeat(cfg.num_epochs)
-        ds = ds.map(Decode(self.pairs))
+        if self.lazy:   # one map, so that Augment sits at the same depth of the graph (grain derives its seed so)
+            ds = ds.map(LoadDecode(LoadPacked(self.pairs, self.tokenizer, cfg.max_tokens, cfg.use_im_start_end,
+                                              cfg.max_images, cfg.max_segs, self.strict), Decode(self.pairs)))
+        else:
+            ds = ds.map(Decode(self.pairs))
         if cfg.hflip or cfg.color_jitter:
             ds = ds.random_map(Augment(cfg.hflip, cfg.color_jitter))
         ds = ds.map(Process(cfg, self.pad_id))
@@ -271,14 +303,14 @@ class Pipeline:
         cfg = self.cfg
         ds = self.map_dataset().to_iter_dataset(
             grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch_buffer_size))
-        ds = ds.batch(cfg.batch_size, drop_remainder=cfg.drop_remainder)
+        ds = CountSkips(ds).batch(cfg.batch_size, drop_remainder=cfg.drop_remainder)
         if cfg.worker_count > 0:
             from absl import flags
             if not flags.FLAGS.is_parsed():
                 flags.FLAGS.mark_as_parsed()   # grain workers read absl flags; fine outside absl.app.run
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
                                                              per_worker_buffer_size=cfg.worker_buffer_size))
-        return ds
+        return ds.map(ReportSkips(self.report))
 
     def __iter__(self):
         return iter(self.dataset())
@@ -310,7 +342,8 @@ def measure_throughput(iterable, num_batches: int = 20, warmup: int = 2) -> dict
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m calico_jax.data.pipeline",
                                  description="Loader throughput (samples/s) on a pairs file.")
-    ap.add_argument("--pairs", required=True)
+    ap.add_argument("--pairs", required=True, help="pairs JSON file or packed directory (calico_jax.data.pack)")
+    ap.add_argument("--strict", action="store_true", help="stop at the first bad record")
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: a tiny local one)")
     ap.add_argument("--batch_size", type=int, default=2)
     ap.add_argument("--workers", type=int, default=0)
@@ -326,9 +359,13 @@ def main(argv=None) -> int:
                      dinov2_crop=224 if a.dinov2_size else 0)
     cfg = PipelineConfig(batch_size=a.batch_size, worker_count=a.workers, preprocess=pre, max_tokens=a.max_tokens,
                          num_epochs=None)
-    pipe = Pipeline(read_pairs(a.pairs), load_tokenizer(a.tokenizer), cfg, 0, 1)
+    try:
+        pipe = Pipeline(read_pairs(a.pairs), load_tokenizer(a.tokenizer), cfg, 0, 1, strict=a.strict)
+        r = measure_throughput(pipe, a.batches)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(pipe.report.summary())
-    r = measure_throughput(pipe, a.batches)
     print(f"{r['samples_per_s']:.1f} samples/s ({r['samples']} samples in {r['seconds']:.2f}s, "
           f"batch {a.batch_size}, workers {a.workers}, sam {a.sam_size})")
     return 0

@@ -13,7 +13,9 @@ Without ``data.pairs`` a synthetic part dataset (``data.synthetic``) and a held-
 (``data.synthetic_heldout``, other images) are built under ``WORKDIR/data/{train,heldout}`` with a tiny
 tokenizer at ``WORKDIR/data/tokenizer`` (atomically; deterministic given the seeds), so ``configs/tiny.py`` runs
 with nothing downloaded. Several processes: process 0 builds them, the others wait at a barrier; each process
-then reads its own shard.
+then reads its own shard. ``data.pairs`` / ``data.eval_pairs`` may be a pairs JSON file or a packed directory
+(``python -m calico_jax.data.pack``): the packed one is read on demand inside the pipeline (each process reads only
+its block; records that fail are skipped and counted: :meth:`CalicoTask.data_skips`).
 
 Periodic evaluation (``eval_every``): teacher-forced on ``data.eval_pairs`` (or the synthetic held-out set),
 ``data.eval_batches`` fixed batches, no augmentation, deterministic forward: ``loss``, ``ce_loss``, ``mask_iou``
@@ -32,6 +34,7 @@ import numpy as np
 from calico_jax.core.fs import atomic_directory
 from calico_jax.core.tokens import SEG_TOKEN
 from calico_jax.data import synthetic
+from calico_jax.data.packed import PackedPairs
 from calico_jax.data.pairs_io import read_pairs
 from calico_jax.data.pipeline import Pipeline, PipelineConfig
 from calico_jax.data.qformer_text import (
@@ -71,6 +74,22 @@ def prepare_data(cfg, workdir: Path) -> tuple[Path, Path, Path | None]:
             build_tiny_tokenizer(tmp, [s["prompt"] + " " + s["answer"] for s in p.samples], vocab_size=400)
     distributed.barrier("calico_prepare_data")   # the others read what process 0 just wrote
     return pairs_path, tok, eval_path
+
+
+class _PackedQFormerText:
+    """Batch map: the Q-Former instruction tokens of each row's prompt, read from a packed directory."""
+
+    def __init__(self, qformer_text: QFormerText, pairs: PackedPairs):
+        self.qformer_text, self.pairs, self.cache = qformer_text, pairs, {}
+
+    def __call__(self, batch: dict) -> dict:
+        rows = []
+        for i in np.asarray(batch["sample_index"]).tolist():
+            prompt = self.pairs.samples[i]["prompt"]
+            if prompt not in self.cache:
+                self.cache[prompt] = self.qformer_text(prompt)
+            rows.append(self.cache[prompt])
+        return {**batch, **{k: np.stack([r[k] for r in rows]) for k in rows[0]}}
 
 
 def batch_spec(cfg, model: CalicoConfig, rows: int) -> dict:
@@ -137,14 +156,24 @@ class CalicoTask(Task):
     def dataset(self, process_index: int, process_count: int):
         rows = self.cfg.batch_size // process_count   # shard_block: this process's rows of each micro-batch
         per_process = dataclasses.replace(self.pcfg, batch_size=rows, shard_block=rows // self.cfg.optim.grad_accum)
-        ds = Pipeline(self.pairs, self.tokenizer, per_process, process_index, process_count).dataset()
-        return self.with_qformer_text(ds, self.pairs)
+        # data.strict: stop at the first bad packed record instead of skipping and counting it
+        self.train_pipeline = Pipeline(self.pairs, self.tokenizer, per_process, process_index, process_count,
+                                       strict=self.cfg.data.strict)
+        return self.with_qformer_text(self.train_pipeline.dataset(), self.pairs)
+
+    def data_skips(self) -> dict[str, int]:
+        """Records of this process's training stream skipped so far, by kind (up front and at read time)."""
+        pipe = getattr(self, "train_pipeline", None)
+        return pipe.report.counts() if pipe is not None else {}
 
     def with_qformer_text(self, ds, pairs):
         """Adds the Q-Former instruction tokens of each row's sample (by ``sample_index``) with ``qformer_text_input``
-        (computed once per pairs file, so the pipeline itself is unchanged)."""
+        (computed once per pairs file in memory, so the pipeline itself is unchanged; a packed directory's prompts
+        are read per row, tokenized once per distinct prompt)."""
         if self.qformer_text is None:
             return ds
+        if isinstance(pairs, PackedPairs):
+            return ds.map(_PackedQFormerText(self.qformer_text, pairs))
         table = self.qformer_text.batch([s["prompt"] for s in pairs.samples])
         return ds.map(lambda batch: {**batch, **{k: v[np.asarray(batch["sample_index"])] for k, v in table.items()}})
 

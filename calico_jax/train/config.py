@@ -57,7 +57,8 @@ class SyntheticConfig(Config):
 class DataConfig(Config):
     """Where the training data comes from and the batch shapes that are not the model's (the image sizes are
     ``model.preprocess``, the [SEG] slots ``model.seg.max_seg``)."""
-    pairs: str = ""                       # pairs file; "" = a synthetic set under WORKDIR/data
+    pairs: str = ""                       # pairs file or packed directory (python -m calico_jax.data.pack);
+                                          # "" = a synthetic set under WORKDIR/data
     eval_pairs: str = ""                  # held-out pairs (eval_every); "" = with synthetic training data
                                           # a synthetic held-out set (seed + 1) under WORKDIR/data/eval, else none
     eval_batches: int = 2                 # batches (of batch_size / grad_accum rows) per periodic evaluation
@@ -69,6 +70,7 @@ class DataConfig(Config):
     hflip: float = 0.5
     color_jitter: float = 0.2
     worker_count: int = 0
+    strict: bool = False                  # a bad record stops training (else it is skipped and counted)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,25 +253,6 @@ def apply_overrides(cfg: C, overrides: Sequence[tuple[str, str]]) -> C:
         _check_moved(type(cfg), dotted, text)
         _set(type(cfg), data, dotted, text, dotted)
     return type(cfg).from_dict(data)
-
-
-def split_overrides(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
-    """Pulls ``--config.a.b=v`` (or ``--config.a.b v``) out of argv; returns (overrides, the rest)."""
-    out, rest, i = [], [], 0
-    argv = list(argv)
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--config."):
-            key, eq, val = arg[len("--config."):].partition("=")
-            if not eq:
-                if i + 1 >= len(argv):
-                    raise ConfigError(f"{arg}: missing value")
-                i, val = i + 1, argv[i + 1]
-            out.append((key, val))
-        else:
-            rest.append(arg)
-        i += 1
-    return out, rest
 
 
 def load_module(path: str | os.PathLike):

@@ -5,8 +5,10 @@ import json
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from calico_jax.core.fs import write_atomic
+from calico_jax.data.records import SKIP_KINDS
 from calico_jax.parallel.chips import CHIPS
 
 METRIC_KEYS = ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "lr", "grad_norm")
@@ -61,6 +63,19 @@ def peak_tflops(cfg) -> float:
     if cfg.peak_tflops > 0:
         return cfg.peak_tflops
     return PEAK_TFLOPS.get(jax.devices()[0].device_kind, 0.0)
+
+
+def data_skip_record(task) -> dict:
+    """``data_skipped_<kind>``: training records skipped so far (bad or oversized samples), summed over the
+    processes (every process must call this at the same step: it is a collective with several)."""
+    skips = task.data_skips() if hasattr(task, "data_skips") else {}
+    kinds = [*SKIP_KINDS, "other"]
+    vec = np.array([skips.get(k, 0) for k in SKIP_KINDS]
+                   + [sum(v for k, v in skips.items() if k not in SKIP_KINDS)], np.int64)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        vec = np.asarray(multihost_utils.process_allgather(vec)).reshape(-1, len(kinds)).sum(0)
+    return {f"data_skipped_{k}": int(v) for k, v in zip(kinds, vec) if v}
 
 
 def step_record(step: int, m: dict, dt: float, skipped: int, cfg, task, flops: float, peak: float,
