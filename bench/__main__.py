@@ -1,4 +1,5 @@
-"""``python -m bench --suite cpu|gpu [--only NAME ...] --out bench/results/NAME.json``.
+"""``python -m bench --suite cpu [--only NAME ...] --out bench/results/NAME.json``; ``python -m bench --suite gpu
+[--tiny]``: one accelerator's train step, MFU, memory and predict throughput (:mod:`bench.gpu`).
 
 Measures both frameworks' fp32 GEMM peak and memory read bandwidth, then each item side by side (JAX jit
 after warm-up vs the PyTorch reference eager under ``inference_mode``, same thread count, alternating runs,
@@ -107,21 +108,30 @@ def cpu_name() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    p.add_argument("--suite", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--suite", choices=("cpu", "gpu"), default="cpu",
+                   help="cpu: side by side with PyTorch, per item; gpu: CALICO training and predict on one device")
+    p.add_argument("--tiny", action="store_true", help="--suite gpu at the tiny model's size (runs on a CPU)")
     p.add_argument("--only", nargs="*", default=None, help=f"items: {', '.join(ITEM_MODULES)}")
     p.add_argument("--out", default="bench/results/cpu.json")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--budget_s", type=float, default=60.0, help="per-item time budget for the timed rounds")
     p.add_argument("--readme", default=None,
-                   help="file whose block between the bench:cpu markers gets the new tables (default: README.md "
-                        "after a full CPU run written to the default --out; '' for none)")
+                   help="file whose block between the bench:cpu markers gets the new tables (default: "
+                        "docs/benchmarks.md after a full CPU run written to the default --out; '' for none)")
     args = p.parse_args(argv)
+    if args.suite == "gpu":
+        from bench import gpu  # after argparse: --help stays fast
+        out = None if args.out == p.get_default("out") else args.out
+        print(gpu.run(args.tiny, out or (None if args.tiny else "bench/results/gpu.json")))
+        return 0
+    if args.tiny:
+        p.error("--tiny belongs to --suite gpu")
     unknown = sorted(set(args.only or ()) - set(ITEM_MODULES))
     if unknown:
         p.error(f"unknown item(s) {unknown}; known: {sorted(ITEM_MODULES)}")
     readme = args.readme
     if readme is None and args.only is None and args.suite == "cpu" and args.out == p.get_default("out"):
-        readme = "README.md"
+        readme = "docs/benchmarks.md"
     if readme and (problem := readme_block_check(Path(readme))):
         p.error(f"--readme {problem}")   # before any timing: nothing is written
 
@@ -129,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    jax.config.update("jax_default_matmul_precision", "highest" if args.suite == "cpu" else "default")
+    jax.config.update("jax_default_matmul_precision", "highest")
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     before = measure_limits()

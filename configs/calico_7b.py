@@ -21,7 +21,10 @@ from configs import common
 
 
 def get_config():
-    model = CalicoConfig()          # 224 px BLIP / DINOv2, SAM 1024, 8 [SEG] slots (CalicoConfig defaults)
+    # 224 px BLIP / DINOv2, SAM 1024, 8 [SEG] slots (CalicoConfig defaults). Layer scan (models/scan.py) is off:
+    # on v5p:2x2x1 it compiled faster (532 vs 870 s, different host loads) but planned 45.2 instead of 24.0 GB per
+    # device (bench/results/scan_compile.md); --config.model.llm.scan_layers=true etc. turn it on per tower.
+    model = CalicoConfig()
     return common.experiment(
         "calico_7b", model, dtype="bfloat16", frozen_dtype="bfloat16", base_checkpoint="",
         data=DataConfig(max_images=2, max_tokens=512, hflip=0.0, color_jitter=0.0, worker_count=2),

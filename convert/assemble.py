@@ -43,6 +43,7 @@ from calico_jax.checkpoints.converted import abstract_params
 from calico_jax.checkpoints.torch_files import CheckpointError, load_json_arg
 from calico_jax.core import fs
 from calico_jax.core.config import ConfigError
+from calico_jax.models import scan
 from calico_jax.models.calico import Calico, CalicoConfig
 
 NEW_MODULES = r"cem/.*|cam_\d+/.*|cam_query_tokens(_\d+)?|llm/.*/lora_[ab]|text_hidden_fcs_0_[02]/.*"
@@ -155,7 +156,8 @@ def assemble(parts: dict[str, tuple], config: Any, seed: int = 0) -> tuple[dict,
     import numpy as np
 
     module = Calico(config)
-    target = {k: v for k, v in _flat(nn.unbox(abstract_params(module))).items()}
+    # per layer, whatever the config's scan_layers (converted checkpoints are stored so: models/scan.py)
+    target = {k: v for k, v in _flat(scan.unstack_layers(nn.unbox(abstract_params(module)), config)).items()}
     given = _part_leaves(parts)
     skipped: dict[str, int] = {}
     unexpected, mismatched = [], []

@@ -27,6 +27,7 @@ from calico_jax import models
 from calico_jax.checkpoints.converted import abstract_params
 from calico_jax.checkpoints.torch_files import Checkpoint, CheckpointError
 from calico_jax.core.config import Config
+from calico_jax.models import scan
 
 WEIGHT_LEAVES = ("kernel", "scale", "embedding", "weight")
 
@@ -148,7 +149,8 @@ _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "FLOAT16", "BFLOAT16", "FLOAT32", 
 
 def build_params(ckpt: Checkpoint, plan: Plan, dtype: Any = np.float32, progress: bool = True) -> dict:
     """Loads every canonical tensor into the module's params tree, or raises one CheckpointError."""
-    abstract = nn.unbox(abstract_params(plan.module()))
+    # converted checkpoints are stored per layer, whatever the config's scan_layers (models/scan.py)
+    abstract = scan.unstack_layers(nn.unbox(abstract_params(plan.module())), plan.config)
     targets = {tuple(k.key for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(abstract)}
     resolved: dict[str, tuple[str, ...]] = {}
     unexpected = [f"{k} (not a {plan.model} parameter)" for k in plan.unexpected]

@@ -9,6 +9,10 @@ a lost or changed sharding annotation shows up as a diff even when the logical n
 
 A difference fails with a readable list of paths added / removed / changed (old -> new).
 
+``tests/golden/calico_tiny_scan_params.json`` records the same for the scanned layout (``with_scan(True)``: the
+EVA, DINOv2 and LLaMA stacks as ``scan_{a}_{b}`` segments with a leading ``layers`` axis), and a test checks that
+:func:`calico_jax.models.scan.unstack_layers` of it is exactly the per-layer golden tree.
+
 Regenerating (only after an *intended* change of the parameter tree; review the git diff of the json):
 
     .venv/bin/python -m tests.test_golden --update
@@ -35,11 +39,13 @@ import jax.numpy as jnp
 import pytest
 from flax import traverse_util
 
+from calico_jax.models import scan
 from calico_jax.models.calico import Calico, CalicoConfig
 from calico_jax.models.cem import CemConfig
 from calico_jax.parallel import sharding
 
 GOLDEN = Path(__file__).parent / "golden" / "calico_tiny_params.json"
+SCAN_GOLDEN = Path(__file__).parent / "golden" / "calico_tiny_scan_params.json"
 UPDATE_ENV = "CALICO_UPDATE_GOLDEN"
 REGEN_HINT = f"regenerate with `python -m tests.test_golden --update` (or {UPDATE_ENV}=1 pytest tests/test_golden.py)"
 # All three mesh axes > 1, so every rule of the table is visible in the recorded specs.
@@ -51,6 +57,9 @@ VARIANTS: dict[str, Callable[[], CalicoConfig]] = {
     "tiny": CalicoConfig.tiny,
     "tiny_no_cem": lambda: CalicoConfig.tiny(cem=CemConfig(enabled=False)),
 }
+SCAN_VARIANTS: dict[str, Callable[[], CalicoConfig]] = {"tiny_scan": lambda: CalicoConfig.tiny().with_scan(True)}
+GOLDENS = {GOLDEN: VARIANTS, SCAN_GOLDEN: SCAN_VARIANTS}
+ALL_VARIANTS = {**VARIANTS, **SCAN_VARIANTS}
 
 
 # ----------------------------------------------------------------------------- building the records
@@ -82,9 +91,9 @@ def mesh_specs(boxed_flat: dict[str, Any]) -> dict[str, list[Any]]:
     return {path: spec_record(s.spec) for path, s in sorted(flat.items())}
 
 
-def current_golden() -> dict[str, Any]:
+def current_golden(variants: dict[str, Callable[[], CalicoConfig]] = VARIANTS) -> dict[str, Any]:
     out = {}
-    for name, make_cfg in VARIANTS.items():
+    for name, make_cfg in variants.items():
         flat = abstract_params(make_cfg())
         out[name] = {"params": {p: leaf_record(leaf) for p, leaf in flat.items()}, "specs": mesh_specs(flat)}
     return out
@@ -106,16 +115,17 @@ def dumps(golden: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_golden() -> dict[str, Any]:
-    if not GOLDEN.exists():
-        pytest.fail(f"golden file {GOLDEN} is missing; {REGEN_HINT}")
-    data = json.loads(GOLDEN.read_text())
+def load_golden(path: Path = GOLDEN) -> dict[str, Any]:
+    if not path.exists():
+        pytest.fail(f"golden file {path} is missing; {REGEN_HINT}")
+    data = json.loads(path.read_text())
     return {k: v for k, v in data.items() if not k.startswith("_")}
 
 
 def write_golden() -> None:
-    GOLDEN.parent.mkdir(parents=True, exist_ok=True)
-    GOLDEN.write_text(dumps(current_golden()))
+    for path, variants in GOLDENS.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(dumps(current_golden(variants)))
 
 
 # ----------------------------------------------------------------------------- diffing
@@ -156,25 +166,31 @@ def diff_golden(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- tests
-@pytest.fixture(scope="module")
-def current():
-    return current_golden()
-
-
-def test_param_tree_matches_golden(current):
+@pytest.mark.parametrize("path", sorted(GOLDENS), ids=lambda p: p.name)
+def test_param_tree_matches_golden(path):
     if os.environ.get(UPDATE_ENV) == "1":  # explicit opt-in only; never on a normal run
         write_golden()
-        pytest.skip(f"{UPDATE_ENV}=1: rewrote {GOLDEN}; review its git diff")
-    diff = diff_golden(load_golden(), current)
-    assert not diff, f"parameter tree differs from {GOLDEN.name} (old -> new):\n{diff}\n\nIf intended, {REGEN_HINT}"
+        pytest.skip(f"{UPDATE_ENV}=1: rewrote {sorted(p.name for p in GOLDENS)}; review their git diff")
+    diff = diff_golden(load_golden(path), current_golden(GOLDENS[path]))
+    assert not diff, f"parameter tree differs from {path.name} (old -> new):\n{diff}\n\nIf intended, {REGEN_HINT}"
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_scan_golden_unstacks_to_the_per_layer_golden():
+    """The scanned tree is the per-layer tree stacked: unstacking the scanned golden's boxed leaves (shape, dtype,
+    logical names) gives exactly the per-layer golden records of the same model."""
+    flat = abstract_params(SCAN_VARIANTS["tiny_scan"]())
+    per_layer = scan.unstack_layers(traverse_util.unflatten_dict(flat, sep="/"), SCAN_VARIANTS["tiny_scan"]())
+    records = {p: leaf_record(leaf) for p, leaf in traverse_util.flatten_dict(per_layer, sep="/").items()}
+    diff = diff_section(load_golden(GOLDEN)["tiny"]["params"], records)
+    assert not diff, "\n".join(diff)
+
+
+@pytest.mark.parametrize("variant", sorted(ALL_VARIANTS))
 def test_every_leaf_has_logical_names(variant):
     """No unannotated param: every leaf is a box whose names match its rank and the rules table."""
     known = {name for name, _ in sharding.RULES}
     problems = []
-    for path, leaf in abstract_params(VARIANTS[variant]()).items():
+    for path, leaf in abstract_params(ALL_VARIANTS[variant]()).items():
         if not isinstance(leaf, nn.Partitioned):
             problems.append(f"{path}: no logical axis names ({type(leaf).__name__})")
         elif len(leaf.names) != leaf.value.ndim:

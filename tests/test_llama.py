@@ -15,6 +15,7 @@ from calico_jax.checkpoints.converted import init_params  # noqa: E402
 from calico_jax.checkpoints.torch_files import open_checkpoint  # noqa: E402
 from calico_jax.models.llama import KVCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from calico_jax.models.lora import LoraConfig, lora_mask, merge_lora  # noqa: E402
+from calico_jax.models.scan import stack_layers  # noqa: E402
 from convert.families.llama import HF_LLAMA, random_batch  # noqa: E402
 from convert.mapping import build_params  # noqa: E402
 from tests.helpers import randomize, rel_err  # noqa: E402
@@ -58,10 +59,15 @@ def torch_forward(model, ids, mask):
     return out.logits.numpy(), out.hidden_states[-1].numpy()
 
 
-@pytest.mark.parametrize("name", list(HF_CONFIGS))
-def test_parity_with_transformers(name, tmp_path):
+@pytest.mark.parametrize("name,scan_layers", [(n, False) for n in HF_CONFIGS] + [("gqa_linear_rope_bias", True)])
+def test_parity_with_transformers(name, scan_layers, tmp_path):
+    """``scan_layers``: the converted per-layer params stacked at load and run as one scanned segment."""
     model = hf_llama(**HF_CONFIGS[name])
     module, params = convert(model, tmp_path)
+    if scan_layers:
+        module = LlamaForCausalLM(module.config.replace(scan_layers=True))
+        params = stack_layers(params, module.config)
+        assert "scan_0_2" in params["model"] and "layers_0" not in params["model"]
     ids, mask = random_batch(module.config, batch=3, length=10, seed=1)  # row 1 left-padded
     logits, hidden = torch_forward(model, ids, mask)
     out = module.apply({"params": params}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask))

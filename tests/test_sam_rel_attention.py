@@ -27,10 +27,12 @@ def reference(q, k, v, table_h, table_w, hw, scale):
     return np.einsum("bnqk,bknd->bqnd", p, v)
 
 
-# (batch, grid h, grid w, heads, head dim, block_bytes): tiles of a few queries of one row (block < one
-# query's logits -> 1 query per tile), several (batch, head) rows per tile, everything in one tile, and a
-# non-square grid whose query chunk (5 of 15) does not align with grid rows.
-CASES = [(2, 4, 4, 3, 8, 1), (3, 3, 3, 2, 8, 2 * 9 * 9 * 4), (1, 5, 5, 2, 4, 1 << 20), (2, 5, 3, 2, 8, 5 * 15 * 4)]
+# (batch, grid h, grid w, heads, head dim, block_bytes): one query per tile (block < one query's logits), a
+# third of the queries per tile, several heads per tile (all queries of 2 of 3 heads fit), everything in one
+# tile, and a non-square grid whose query chunk (5 of 15) does not align with grid rows. A tile always holds
+# the whole batch.
+CASES = [(2, 4, 4, 3, 8, 1), (3, 3, 3, 2, 8, 2 * 9 * 9 * 4), (2, 3, 3, 3, 4, 2 * 2 * 9 * 9 * 4),
+         (1, 5, 5, 2, 4, 1 << 20), (2, 5, 3, 2, 8, 2 * 5 * 15 * 4)]
 
 
 @pytest.mark.parametrize("b,h,w,n,d,block", CASES)
@@ -63,6 +65,27 @@ def test_blocked_grad_matches_dense():
     for g_b, g_d in zip(jax.grad(blocked, argnums=range(5))(q, k, v, th, tw),
                         jax.grad(dense, argnums=range(5))(q, k, v, th, tw)):
         assert rel_err(g_b, g_d) < 1e-5
+
+
+@pytest.mark.parametrize("block", [4 * 16 * 4, 1 << 20])   # one query per tile; everything in one tile
+def test_blocked_keeps_a_sharded_batch_local(block):
+    """With the batch sharded over 8 devices, the tile loop never slices the batch: the compiled program has no
+    collective (slicing batch x heads rows inside the loop made XLA all-gather every tile)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from calico_jax.parallel.sharding import make_mesh
+
+    mesh = make_mesh({"data": len(jax.devices())})
+    b, h, w, n, d = len(jax.devices()), 4, 4, 2, 8
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((b, h * w, n, d)).astype(np.float32) for _ in range(3))
+    th, tw = (rng.standard_normal((2 * h - 1, d)).astype(np.float32) for _ in range(2))
+    batch, repl = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+    fn = jax.jit(lambda *a: blocked_rel_pos_attention(*a, (h, w), (h, w), scale=d ** -0.5, block_bytes=block),
+                 in_shardings=(batch,) * 3 + (repl,) * 2, out_shardings=batch)
+    hlo = fn.lower(q, k, v, th, tw).compile().as_text()
+    assert not [op for op in ("all-gather", "all-to-all", "collective-permute", "all-reduce") if op in hlo]
+    assert rel_err(fn(q, k, v, th, tw), reference(q, k, v, th, tw, (h, w), d ** -0.5)) < 2e-6
 
 
 def test_encoder_blocked_equals_dense():

@@ -8,6 +8,11 @@ Layout of a directory written by :func:`save` (and by ``python -m convert``)::
 
 Writes are atomic: everything goes to a hidden sibling directory that is renamed onto OUT at the end,
 so an interrupted or failed write never leaves a partial OUT.
+
+``params/`` always holds the per-layer tree (``layers_0``, ``layers_1``, ...), whatever the config's
+``scan_layers`` switches say: :func:`write` unstacks a scanned tree, :func:`load` and :func:`restore_params`
+stack it again for a scanned config (:mod:`calico_jax.models.scan`). A directory written before scanning existed
+therefore loads with scanning on.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import numpy as np
 
 from calico_jax import models
 from calico_jax.core.fs import atomic_directory
+from calico_jax.models import scan
 
 FORMAT = "calico_jax"
 FORMAT_VERSION = 1
@@ -48,7 +54,7 @@ def write(directory: str | os.PathLike, model: str, config: Any, params: Any, *,
     directory = Path(directory).absolute()
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model,
             "config": config.to_dict(), "dtype": dtype, "source": dict(source or {})}
-    params = jax.tree.map(jnp.asarray, nn.unbox(params))
+    params = jax.tree.map(jnp.asarray, scan.unstack_layers(nn.unbox(params), config))
     (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / "params", params)
@@ -87,10 +93,25 @@ def load(path: str | os.PathLike) -> tuple[nn.Module, Any, Any]:
     module, config = models.build(meta["model"], meta["config"])
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(path / "params")
-    expected = nn.unbox(abstract_params(module))
+    expected = scan.unstack_layers(nn.unbox(abstract_params(module)), config)   # the stored (per-layer) layout
     want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
     got = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
     if want != got:
         diff = sorted(set(want.items()) ^ set(got.items()))[:10]
         raise ValueError(f"{path}: params do not match the {meta['model']} config; first differences: {diff}")
-    return module, params, config
+    return module, scan.stack_layers(params, config), config
+
+
+def restore_params(path: str | os.PathLike, target: Any, config: Any) -> Any:
+    """The params of a converted directory (``PATH/params``) restored onto ``target`` (a ShapeDtypeStruct tree in
+    the layout ``config`` runs, e.g. a training run's abstract params, shardings included) and returned in that
+    layout: a scanned config's stacks are read per layer and stacked here."""
+    import orbax.checkpoint as ocp
+
+    stored = scan.unstack_layers(target, config)
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(Path(path).absolute() / "params", stored)
+    params = scan.stack_layers(params, config)
+    # the stacked arrays land where jnp.stack put them; move them to the target's shardings where it has some
+    return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding) if getattr(t, "sharding", None) is not None
+                        else x, params, target)

@@ -30,6 +30,7 @@ import numpy as np
 
 from calico_jax.checkpoints import author_layout
 from calico_jax.core import fs
+from calico_jax.models import scan
 from calico_jax.models.lora import lora_state_dict, peft_adapter_config
 
 TRAINABLE_TOPS = r"cem|cam_\d+|query_tokens|cam_query_tokens(_\d+)?|text_hidden_fcs_\d+_\d+"
@@ -45,7 +46,9 @@ def _exported(path: tuple[str, ...], full: bool) -> bool:
 
 
 def author_state(config: Any, params: Any, full: bool = False) -> dict[str, np.ndarray]:
-    """The author-named tensors (torch layout) of ``params``; ValueError naming any leaf without an author name."""
+    """The author-named tensors (torch layout) of ``params`` (per-layer or, for a scanned ``config``, stacked);
+    ValueError naming any leaf without an author name."""
+    params = scan.unstack_layers(params, config)   # the author names one tensor per layer
     canonical = {}
     for path, value in jax.tree_util.tree_leaves_with_path(params):
         keys = tuple(p.key for p in path)
@@ -119,7 +122,8 @@ def config_json(config: Any) -> dict[str, Any]:
 
 def save(out: str | Path, config: Any, params: Any, *, full: bool = False, tokenizer_dir: Path | None = None,
          overwrite: bool = False, shard_bytes: int = SHARD_BYTES) -> Path:
-    """Writes ``out`` (see the module docstring) atomically."""
+    """Writes ``out`` (see the module docstring) atomically. Scanned layer stacks are written per layer."""
+    params = scan.unstack_layers(params, config)
     state = author_state(config, params, full)
     with fs.atomic_directory(out, overwrite=overwrite) as tmp:
         write_sharded(tmp, state, shard_bytes)

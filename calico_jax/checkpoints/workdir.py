@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from calico_jax import models
+from calico_jax.checkpoints import converted
 from calico_jax.core.params import combine, partition
 
 STATE, META, DATA_ITER = "state", "meta", "data_iter"   # items of a training step directory
@@ -45,12 +46,10 @@ def cast_frozen(tree: Any, dtype: Any) -> Any:
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def load_base_params(base: str | os.PathLike, target: Any) -> Any:
-    """Every weight of a converted checkpoint (``BASE/params``) restored onto ``target`` (ShapeDtypeStructs,
-    optionally with shardings)."""
-    import orbax.checkpoint as ocp
-    with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(Path(base).absolute() / "params", target)
+def load_base_params(base: str | os.PathLike, target: Any, config: Any) -> Any:
+    """Every weight of a converted checkpoint (``BASE/params``, stored per layer) restored onto ``target``
+    (ShapeDtypeStructs, optionally with shardings) in the layout ``config`` runs (its scanned stacks stacked)."""
+    return converted.restore_params(base, target, config)
 
 
 # ------------------------------------------------------------------------------------ training workdirs
@@ -134,7 +133,7 @@ def _restore_step(step_dir: Path, step: int) -> WorkdirModel:
     trainable = _restore_trainable(step_dir, a_train)
     source = meta["frozen_source"]
     if source["kind"] == "base":
-        frozen = partition(load_base_params(source["path"], abstract), patterns)[1]
+        frozen = partition(load_base_params(source["path"], abstract, config), patterns)[1]
     else:
         k_init, _ = init_keys(source["seed"])
         full = jax.jit(init)(k_init)

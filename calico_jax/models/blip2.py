@@ -41,6 +41,10 @@ class Blip2VisionConfig(Config):
             raise ConfigError(f"Blip2VisionConfig: qformer.encoder_hidden_size {self.qformer.encoder_hidden_size} "
                               f"!= vision.hidden_size {self.vision.hidden_size}")
 
+    def scan_stacks(self) -> list:
+        """The EVA block stack when it is scanned (:func:`calico_jax.models.scan.stack_layers`)."""
+        return self.vision.scan_stacks(("vision_model",))
+
     @classmethod
     def from_hf_config(cls, cfg: Any) -> Blip2VisionConfig:
         """From a ``Blip2Config`` / ``InstructBlipConfig`` (object or config.json dict)."""

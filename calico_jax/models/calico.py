@@ -100,7 +100,7 @@ class Calico(nn.Module):
                                 for layer in cfg.cam.layers}
         self.cam = {layer: CorrespondenceAdaptation(cfg.llm.hidden_size, v.qformer.hidden_size, cfg.cam.zero_init,
                                                     self.dtype) for layer in cfg.cam.layers}
-        self.llm = LlamaForCausalLM(cfg.llm, self.dtype)
+        self.llm = LlamaForCausalLM(cfg.decoder, self.dtype)   # CAM layers split a scanned decoder
         self.sam = Sam(cfg.sam, self.dtype)
         self.text_hidden_fcs_0 = seg_projection(cfg.llm.hidden_size, cfg.sam.prompt_encoder.embed_dim,
                                                 cfg.seg.projection, self.dtype)
@@ -226,7 +226,7 @@ class Calico(nn.Module):
         :meth:`embed_inputs` reads)."""
         inp = self.embed_inputs(inputs)
         b, t = inp["embeds"].shape[:2]
-        cache = KVCache.init(self.config.llm, b, t + max_new_tokens, cache_dtype or self.dtype)
+        cache = KVCache.init(self.config.decoder, b, t + max_new_tokens, cache_dtype or self.dtype)
         return self.llm(attention_mask=inp["mask"], inputs_embeds=inp["embeds"], cache=cache,
                         hooks=self.cam_hooks(inp) or None, last_prompt_index=jnp.full((b,), t - 1, jnp.int32),
                         last_logits_only=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 from calico_jax.core.config import Config, ConfigError
 from calico_jax.core.preprocess import Preprocess
-from calico_jax.models import image_paths, layers
+from calico_jax.models import image_paths, layers, scan
 from calico_jax.models.blip2 import Blip2VisionConfig
 from calico_jax.models.cam import CamConfig
 from calico_jax.models.cem import CemConfig
@@ -38,6 +38,7 @@ from calico_jax.models.sam.config import (
 from calico_jax.models.seg_routing import SegConfig
 
 REMAT_TOWERS = ("vision", "dinov2", "qformer", "llm", "sam")
+SCAN_TOWERS = ("vision", "dinov2", "llm")   # towers with a scan_layers switch (models/scan.py)
 # Training-recipe fields a model config written before they moved to ExperimentConfig.recipe still holds.
 LEGACY_FIELDS = ("loss", "trainable")
 
@@ -152,6 +153,33 @@ class CalicoConfig(Config):
         if "sam" in policies:
             cfg = cfg.replace(sam=cfg.sam.replace(image_encoder=cfg.sam.image_encoder.replace(remat=policies["sam"])))
         return cfg
+
+    def with_scan(self, on: bool = True, towers: tuple[str, ...] = SCAN_TOWERS) -> CalicoConfig:
+        """A copy with ``scan_layers`` set to ``on`` for the named towers (``vision`` = EVA, ``dinov2``, ``llm``)."""
+        unknown = sorted(set(towers) - set(SCAN_TOWERS))
+        if unknown:
+            raise ConfigError(f"with_scan: unknown tower(s) {unknown}; known: {list(SCAN_TOWERS)}")
+        cfg = self
+        if "vision" in towers:
+            cfg = cfg.replace(vision=cfg.vision.replace(vision=cfg.vision.vision.replace(scan_layers=on)))
+        if "dinov2" in towers:
+            cfg = cfg.replace(dinov2=cfg.dinov2.replace(scan_layers=on))
+        if "llm" in towers:
+            cfg = cfg.replace(llm=cfg.llm.replace(scan_layers=on))
+        return cfg
+
+    @property
+    def decoder(self) -> LlamaConfig:
+        """The LLM config the model runs: ``llm``, with the CAM layers added to its ``scan_splits`` when it is
+        scanned (a CAM runs between two scanned segments)."""
+        if not self.llm.scan_layers:
+            return self.llm
+        return self.llm.replace(scan_splits=tuple(sorted(set(self.llm.scan_splits) | set(self.cam.layers))))
+
+    def scan_stacks(self) -> list[scan.Stack]:
+        """Every scanned layer stack of the params tree (:func:`calico_jax.models.scan.stack_layers`)."""
+        return (self.decoder.scan_stacks(("llm",)) + self.vision.vision.scan_stacks(("vision_model",))
+                + self.dinov2.scan_stacks(("dinov2",)))
 
     def for_tokenizer(self, vocab_size: int, seg_token_id: int) -> CalicoConfig:
         """The model config a training run uses with this tokenizer: its [SEG] id (routing is host-side, so no

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from calico_jax.core.config import Config, ConfigError, hf_get
 from calico_jax.core.resize import resize_2d
-from calico_jax.models import layers
+from calico_jax.models import layers, scan
 
 INTERPOLATIONS = ("hf", "original")
 
@@ -100,6 +100,7 @@ class Dinov2Config(Config):
     interpolate_antialias: bool = False
     interpolate_offset: float = 0.1    # "original" only
     remat: str = "none"                 # block rematerialisation policy (layers.REMAT_POLICIES)
+    scan_layers: bool = False           # blocks as one nn.scan (encoder/scan_0_N, models/scan.py)
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -111,6 +112,10 @@ class Dinov2Config(Config):
         if self.num_register_tokens < 0:
             raise ConfigError(f"Dinov2Config: num_register_tokens must be >= 0, got {self.num_register_tokens}")
         layers.activation(self.hidden_act)  # raises on an unknown name
+
+    def scan_stacks(self, prefix: tuple[str, ...] = ()) -> list[scan.Stack]:
+        """The block stack (:func:`calico_jax.models.scan.stack_layers`) when ``scan_layers``."""
+        return [scan.Stack((*prefix, "encoder"), "layer_", self.num_hidden_layers)] if self.scan_layers else []
 
     @property
     def grid(self) -> int:
@@ -323,6 +328,14 @@ class Dinov2Layer(nn.Module):
         return x + scaled(y, 2)
 
 
+class ScannedDinov2Layer(Dinov2Layer):
+    """:class:`Dinov2Layer` in ``nn.scan``'s form: carry -> (carry, the layer's output as ys)."""
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        x = super().__call__(x)
+        return x, x
+
+
 class Dinov2Encoder(nn.Module):
     config: Dinov2Config
     dtype: Any = jnp.float32
@@ -330,6 +343,11 @@ class Dinov2Encoder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> list[jax.Array]:
         """All hidden states: the embeddings, then each layer's output (pre-``layernorm``), as HF."""
+        n = self.config.num_hidden_layers
+        if self.config.scan_layers:
+            stack = scan.scanned(ScannedDinov2Layer, length=n, remat=self.config.remat, in_axes=())
+            _, ys = stack(self.config, self.dtype, name=scan.segment_name(0, n))(x)
+            return [x, *(ys[i] for i in range(n))]
         states = [x]
         for i in range(self.config.num_hidden_layers):
             block = layers.remat_block(Dinov2Layer, self.config.remat)

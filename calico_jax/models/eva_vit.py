@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from calico_jax.core.config import Config, ConfigError, hf_get
 from calico_jax.core.resize import resize_2d
-from calico_jax.models import layers
+from calico_jax.models import layers, scan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,11 +48,16 @@ class EvaVitConfig(Config):
     layer_norm_eps: float = 1e-6
     post_layernorm_eps: float = 1e-6
     remat: str = "none"    # block rematerialisation policy (layers.REMAT_POLICIES)
+    scan_layers: bool = False   # blocks as one nn.scan (encoder/scan_0_N, models/scan.py)
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"EvaVitConfig: hidden_size {self.hidden_size} is not divisible by "
                               f"num_attention_heads {self.num_attention_heads}")
+
+    def scan_stacks(self, prefix: tuple[str, ...] = ()) -> list[scan.Stack]:
+        """The block stack (:func:`calico_jax.models.scan.stack_layers`) when ``scan_layers``."""
+        return [scan.Stack((*prefix, "encoder"), "layers_", self.num_hidden_layers)] if self.scan_layers else []
 
     @property
     def grid(self) -> int:
@@ -166,13 +171,24 @@ class EvaBlock(nn.Module):
             layers.layer_norm(eps, name="layer_norm2", dtype=self.dtype)(x))
 
 
+class ScannedEvaBlock(EvaBlock):
+    """:class:`EvaBlock` in ``nn.scan``'s form (carry -> (carry, None))."""
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:
+        return super().__call__(x), None
+
+
 class EvaEncoder(nn.Module):
     config: EvaVitConfig
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        for i in range(self.config.num_hidden_layers):
+        n = self.config.num_hidden_layers
+        if self.config.scan_layers:
+            stack = scan.scanned(ScannedEvaBlock, length=n, remat=self.config.remat, in_axes=())
+            return stack(self.config, self.dtype, name=scan.segment_name(0, n))(x)[0]
+        for i in range(n):
             x = layers.remat_block(EvaBlock, self.config.remat)(self.config, self.dtype, name=f"layers_{i}")(x)
         return x
 

@@ -11,7 +11,9 @@ Hook points (CALICO's CAM, inserted before decoder layers 11 and 22): ``hooks={l
 caller applies them on prefill only; the KV cache then carries the change into decoding.
 
 Module names mirror the HF state dict (``model.layers.3.self_attn.q_proj.weight`` ->
-``model/layers_3/self_attn/q_proj/kernel``; RMSNorm ``weight`` -> ``scale``).
+``model/layers_3/self_attn/q_proj/kernel``; RMSNorm ``weight`` -> ``scale``). With ``scan_layers`` the decoder
+runs as ``nn.scan`` segments cut at ``scan_splits`` (hooks may only sit at a segment start), params
+``model/scan_{a}_{b}/...`` with a leading layer axis (:mod:`calico_jax.models.scan`).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from calico_jax.core.config import Config, ConfigError, hf_get
-from calico_jax.models import layers
+from calico_jax.models import layers, scan
 from calico_jax.models.llama_attention import apply_rope, grouped_attention, rope_tables
 from calico_jax.models.lora import LoraConfig, LoraDense
 
@@ -55,6 +57,8 @@ class LlamaConfig(Config):
     pad_token_id: int = 0
     lora: LoraConfig | None = None
     remat: str = "none"   # decoder-layer rematerialisation policy (layers.REMAT_POLICIES)
+    scan_layers: bool = False           # run the decoder as nn.scan segments (models/scan.py)
+    scan_splits: tuple[int, ...] = ()   # with scan_layers: layers that start a new segment (where hooks go)
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -62,6 +66,18 @@ class LlamaConfig(Config):
                               f"num_key_value_heads={self.num_key_value_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        if any(not 0 <= s < self.num_hidden_layers for s in self.scan_splits):
+            raise ConfigError(f"scan_splits {self.scan_splits} outside 0..{self.num_hidden_layers - 1}")
+
+    def segments(self) -> tuple[tuple[int, int], ...]:
+        """``[start, stop)`` of the decoder's scanned segments (one per layer-run between splits)."""
+        return scan.segments(self.num_hidden_layers, self.scan_splits)
+
+    def scan_stacks(self, prefix: tuple[str, ...] = ()) -> list[scan.Stack]:
+        """The decoder stack (:func:`calico_jax.models.scan.stack_layers`) when ``scan_layers``."""
+        if not self.scan_layers:
+            return []
+        return [scan.Stack((*prefix, "model"), "layers_", self.num_hidden_layers, self.scan_splits)]
 
     @classmethod
     def from_hf_config(cls, cfg: Any, lora: LoraConfig | None = None) -> LlamaConfig:
@@ -118,17 +134,24 @@ class KVCache(NamedTuple):
     (which cost a quarter of the decode step with a [L, B, S, KV, D] layout). One buffer per layer, with
     batch and head merged: a layer slice of a stacked [L, ...] buffer, or a degenerate batch axis
     dropped between the in-place write and the attention products, made XLA:CPU copy the layer's
-    cache on every step (bench/results/llm_opt.md).
+    cache on every step (bench/results/llm_opt.md). With ``scan_layers`` the scan needs the layers stacked:
+    one buffer per scanned segment, ``k[j]`` [n_j, B*KV, S, D] and ``v[j]`` [n_j, B*KV, D, S] for segment j
+    of ``config.segments()`` (scan xs in, ys out).
     """
 
-    k: tuple[jax.Array, ...]   # L x [B*KV, S, D]
-    v: tuple[jax.Array, ...]   # L x [B*KV, D, S]
+    k: tuple[jax.Array, ...]   # L x [B*KV, S, D]   (scan_layers: segments x [n_j, B*KV, S, D])
+    v: tuple[jax.Array, ...]   # L x [B*KV, D, S]   (scan_layers: segments x [n_j, B*KV, D, S])
     valid: jax.Array           # [B, S] bool: slot written and not padding
     index: jax.Array           # [] int32: next slot to write
 
     @classmethod
     def init(cls, config: LlamaConfig, batch: int, length: int, dtype: Any = jnp.float32) -> KVCache:
         n, kv, d = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+        if config.scan_layers:
+            segs = config.segments()
+            return cls(tuple(jnp.zeros((b - a, batch * kv, length, d), dtype) for a, b in segs),
+                       tuple(jnp.zeros((b - a, batch * kv, d, length), dtype) for a, b in segs),
+                       jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
         return cls(tuple(jnp.zeros((batch * kv, length, d), dtype) for _ in range(n)),
                    tuple(jnp.zeros((batch * kv, d, length), dtype) for _ in range(n)),
                    jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
@@ -221,15 +244,28 @@ class LlamaDecoderLayer(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x, cos, sin, mask, cache=None, deterministic: bool = True):
+    def setup(self):
         c = self.config
-        h = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x)
-        h, cache = LlamaAttention(c, self.dtype, name="self_attn")(h, cos, sin, mask, cache, deterministic)
+        self.input_layernorm = RMSNorm(c.rms_norm_eps, self.dtype)
+        self.self_attn = LlamaAttention(c, self.dtype)
+        self.post_attention_layernorm = RMSNorm(c.rms_norm_eps, self.dtype)
+        self.mlp = LlamaMLP(c, self.dtype)
+
+    def __call__(self, x, cos, sin, mask, cache=None, deterministic: bool = True):
+        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, deterministic)
         x = x + h
-        h = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
-        x = x + LlamaMLP(c, self.dtype, name="mlp")(h, deterministic)
+        x = x + self.mlp(self.post_attention_layernorm(x), deterministic)
         return layers.constrain(x, ("batch", "length", "embed")), cache
+
+
+class ScannedDecoderLayer(LlamaDecoderLayer):
+    """The same layer in ``nn.scan``'s form: ``(x, kv, cos, sin, mask, index, deterministic) -> (x, kv)`` with
+    ``kv`` = this layer's (k, v) cache buffers (the scanned slice) or None."""
+
+    def __call__(self, x, kv, cos, sin, mask, index, deterministic):
+        cache = None if kv is None else (kv[0], kv[1], index)
+        x, new = super().__call__(x, cos, sin, mask, cache, deterministic)
+        return x, (None if kv is None else new)
 
 
 def last_token_index(mask: jax.Array) -> jax.Array:
@@ -252,8 +288,13 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embed(
             c.vocab_size, c.hidden_size, dtype=self.dtype,
             embedding_init=layers.param_init(nn.initializers.normal(0.02), ("vocab", "embed")))
-        block = layers.remat_block(LlamaDecoderLayer, c.remat, static_argnums=(6,))   # 6: deterministic
-        self.layers = [block(c, self.dtype) for _ in range(c.num_hidden_layers)]  # layers_0..
+        if c.scan_layers:   # scan_{a}_{b}: kv per layer (xs), the rest broadcast; 7: deterministic
+            self.scan = {f"{a}_{b}": scan.scanned(ScannedDecoderLayer, length=b - a, remat=c.remat,
+                                                  in_axes=(0,) + (nn.broadcast,) * 5, static_argnums=(7,))(
+                c, self.dtype) for a, b in c.segments()}
+        else:
+            block = layers.remat_block(LlamaDecoderLayer, c.remat, static_argnums=(6,))   # 6: deterministic
+            self.layers = [block(c, self.dtype) for _ in range(c.num_hidden_layers)]  # layers_0..
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
 
     def __call__(self, input_ids=None, attention_mask=None, positions=None, *, inputs_embeds=None,
@@ -276,6 +317,11 @@ class LlamaModel(nn.Module):
         attn_mask = key_valid[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])
         if hooks and last_prompt_index is None:
             last_prompt_index = last_token_index(mask)
+        if self.config.scan_layers:
+            x, new_cache = self._scanned(x, cos, sin, attn_mask, cache, hooks, last_prompt_index, deterministic)
+            if cache is not None:
+                new_cache = KVCache(*new_cache, key_valid, cache.index + t)
+            return self.norm(x), new_cache
         new_k, new_v = [], []   # this step's per-layer cache buffers
         for i, layer in enumerate(self.layers):
             if hooks and i in hooks:
@@ -287,6 +333,25 @@ class LlamaModel(nn.Module):
                 new_v.append(new[1])
         new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), key_valid, cache.index + t)
         return self.norm(x), new_cache
+
+    def _scanned(self, x, cos, sin, attn_mask, cache, hooks, last_prompt_index, deterministic):
+        """The decoder as scanned segments; hooks run between them. -> (x, (k, v) per segment or None)."""
+        segs = self.config.segments()
+        bad = sorted(set(hooks or ()) - {a for a, _ in segs})
+        if bad:
+            raise ValueError(f"hooks at layers {bad} fall inside a scanned segment; add them to "
+                             f"LlamaConfig.scan_splits (now {self.config.scan_splits}) or set scan_layers=False")
+        new_k, new_v = [], []
+        for j, (a, b) in enumerate(segs):
+            if hooks and a in hooks:
+                x = hooks[a](x, last_prompt_index).astype(self.dtype)  # T^a -> CAM(T^a)
+            kv = None if cache is None else (cache.k[j], cache.v[j])
+            x, kv = self.scan[f"{a}_{b}"](x, kv, cos, sin, attn_mask, None if cache is None else cache.index,
+                                          deterministic)
+            if cache is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        return x, (None if cache is None else (tuple(new_k), tuple(new_v)))
 
 
 class LlamaForCausalLM(nn.Module):

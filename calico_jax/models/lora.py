@@ -100,8 +100,9 @@ def merge_lora(params: Any, lora: LoraConfig) -> Any:
         if not isinstance(node, Mapping):
             return node
         if "lora_a" in node:
-            delta = jnp.dot(jnp.asarray(node["lora_a"], jnp.float32), jnp.asarray(node["lora_b"], jnp.float32),
-                            precision=jax.lax.Precision.HIGHEST)
+            # matmul, not dot: a scanned stack's factors carry a leading layer axis ([L, in, r] @ [L, r, out]).
+            delta = jnp.matmul(jnp.asarray(node["lora_a"], jnp.float32), jnp.asarray(node["lora_b"], jnp.float32),
+                               precision=jax.lax.Precision.HIGHEST)
             kernel = node["kernel"]
             new = {k: v for k, v in node.items() if k not in LORA_LEAVES}
             new["kernel"] = (jnp.asarray(kernel, jnp.float32) + lora.scaling * delta).astype(kernel.dtype)

@@ -29,6 +29,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("length", None),
     ("norm", None),
     ("conv_in", None),
+    ("layers", None),      # the leading axis of a scanned layer stack (models/scan.py): every device holds all layers
 )
 
 
@@ -64,3 +65,16 @@ def param_shardings(boxed_params: Any, mesh: jax.sharding.Mesh,
     """NamedSharding tree for a boxed params tree (e.g. from ``pretrained.abstract_params``)."""
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), logical_specs(boxed_params, rules),
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def fit_shardings(abstract: Any, shardings: Any) -> Any:
+    """Drops the mesh axes of a dimension they do not divide (e.g. a 32007-row vocabulary on ``tensor`` 2): that
+    dimension is replicated instead of failing to compile. Training and inference place weights with this."""
+    def fit(a, sh):
+        spec = list(sh.spec) + [None] * (len(a.shape) - len(sh.spec))
+        for i, axes in enumerate(spec):
+            names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
+            if names and a.shape[i] % math.prod(sh.mesh.shape[n] for n in names):
+                spec[i] = None
+        return NamedSharding(sh.mesh, PartitionSpec(*spec))
+    return jax.tree.map(fit, abstract, shardings)

@@ -16,7 +16,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -24,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from calico_jax.checkpoints import workdir as ckpt_lib
 from calico_jax.core.params import combine, partition
 from calico_jax.parallel import distributed
-from calico_jax.parallel.sharding import RULES, param_shardings
+from calico_jax.parallel.sharding import RULES, fit_shardings, param_shardings
 from calico_jax.train import optim
 from calico_jax.train.step import step_programs
 from calico_jax.train.task import Task
@@ -69,20 +68,6 @@ class _Context:
 
 def _with_sharding(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
-def fit_shardings(abstract: Any, shardings: Any) -> Any:
-    """Drops the mesh axes of a dimension they do not divide (e.g. a 32007-row vocabulary on
-    ``tensor`` 2): that dimension is replicated instead of failing to compile."""
-    def fit(a, sh):
-        spec = list(sh.spec) + [None] * (len(a.shape) - len(sh.spec))
-        for i, axes in enumerate(spec):
-            names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
-            if names and a.shape[i] % int(np.prod([sh.mesh.shape[n] for n in names])):
-                log.info("replicating dim %d (%d) of a %s param: not divisible by %s", i, a.shape[i], a.shape, names)
-                spec[i] = None
-        return NamedSharding(sh.mesh, P(*spec))
-    return jax.tree.map(fit, abstract, shardings)
 
 
 def build(cfg, task: Task, mesh: jax.sharding.Mesh) -> Trainer:
@@ -149,7 +134,7 @@ def _overlay_base(tr: Trainer, base: str, state: Any, frozen: Any) -> tuple[Any,
     check_base_preprocess(tr.cfg.model, base)
     params = combine(state["params"], frozen)
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params)
-    train, frz = partition(ckpt_lib.load_base_params(base, target), tr.patterns)
+    train, frz = partition(ckpt_lib.load_base_params(base, target, tr.cfg.model), tr.patterns)
     return {**state, "params": train}, frz
 
 

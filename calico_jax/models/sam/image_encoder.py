@@ -68,44 +68,49 @@ def blocked_rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_
     """Softmax attention with the decomposed relative-position bias, [B, T, heads, D] in and out.
 
     Same maths as :func:`decomposed_rel_pos` + ``layers.attention``, but the bias is never
-    materialised: logits are built one tile (some (batch, head) rows x some queries x all keys, at most
-    ``block_bytes`` of float32) at a time, the two factors broadcast-added in place, and the softmax
-    normalised after the value product. On CPU the dense [B*heads, T, T] logits/bias/probabilities
-    are fresh multi-GB buffers whose page faults cost more than the exps; tiles stay in cache.
+    materialised: logits are built one tile (some heads x some queries x all keys, for every example of the
+    batch, at most ``block_bytes`` of float32 when the whole batch is on one device) at a time, the two factors
+    broadcast-added in place, and the softmax normalised after the value product. On CPU the dense
+    [B*heads, T, T] logits/bias/probabilities are fresh multi-GB buffers whose page faults cost more than the
+    exps; tiles stay in cache. The tile loop runs over head groups and query chunks only, with the batch a
+    leading axis every tile keeps whole: with the batch sharded, slicing it inside the loop made XLA gather the
+    tiles of every device (an all-gather per tile).
     """
     _, (kh, kw) = q_size, k_size
     b, tq, n, d = q.shape
     tk = k.shape[1]
     rel_h, rel_w = _rel_terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
-    row_bytes = tk * 4  # one query's float32 logits
+    row_bytes = b * tk * 4  # one query of one head's float32 logits, over the batch
     c = _largest_divisor(tq, block_bytes // row_bytes)  # queries per tile
-    g = _largest_divisor(b * n, block_bytes // (row_bytes * c)) if c == tq else 1  # (batch, head) rows per tile
+    g = _largest_divisor(n, block_bytes // (row_bytes * c)) if c == tq else 1  # heads per tile
 
-    def tiles(x: jax.Array) -> jax.Array:  # [B*heads, tq, F] -> [groups, chunks, g, c, F]
-        return x.reshape(b * n // g, g, tq // c, c, x.shape[-1]).transpose(0, 2, 1, 3, 4)
+    def tiles(x: jax.Array) -> jax.Array:  # [B, heads, tq, F] -> [head groups, chunks, B, g, c, F]
+        return x.reshape(b, n // g, g, tq // c, c, x.shape[-1]).transpose(1, 3, 0, 2, 4, 5)
 
-    def heads_first(x: jax.Array) -> jax.Array:  # [B, T, heads, F] -> [B*heads, T, F]
-        return x.transpose(0, 2, 1, 3).reshape(b * n, x.shape[1], x.shape[-1])
+    def heads_first(x: jax.Array) -> jax.Array:  # [B, T, heads, F] -> [B, heads, T, F]
+        return x.transpose(0, 2, 1, 3)
+
+    def groups_first(x: jax.Array) -> jax.Array:  # [B, T, heads, F] -> [head groups, B, g, T, F]
+        return heads_first(x).reshape(b, n // g, g, *x.shape[1:2], x.shape[-1]).transpose(1, 0, 2, 3, 4)
 
     qs = tiles(heads_first(q * jnp.asarray(scale, q.dtype)))
-    rhs, rws = tiles(rel_h.reshape(b * n, tq, kh)), tiles(rel_w.reshape(b * n, tq, kw))
-    ks = heads_first(k).reshape(b * n // g, g, tk, d)
-    vs = heads_first(v).reshape(b * n // g, g, tk, d)
+    rhs, rws = tiles(rel_h.reshape(b, n, tq, kh)), tiles(rel_w.reshape(b, n, tq, kw))
+    ks, vs = groups_first(k), groups_first(v)
 
-    def tile(qt, rht, rwt, kt, vt):
-        logits = jnp.einsum("gqd,gkd->gqk", qt, kt, preferred_element_type=jnp.float32)
-        logits = logits.reshape(g, c, kh, kw) + rht[..., :, None] + rwt[..., None, :]
-        logits = logits.reshape(g, c, tk)
+    def tile(qt, rht, rwt, kt, vt):   # qt [B, g, c, D], kt / vt [B, g, tk, D]
+        logits = jnp.einsum("bgqd,bgkd->bgqk", qt, kt, preferred_element_type=jnp.float32)
+        logits = logits.reshape(b, g, c, kh, kw) + rht[..., :, None] + rwt[..., None, :]
+        logits = logits.reshape(b, g, c, tk)
         p = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
-        out = jnp.einsum("gqk,gkd->gqd", p.astype(v.dtype), vt, preferred_element_type=jnp.float32)
+        out = jnp.einsum("bgqk,bgkd->bgqd", p.astype(v.dtype), vt, preferred_element_type=jnp.float32)
         return (out / p.sum(-1, keepdims=True)).astype(v.dtype)
 
     def group(args):
         qg, rhg, rwg, kg, vg = args
         return jax.lax.map(lambda a: tile(*a, kg, vg), (qg, rhg, rwg))
 
-    out = jax.lax.map(group, (qs, rhs, rws, ks, vs))  # [groups, chunks, g, c, D]
-    return out.transpose(0, 2, 1, 3, 4).reshape(b, n, tq, d).transpose(0, 2, 1, 3)
+    out = jax.lax.map(group, (qs, rhs, rws, ks, vs))  # [head groups, chunks, B, g, c, D]
+    return out.transpose(2, 0, 3, 1, 4, 5).reshape(b, n, tq, d).transpose(0, 2, 1, 3)
 
 
 def window_partition(x: jax.Array, window: int) -> tuple[jax.Array, tuple[int, int]]:
