@@ -20,9 +20,17 @@ from calico_jax.core import fs
 from calico_jax.core.tokens import SEG_TOKEN
 from calico_jax.data.rle import decode
 from calico_jax.data.tokenize import build_tiny_tokenizer
-from calico_jax.inference.predict import build_question
+from calico_jax.inference.ask import ask, build_question
 from calico_jax.inference.predict import main as predict_main
-from calico_jax.inference.predictor import INFERENCE_FILE, InferenceConfig, Predictor, generate_program, mask_program
+from calico_jax.inference.predict import read_image
+from calico_jax.inference.predictor import (
+    INFERENCE_FILE,
+    InferenceConfig,
+    Predictor,
+    generate_program,
+    load_predictor,
+    mask_program,
+)
 from calico_jax.models.calico import Calico, CalicoConfig
 from calico_jax.models.inputs import CalicoInputs
 from tests.helpers import nothing_at
@@ -189,16 +197,30 @@ def test_predict_cli_end_to_end(ckpt, tmp_path, capsys):
     out = tmp_path / "out"
     rc = predict_main(["--ckpt", str(ckpt), "--image", str(pa), "--image", str(pb), "--task", "common-parts",
                        "--out", str(out)])
-    assert rc == 0, capsys.readouterr().err
-    assert (out / "answer.txt").read_text().strip() == ANSWER
+    std = capsys.readouterr()
+    assert rc == 0, std.err
     meta = json.loads((out / "predictions.json").read_text())
+    assert meta["raw_answer"] == ANSWER and meta["answer"] == "wheel"     # the sentence, grounding tokens out
     assert [m["image"] for m in meta["masks"]] == [1] and meta["masks"][0]["label"] == "wheel"
+    assert meta["warnings"] == ["no mask for image 1"]
+    lines = (out / "answer.txt").read_text().splitlines()
+    assert lines[0] == "wheel" and "wheel" in lines[2] and "image 2" in lines[2]
+    assert meta["masks"][0]["file"] in lines[2]
+    assert lines[-1] == "warning: no mask for image 1"
+    assert std.out.splitlines()[0] == "wheel" and "image 2" in std.out and "warning: no mask for image 1" in std.err
     png = np.asarray(Image.open(out / meta["masks"][0]["file"]))
     assert png.shape == SIZES[1]
     np.testing.assert_array_equal(png > 0, decode(meta["masks"][0]["rle"]))
     for k, (h, w) in enumerate(SIZES):
         ov = Image.open(out / f"overlay_image{k + 1}.png")
         assert ov.width * h == ov.height * w          # the input's aspect ratio (upscaled for labels)
+    fig = Image.open(out / "overlay.png")             # both images side by side, legend and answer under them
+    assert fig.width > Image.open(out / "overlay_image1.png").width
+    # the Python API asks the same question as the CLI and gets the same answer and masks
+    api = ask(load_predictor(ckpt), [read_image(pa), read_image(pb)], task="common_parts")
+    assert api.sentence == meta["answer"] and api.raw == ANSWER and api.warnings == meta["warnings"]
+    assert [(m.label, m.image) for m in api.masks] == [(m["label"], m["image"]) for m in meta["masks"]]
+    np.testing.assert_array_equal(api.masks[0].mask, decode(meta["masks"][0]["rle"]))
 
 
 def test_predict_cli_exif_rotation(ckpt, tmp_path):
@@ -271,7 +293,8 @@ def test_evaluate_cli_and_rescoring_saved_predictions(ckpt, heldout, tmp_path, c
         assert [(m["label"], m["image"], m["rle"]["size"]) for m in p["masks"]] == [
             ("wheel", 1, [im["height"], im["width"]])]
     first = data["samples"][0]["id"]
-    assert (tmp_path / "ov" / f"{first}_image2.png").is_file()
+    ov = Image.open(tmp_path / "ov" / f"{first}.png")       # prediction above ground truth, images side by side
+    assert ov.width > 2 * SIZES[0][1] and (tmp_path / "ov" / f"{first}.txt").is_file()
     # Scoring the saved predictions without a model gives the same report.
     again = tmp_path / "again.json"
     assert evaluate_main(["--predictions", str(saved), "--pairs", str(heldout), "--limit", str(n),

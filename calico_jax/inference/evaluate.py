@@ -15,6 +15,13 @@ each task.
 
 Predictions file: ``{"format": "calico_jax.predictions", "version": 1, "pairs": path, "samples": [{"id", "task",
 "answer", "masks": [{"label", "image", "score", "rle"}]}]}`` (``image`` = 0-based position in the sample).
+
+At scale (:mod:`calico_jax.inference.eval_run`): ``--mesh '{"data": 4, "tensor": 2}'`` runs each batch on a mesh
+of this process's devices (weights placed by the training rules, rows split over ``data``), ``--dtype bfloat16``
+casts the weights; several processes (``python -m calico_jax.launch --local 2 -- -m calico_jax.evaluate ...``)
+each predict a block of the batches and process 0 scores. Predictions stream to ``PRED.parts/`` batch by batch, so
+rerunning an interrupted command resumes it. The persistent compilation cache is on
+(``$JAX_COMPILATION_CACHE_DIR``, else ``~/.cache/calico_jax/jax``).
 """
 from __future__ import annotations
 
@@ -25,14 +32,13 @@ import sys
 from pathlib import Path
 
 from calico_jax.core.fs import write_atomic
-from calico_jax.core.viz import overlay
 from calico_jax.data.pairs_io import read_pairs
-from calico_jax.data.processors import load_image
-from calico_jax.data.rle import decode, encode
+from calico_jax.data.rle import decode
 from calico_jax.eval.masks import Mask, SampleResult
 from calico_jax.eval.metrics import PROTOCOLS, MetricConfig, evaluate
 from calico_jax.eval.report import format_table, write_report
-from calico_jax.eval.sentence import SentenceEncoder, SentenceModelError
+from calico_jax.inference.eval_run import Run
+from calico_jax.parallel import distributed
 
 PRED_FORMAT = "calico_jax.predictions"
 
@@ -47,60 +53,6 @@ def gt_results(pairs, samples: list[dict], predictions: dict[str, dict]):
                 for m in rec["masks"]]
         out.append(SampleResult(id=s["id"], task=s["task"], num_images=len(s["images"]), gt=gt, pred=pred))
     return out
-
-
-def predict_samples(args, pairs, samples: list[dict]) -> dict[str, dict]:
-    """Runs the model over ``samples`` -> {id: prediction record}; overlays for the first few."""
-    from calico_jax.inference.predictor import load_predictor  # after argparse: --help stays fast (imports the models)
-
-    overrides = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
-    predictor = load_predictor(args.ckpt, **overrides)
-    records: dict[str, dict] = {}
-    drawn: dict[str, int] = {}   # overlays per task
-    chunk = max(args.batch_size * 8, 1)   # load images chunk by chunk: bounded memory on large sets
-    from tqdm import tqdm
-    bar = tqdm(total=len(samples), desc="evaluate", unit="sample", disable=not args.progress)
-    for start in range(0, len(samples), chunk):
-        part = samples[start:start + chunk]
-        inputs = []
-        for s in part:
-            ims = []
-            for k, i in enumerate(s["images"]):
-                info = pairs.images[i]
-                ims.append(load_image(pairs.image_path(s, k), (info["height"], info["width"])))
-            inputs.append((ims, s["prompt"]))
-        preds = predictor.predict(inputs, batch_size=args.batch_size)
-        for s, (ims, _), p in zip(part, inputs, preds):
-            records[s["id"]] = {"id": s["id"], "task": s["task"], "answer": p.answer, "truncated": p.truncated,
-                                "num_unrouted_seg": p.num_unrouted,
-                                "masks": [{"label": m.label, "image": m.image, "score": round(m.score, 6),
-                                           "rle": encode(m.mask)} for m in p.masks]}
-            if args.overlays and drawn.get(s["task"], 0) < args.num_overlays:
-                drawn[s["task"]] = drawn.get(s["task"], 0) + 1
-                _draw(Path(args.overlays), s, ims, p, pairs)
-        bar.update(len(part))
-    bar.close()
-    return records
-
-
-def _draw(root: Path, sample: dict, images, pred, pairs) -> None:
-    """Prediction | ground truth side by side (captioned), one PNG per image of the sample."""
-    from PIL import Image, ImageDraw
-
-    root.mkdir(parents=True, exist_ok=True)
-    for k, im in enumerate(images):
-        p = overlay(im, [(m.mask, m.label) for m in pred.masks if m.image == k])
-        g = overlay(im, [(pairs.mask(s), s["label"])
-                         for s in sample["segs"] if s["image"] == k])
-        both = Image.new("RGB", (p.width + g.width + 8, max(p.height, g.height) + 20), "white")
-        both.paste(p, (0, 20))
-        both.paste(g, (p.width + 8, 20))
-        draw = ImageDraw.Draw(both)
-        draw.text((4, 4), "prediction", fill="black")
-        draw.text((p.width + 12, 4), "ground truth", fill="black")
-        both.save(root / f"{sample['id']}_image{k + 1}.png")
-    (root / f"{sample['id']}.txt").write_text(f"prompt: {sample['prompt']}\npredicted: {pred.answer}\n"
-                                              f"ground truth: {sample['answer']}\n", encoding="utf-8")
 
 
 def _check_mask(m, where: str) -> None:
@@ -185,13 +137,19 @@ def _parser() -> argparse.ArgumentParser:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="exported checkpoint or training workdir")
     src.add_argument("--predictions", help="score a saved predictions file instead of running a model")
-    ap.add_argument("--pairs", required=True, help="pairs file (python -m calico_jax.data.pairs)")
+    ap.add_argument("--pairs", required=True, help="pairs file (python -m calico_jax.data.pairs) or packed "
+                                                   "directory (python -m calico_jax.data.pack)")
     ap.add_argument("--images", default=None, help="images root (default: the pairs file's sources)")
     ap.add_argument("--limit", type=int, default=0, help="first N samples only (0 = all)")
     ap.add_argument("--out", required=True, help="report.json")
     ap.add_argument("--save_predictions", default=None, help="also write the predictions file here")
     ap.add_argument("--batch_size", type=int, default=4)
     ap.add_argument("--max_new_tokens", type=int, default=None)
+    ap.add_argument("--mesh", default=None,
+                    help="mesh of this process's devices as JSON, e.g. '{\"data\": 4, \"tensor\": 2}' "
+                         "(default: one device)")
+    ap.add_argument("--dtype", default=None, help="weights' dtype for inference: float32, bfloat16, float16 "
+                                                  "(default: the checkpoint's)")
     ap.add_argument("--overlays", default=None, help="directory for prediction|ground-truth overlays")
     ap.add_argument("--num_overlays", type=int, default=4, help="samples drawn per task")
     ap.add_argument("--no_progress", dest="progress", action="store_false")
@@ -204,6 +162,7 @@ def _parser() -> argparse.ArgumentParser:
         kind = _bool if isinstance(f.default, bool) else type(f.default)
         ap.add_argument(f"--{f.name}", type=kind, default=None,
                         help=f"metric switch (default: the preset's; calico {f.default})")
+    distributed.add_arguments(ap)
     return ap
 
 
@@ -214,8 +173,9 @@ def metric_config(args):
     return MetricConfig.preset(args.protocol, **given)
 
 
-def _load_predictions(args, pairs, samples) -> dict:
-    """``--predictions`` read back (every id must be in the pairs file), else the model's, saved if asked."""
+def _load_predictions(args, pairs, samples, run: Run) -> dict | None:
+    """``--predictions`` read back (every id must be in the pairs file), else the model's, saved if asked (None on
+    a process other than 0 of a job)."""
     if args.predictions:
         preds = read_predictions(Path(args.predictions))
         unknown = sorted(set(preds) - {s["id"] for s in pairs.samples})
@@ -228,7 +188,9 @@ def _load_predictions(args, pairs, samples) -> dict:
             print(f"warning: {missing} of {len(samples)} samples have no prediction (scored as empty)",
                   file=sys.stderr)
         return preds
-    preds = predict_samples(args, pairs, samples)
+    preds = run.predict(pairs, samples)
+    if preds is None:
+        return None
     if args.save_predictions:
         out = Path(args.save_predictions)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -240,13 +202,24 @@ def _load_predictions(args, pairs, samples) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from calico_jax.eval.sentence import SentenceEncoder, SentenceModelError  # after argparse: imports jax
+    run, ok = Run(args), False
     try:
+        from calico_jax.inference.placement import parse_dtype, parse_mesh  # after argparse: imports jax
+        args.mesh, args.dtype = parse_mesh(args.mesh), parse_dtype(args.dtype)
+        if args.ckpt and args.batch_size < 1:
+            raise ValueError(f"--batch_size {args.batch_size}: must be >= 1")
         metric_cfg = metric_config(args)
         pairs = read_pairs(args.pairs, images_root=args.images)
         samples = pairs.samples[:args.limit] if args.limit > 0 else pairs.samples
         if not samples:
             raise ValueError(f"{args.pairs}: no samples to evaluate")
-        preds = _load_predictions(args, pairs, samples)
+        if args.ckpt:
+            run.start()
+        preds = _load_predictions(args, pairs, samples, run)
+        if preds is None:   # another process of the job: process 0 scores
+            ok = True
+            return 0
         encoder = SentenceEncoder()
         report = evaluate(gt_results(pairs, samples, preds), metric_cfg, encoder.similarity)
         report["source"] = {"ckpt": args.ckpt, "predictions": args.predictions, "pairs": str(args.pairs)}
@@ -255,9 +228,13 @@ def main(argv: list[str] | None = None) -> int:
                                 "predicted_masks": int(sum(len(p["masks"]) for p in preds.values())),
                                 "gt_masks": int(sum(len(s["segs"]) for s in samples))}
         write_report(Path(args.out), report)
-    except (FileNotFoundError, ValueError, SentenceModelError) as e:
+        ok = True
+    except (FileNotFoundError, ValueError, SentenceModelError, distributed.DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if args.ckpt:
+            run.finish(ok)
     print(format_table(report))
     print(f"wrote {args.out}")
     return 0

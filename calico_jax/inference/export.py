@@ -18,14 +18,12 @@ Written atomically: on any error nothing is left at ``--out``.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from calico_jax.checkpoints import converted as pretrained
-from calico_jax.checkpoints import torch_export
-from calico_jax.checkpoints import workdir as checkpoints
 from calico_jax.core import fs
 from calico_jax.core.config import ConfigError
 
@@ -33,6 +31,8 @@ from calico_jax.core.config import ConfigError
 def save(out: str | Path, config: Any, params: Any, tok_dir: Path, source: dict | None = None,
          overwrite: bool = False) -> Path:
     """Writes the inference checkpoint (params, config, tokenizer/) atomically."""
+    from calico_jax.checkpoints import converted as pretrained  # here, not at the top: --help stays fast
+
     if not Path(tok_dir).is_dir():
         raise FileNotFoundError(f"tokenizer directory {tok_dir} is missing")
     with fs.atomic_directory(out, overwrite=overwrite) as tmp:
@@ -42,13 +42,21 @@ def save(out: str | Path, config: Any, params: Any, tok_dir: Path, source: dict 
 
 
 def export(workdir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    from calico_jax.checkpoints import workdir as checkpoints
+
     run = checkpoints.restore_workdir(workdir)
-    return save(out, run.config, run.params, run.tokenizer_dir,
-                {"workdir": str(Path(workdir).absolute()), "step": run.step}, overwrite)
+    experiment = json.loads((Path(workdir) / "config.json").read_text())
+    source = {"workdir": str(Path(workdir).absolute()), "step": run.step,
+              "trained_max_images": (experiment.get("data") or {}).get("max_images")}
+    return save(out, run.config, run.params, run.tokenizer_dir, source, overwrite)
 
 
 def export_torch(out: str | Path, *, workdir: str | Path | None = None, ckpt: str | Path | None = None,
                  full: bool = False, overwrite: bool = False) -> Path:
+    from calico_jax.checkpoints import converted as pretrained
+    from calico_jax.checkpoints import torch_export
+    from calico_jax.checkpoints import workdir as checkpoints
+
     if workdir is not None:
         run = checkpoints.restore_workdir(workdir)
         config, params, tok = run.config, run.params, run.tokenizer_dir

@@ -11,6 +11,10 @@ input's size), ``overlay_imageK.png`` (the input with its coloured, labelled mas
 
 A ``--prompt`` without ``<image>`` gets the paper's image preamble ("The <image> (IMAGE1) and <image> (IMAGE2)
 provide an overview of the pictures.") in front; with ``<image>`` slots, their number must equal the images'.
+
+``--mesh '{"data": 2, "tensor": 4}'`` places the weights on a mesh of this machine's devices by the training
+rules (:mod:`calico_jax.inference.placement`), ``--dtype bfloat16`` casts them; the persistent compilation cache
+(``$JAX_COMPILATION_CACHE_DIR``, else ``~/.cache/calico_jax/jax``) spares a second call the compilation.
 """
 from __future__ import annotations
 
@@ -24,17 +28,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from calico_jax.core.fs import atomic_directory
-from calico_jax.core.viz import overlay
-from calico_jax.data.pairs import PREFIX, QUESTIONS, images_phrase
+from calico_jax.core.viz import figure, overlay
+from calico_jax.data.pairs import TASKS
 from calico_jax.data.processors import load_image
 from calico_jax.data.rle import encode
+from calico_jax.inference.ask import Answer, InputError, build_question, task_name, to_answer
 
-TASK_NAMES = {"common-object": "common_object", "common-parts": "common_parts", "unique-parts": "unique_parts"}
 DEFAULT_MAX_PIXELS = 64_000_000
-
-
-class InputError(ValueError):
-    """Bad user input; the message says what and where."""
 
 
 def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -60,44 +60,47 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         raise InputError(f"image {path}: cannot decode ({e})") from None
 
 
-def build_question(num_images: int, task: str | None = None, prompt: str | None = None) -> str:
-    if task is not None:
-        return PREFIX.format(images=images_phrase(num_images)) + QUESTIONS[TASK_NAMES.get(task, task)][0]
-    prompt = (prompt or "").strip()
-    if not prompt:
-        raise InputError("--prompt is empty")
-    slots = prompt.count("<image>")
-    if slots == 0:
-        return PREFIX.format(images=images_phrase(num_images)) + prompt
-    if slots != num_images:
-        raise InputError(f"--prompt has {slots} <image> slots but {num_images} --image files were given")
-    return prompt
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "mask"
 
 
-def write_outputs(out: Path, images: list[np.ndarray], paths: list[str], question: str, pred) -> None:
-    """Writes the prediction files into the (empty, temporary) directory ``out``."""
+def mask_files(answer: Answer) -> list[str]:
+    return [f"masks/{k:02d}_image{m.image + 1}_{_slug(m.label)}.png" for k, m in enumerate(answer.masks)]
+
+
+def write_outputs(out: Path, images: list[np.ndarray], paths: list[str], question: str, answer: Answer,
+                  kind: str | None = None) -> None:
+    """Writes the prediction files into the (empty, temporary) directory ``out``: ``answer.txt`` (the sentence, the
+    mask list, the warnings), ``masks/``, ``overlay.png`` (all images, legend, answer), ``overlay_imageK.png`` and
+    ``predictions.json`` (the raw text too). ``kind``: "object" or "part" when the task says which."""
     (out / "masks").mkdir()
-    (out / "answer.txt").write_text(pred.answer + "\n", encoding="utf-8")
+    files = mask_files(answer)
+    text = [answer.sentence, "", *answer.mask_lines(files), *[f"warning: {w}" for w in answer.warnings]]
+    (out / "answer.txt").write_text("\n".join(text) + "\n", encoding="utf-8")
     records = []
-    for k, m in enumerate(pred.masks):
-        name = f"{k:02d}_image{m.image + 1}_{_slug(m.label)}.png"
-        Image.fromarray(m.mask.astype(np.uint8) * 255).save(out / "masks" / name)
-        rle = encode(m.mask)
-        records.append({"label": m.label, "image": m.image, "score": round(m.score, 6), "rle": rle,
-                        "file": f"masks/{name}"})
-    for i, im in enumerate(images):
-        mine = [(m.mask, m.label) for m in pred.masks if m.image == i]
-        overlay(im, mine).save(out / f"overlay_image{i + 1}.png")
-    meta = {"answer": pred.answer, "prompt": question,
+    for m, name in zip(answer.masks, files):
+        Image.fromarray(m.mask.astype(np.uint8) * 255).save(out / name)
+        records.append({"label": m.label, "image": m.image, "score": round(m.score, 6), "rle": encode(m.mask),
+                        "file": name})
+    panels = [(im, [(m.mask, m.label, kind) for m in answer.masks if m.image == i], f"IMAGE{i + 1}")
+              for i, im in enumerate(images)]
+    figure(panels, caption=answer.sentence).save(out / "overlay.png")
+    for i, (im, masks, _) in enumerate(panels):
+        overlay(im, masks).save(out / f"overlay_image{i + 1}.png")
+    pred = answer.prediction
+    meta = {"answer": answer.sentence, "raw_answer": answer.raw, "prompt": question,
             "images": [{"path": str(p), "height": int(im.shape[0]), "width": int(im.shape[1])}
                        for p, im in zip(paths, images)],
-            "masks": records, "num_unrouted_seg": pred.num_unrouted, "num_unlabeled_seg": pred.num_unlabeled,
-            "truncated": pred.truncated}
+            "masks": records, "warnings": answer.warnings, "num_unrouted_seg": pred.num_unrouted,
+            "num_unlabeled_seg": pred.num_unlabeled, "truncated": pred.truncated}
     (out / "predictions.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _task(text: str) -> str:
+    try:
+        return task_name(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,12 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt", required=True, help="exported checkpoint or training workdir")
     ap.add_argument("--image", action="append", default=[], help="an input image (repeat, in order)")
     what = ap.add_mutually_exclusive_group(required=True)
-    what.add_argument("--task", choices=sorted(TASK_NAMES))
+    what.add_argument("--task", type=_task, metavar="|".join(x.replace("_", "-") for x in TASKS),
+                      help="one of the paper's tasks (- or _ both work)")
     what.add_argument("--prompt", help="free-form question")
     ap.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--max_new_tokens", type=int, default=None)
     ap.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="per image; 0 = no limit")
+    ap.add_argument("--mesh", default=None, help="mesh of this machine's devices as JSON, e.g. "
+                                                 "'{\"data\": 2, \"tensor\": 4}' (default: one device)")
+    ap.add_argument("--dtype", default=None, help="weights' dtype for inference: float32, bfloat16, float16 "
+                                                  "(default: the checkpoint's)")
     args = ap.parse_args(argv)
     try:
         if not args.image:
@@ -120,18 +128,27 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"{out} already exists (pass --overwrite to replace it)")
         images = [read_image(p, args.max_pixels) for p in args.image]
         question = build_question(len(images), args.task, args.prompt)
-        from calico_jax.inference.predictor import load_predictor  # after argparse: --help stays fast (the models)
+        # after argparse: --help stays fast (these import jax and the models)
+        from calico_jax.inference.placement import enable_compile_cache, parse_dtype, parse_mesh
+        from calico_jax.inference.predictor import load_predictor
+        mesh, dtype = parse_mesh(args.mesh), parse_dtype(args.dtype)
+        enable_compile_cache()
         overrides = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
-        predictor = load_predictor(args.ckpt, **overrides)
-        pred = predictor.predict([(images, question)])[0]
+        predictor = load_predictor(args.ckpt, mesh=mesh, dtype=dtype, **overrides)
+        answer = to_answer(predictor.predict([(images, question)])[0], len(images), predictor.trained_max_images)
+        kind = None if args.task is None else ("object" if args.task == "common_object" else "part")
         with atomic_directory(out, overwrite=args.overwrite) as tmp:
-            write_outputs(tmp, images, args.image, question, pred)
+            write_outputs(tmp, images, args.image, question, answer, kind)
     except (InputError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(pred.answer)
-    print(f"{len(pred.masks)} masks -> {out}" + (f" ({pred.num_unrouted} [SEG] without a valid image identifier)"
-                                                if pred.num_unrouted else ""))
+    print(answer.sentence)
+    print(f"{len(answer.masks)} mask{'s' if len(answer.masks) != 1 else ''} (label, image, score, pixels, file):")
+    for line in answer.mask_lines([str(out / f) for f in mask_files(answer)]):
+        print(line)
+    for w in answer.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"wrote {out}: answer.txt, overlay.png, masks/, predictions.json (the raw answer too)")
     return 0
 
 

@@ -22,7 +22,10 @@ routed ``[SEG]`` at the image's original resolution:
    Mask = logits > ``mask_threshold``; score = mean foreground probability.
 
 A batch holds samples with the same number of images (so every row's prompt ends at the same expanded slot);
-:meth:`Predictor.predict` groups and pads batches itself.
+:meth:`Predictor.predict` groups and pads batches itself (:func:`plan_batches`, then :meth:`Predictor.predict_batch`
+per batch, which is what a streaming caller runs). On a mesh (``mesh=``, :mod:`calico_jax.inference.placement`)
+the weights are placed by the training rules and a batch is padded to a multiple of the ``data`` x ``fsdp``
+devices and split over them: one compiled program per (image count, batch size, prompt bucket).
 """
 from __future__ import annotations
 
@@ -47,6 +50,8 @@ from calico_jax.data.processors import from_preprocess
 from calico_jax.data.qformer_text import QFORMER_TOKENIZER_DIR, QFormerText, load_qformer_tokenizer
 from calico_jax.data.tokenize import LLAVA_V1_SYSTEM, SampleTokenizer, load_tokenizer
 from calico_jax.inference.generate import decode_loop, left_align
+from calico_jax.inference.local_load import load_in_process
+from calico_jax.inference.placement import MeshContext, local_mesh, place, put_batch, rows_multiple
 from calico_jax.models.calico import Calico
 from calico_jax.models.calico_layout import postprocess_masks
 from calico_jax.models.inputs import CalicoInputs
@@ -115,14 +120,31 @@ def _bucket(n: int, size: int) -> int:
     return max(size, -(-n // size) * size)
 
 
+def plan_batches(image_counts: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Sample indices -> batches: grouped by image count (ascending), in sample order within a group, chunks of
+    ``batch_size``. Deterministic, so a resumed or multi-process run forms the very same batches."""
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(image_counts):
+        if n < 1:
+            raise ValueError(f"sample {i} has no images")
+        groups.setdefault(n, []).append(i)
+    return [idx[s:s + batch_size] for _, idx in sorted(groups.items()) for s in range(0, len(idx), batch_size)]
+
+
 # ---------------------------------------------------------------------------------------- predictor
 class Predictor:
     """``qformer_text``: the Q-Former's instruction tokenizer (:class:`calico_jax.data.qformer_text.QFormerText`),
-    needed exactly when the model's ``qformer_text_input`` is on; it reads the same question as the LLM."""
+    needed exactly when the model's ``qformer_text_input`` is on; it reads the same question as the LLM.
+    ``mesh``: None (one device) or axis sizes over this process's devices, e.g. ``{"data": 4, "tensor": 2}``;
+    ``dtype``: the weights' dtype for inference (None: as given)."""
+
+    trained_max_images: int | None = None   # set by load_predictor from the checkpoint: warnings beyond it
 
     def __init__(self, module: Calico, params: Any, tokenizer, config: InferenceConfig = InferenceConfig(),
-                 qformer_text=None):
-        self.module, self.params, self.tokenizer = module, params, tokenizer
+                 qformer_text=None, mesh: dict[str, int] | None = None, dtype: str | None = None):
+        self.module, self.tokenizer = module, tokenizer
+        self.mesh = None if mesh is None else local_mesh(mesh, module.config)
+        self.params = place(module, params, self.mesh, dtype)
         if module.config.qformer_text_input and qformer_text is None:
             raise ValueError("the model has qformer_text_input on: pass its Q-Former tokenizer (qformer_text=; "
                              "load_predictor reads TOKENIZER/qformer_tokenizer/)")
@@ -191,6 +213,11 @@ class Predictor:
         return out, unrouted, unlabeled
 
     # --- batch inference
+    def padded_rows(self, batch_size: int) -> int:
+        """Rows of a compiled batch: ``batch_size`` rounded up to a multiple of the devices the rows split over."""
+        m = rows_multiple(self.mesh)
+        return -(-max(batch_size, 1) // m) * m
+
     def predict(self, samples: Sequence[tuple[Sequence[np.ndarray], str]], batch_size: int = 1,
                 progress: bool = False) -> list[Prediction]:
         """``samples``: (images as RGB uint8 [H, W, 3], question with one ``<image>`` per image) -> predictions
@@ -198,27 +225,23 @@ class Predictor:
         from tqdm import tqdm
 
         results: list[Prediction | None] = [None] * len(samples)
-        groups: dict[int, list[int]] = {}
-        for i, (images, _) in enumerate(samples):
-            if not images:
-                raise ValueError(f"sample {i} has no images")
-            groups.setdefault(len(images), []).append(i)
         bar = tqdm(total=len(samples), disable=not progress, desc="predict", unit="sample")
-        for n, idx in sorted(groups.items()):
-            for start in range(0, len(idx), batch_size):
-                rows = idx[start:start + batch_size]
-                for i, pred in zip(rows, self._predict_batch([samples[i] for i in rows], n, batch_size)):
-                    results[i] = pred
-                bar.update(len(rows))
+        for rows in plan_batches([len(images) for images, _ in samples], batch_size):
+            for i, pred in zip(rows, self.predict_batch([samples[i] for i in rows], batch_size)):
+                results[i] = pred
+            bar.update(len(rows))
         bar.close()
         return results  # type: ignore[return-value]
 
-    def _predict_batch(self, batch, n: int, batch_size: int) -> list[Prediction]:
-        c, tok = self.config, self.tokenizer
-        inputs = self.make_inputs(list(batch) + [batch[0]] * (batch_size - len(batch)))
-        tokens, lengths, hidden, sam_emb = generate_program(
-            self.params, inputs, module=self.module, max_new_tokens=c.max_new_tokens, eos=int(tok.eos_token_id),
-            pad=int(tok.pad_token_id))
+    def predict_batch(self, batch: Sequence[tuple[Sequence[np.ndarray], str]], batch_size: int) -> list[Prediction]:
+        """One batch (rows with the same image count, at most ``batch_size``) -> its predictions; padded to
+        :meth:`padded_rows` rows with copies of its first row."""
+        c, tok, n = self.config, self.tokenizer, len(batch[0][0])
+        inputs = self.make_inputs(list(batch) + [batch[0]] * (self.padded_rows(batch_size) - len(batch)))
+        with MeshContext(self.mesh):
+            tokens, lengths, hidden, sam_emb = generate_program(
+                self.params, put_batch(inputs, self.mesh), module=self.module, max_new_tokens=c.max_new_tokens,
+                eos=int(tok.eos_token_id), pad=int(tok.pad_token_id))
         tokens, lengths = np.asarray(tokens), np.asarray(lengths)
 
         preds, segs = [], []   # segs: (row, hidden index, image, label)
@@ -240,8 +263,9 @@ class Predictor:
         original = np.stack([inputs.original_hw[r, i] for r, i in zip(r_idx, i_idx)])
         resized = np.stack([inputs.resized_hw[r, i] for r, i in zip(r_idx, i_idx)])
         size = (_bucket(int(original[:, 0].max()), 64), _bucket(int(original[:, 1].max()), 64))
-        logits = mask_program(self.params, hidden[r_idx, h_idx], sam_emb[r_idx, i_idx], jnp.asarray(resized),
-                        jnp.asarray(original), module=self.module, mask_size=size)
+        with MeshContext(self.mesh):
+            logits = mask_program(self.params, hidden[r_idx, h_idx], sam_emb[r_idx, i_idx], jnp.asarray(resized),
+                                  jnp.asarray(original), module=self.module, mask_size=size)
         logits = np.asarray(logits)
         for j, (r, _, image, label) in enumerate(segs):
             h, w = original[j]
@@ -252,11 +276,13 @@ class Predictor:
 
 
 # ------------------------------------------------------------------------------------------ loading
-def load_predictor(path: str | Path, preprocess: Preprocess | None = None, **overrides: Any) -> Predictor:
+def load_predictor(path: str | Path, preprocess: Preprocess | None = None, *, mesh: dict[str, int] | None = None,
+                   dtype: str | None = None, **overrides: Any) -> Predictor:
     """A :class:`Predictor` from an exported checkpoint (``python -m calico_jax.export``; also any ``calico``
     checkpoint from ``python -m convert calico-assemble`` with its tokenizer) or a training workdir (its newest
     checkpoint + frozen weights, :func:`calico_jax.checkpoints.workdir.restore_workdir`). ``preprocess``: what the
-    caller means to feed; a difference from the checkpoint's is an error naming the fields. ``overrides``:
+    caller means to feed; a difference from the checkpoint's is an error naming the fields. ``mesh``/``dtype``:
+    see :class:`Predictor` (the weights stay in the checkpoint's dtype unless ``dtype`` is given). ``overrides``:
     :class:`InferenceConfig` fields (e.g. ``max_new_tokens``)."""
 
     path = Path(path)
@@ -266,7 +292,8 @@ def load_predictor(path: str | Path, preprocess: Preprocess | None = None, **ove
     if meta.get("format") == pretrained.FORMAT:
         if meta.get("model") != "calico":
             raise ValueError(f"{path}: a {meta.get('model')!r} checkpoint, not a calico one")
-        module, params, _ = pretrained.load(path)
+        # several processes: each reads the weights alone (orbax would restore them as the whole job)
+        module, params, _ = pretrained.load(path) if jax.process_count() == 1 else load_in_process(path)
         tok_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else path
         if (path / INFERENCE_FILE).is_file():
             stored = json.loads((path / INFERENCE_FILE).read_text())
@@ -287,4 +314,10 @@ def load_predictor(path: str | Path, preprocess: Preprocess | None = None, **ove
                                        module.config.qformer_max_tokens)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: no usable tokenizer in {tok_dir} ({e})") from None
-    return Predictor(module, params, tokenizer, InferenceConfig(**overrides), qformer_text)
+    predictor = Predictor(module, params, tokenizer, InferenceConfig(**overrides), qformer_text, mesh=mesh,
+                          dtype=dtype)
+    # the most images per sample it was trained on (the export records it; a workdir's config says it)
+    trained = ((meta.get("source") or {}).get("trained_max_images") if meta.get("format") == pretrained.FORMAT
+               else (meta.get("data") or {}).get("max_images"))
+    predictor.trained_max_images = int(trained) if trained else None
+    return predictor

@@ -7,7 +7,9 @@ Each process gets ``JAX_COORDINATOR_ADDRESS`` (127.0.0.1 and a free port; proces
 interface), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``, which ``train.py`` reads (see
 :mod:`calico_jax.parallel.distributed`); ``--devices-per-process K`` simulates K CPU devices per process,
 ``--gpus-per-process K`` gives process i the GPUs ``i*K .. i*K+K-1``. A command that starts with a ``.py`` file
-runs with this Python.
+or with ``-m pkg.mod`` runs with this Python, e.g.
+``python -m calico_jax.launch --local 2 --devices-per-process 4 -- -m calico_jax.evaluate --ckpt M --pairs P --out R``
+(each process predicts its block of the samples, process 0 scores).
 
 Output lines are forwarded with a ``[pI]`` prefix. When a process dies (non-zero status or a signal), the others
 are stopped (SIGTERM, then SIGKILL after ``--grace`` seconds: a job with a dead member cannot make progress) and
@@ -164,10 +166,7 @@ class Job:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--" not in argv:
-        print("usage: python -m calico_jax.launch --local N [options] -- COMMAND ...", file=sys.stderr)
-        return 2
-    cut = argv.index("--")
+    cut = argv.index("--") if "--" in argv else len(argv)
     ap = argparse.ArgumentParser(prog="python -m calico_jax.launch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--local", type=int, required=True, metavar="N", help="processes to start on this machine")
@@ -177,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL when stopping")
     ap.add_argument("--settle", type=float, default=3.0,
                     help=f"seconds to wait for the cause after a process exits {PEER_LOST} (it lost a peer)")
-    args = ap.parse_args(argv[:cut])
+    ap.usage = "python -m calico_jax.launch --local N [options] -- COMMAND ..."
+    args = ap.parse_args(argv[:cut])   # --help prints the usage and exits 0 here
     cmd = argv[cut + 1:]
     if not cmd or args.local < 1:
         ap.error("need --local N >= 1 and a command after --")
