@@ -49,6 +49,12 @@ def run(processes: int, script: list[str], timeout: float = 240, **extra_env) ->
                           text=True, timeout=timeout)
 
 
+def start(processes: int, script: list[str], log, **extra_env) -> subprocess.Popen:
+    """:func:`run` in the background, its output (stdout and stderr) to the open file ``log``."""
+    return subprocess.Popen(command(processes, script), cwd=ROOT, env=env(**extra_env), stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
+
+
 def popen(processes: int, script: list[str], **extra_env) -> subprocess.Popen:
     return subprocess.Popen(command(processes, script), cwd=ROOT, env=env(**extra_env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import grain
@@ -129,7 +130,7 @@ def test_launcher_names_the_cause_not_the_peer_that_lost_it(tmp_path):
                         CAUSE, str(tmp_path / "a"), "late"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 3 and "launch: process 1 (pid" in p.stderr and "status 3" in p.stderr, out(p)
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "calico_jax.launch", "--local", "2", "--settle", "1", "--",
+    p = subprocess.run([sys.executable, "-m", "calico_jax.launch", "--local", "2", "--settle", "0.2", "--",
                         sys.executable, "-c", CAUSE, str(tmp_path / "b"), "never"], capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 69 and "process 0 (pid" in p.stderr and "(it lost a peer); stopping the other 1" \
@@ -148,34 +149,56 @@ def test_a_collective_that_lost_its_peer_is_told_apart():
 
 
 MEET = """import argparse, os, sys, time
+from pathlib import Path
 from calico_jax.parallel import distributed
 ap = argparse.ArgumentParser()
 distributed.add_arguments(ap)
 distributed.initialize(distributed.spec_from(ap.parse_args(["--multihost"])))
 import jax
-i = jax.process_index()
-if i == 1:
-    time.sleep(3)
+i, gate = jax.process_index(), Path(sys.argv[1])
+def wait_for(name):   # a file the test (go) or process 0 (done) creates
+    while not (gate / name).exists():
+        time.sleep(0.005)
+if i == 0:
+    print("at meet", flush=True)
+else:
+    wait_for("go")
 distributed.barrier("meet")
-print("met", i, time.monotonic(), flush=True)
-if i == 1:
-    time.sleep(4)
-try:
-    distributed.barrier("late", timeout=1)
-except distributed.DistributedError as e:
-    print("late:", e, flush=True)
+print("met", i, "after go" if (gate / "go").exists() else "before go", flush=True)
+if i == 0:
+    try:
+        distributed.barrier("late", timeout=0.5)
+    except distributed.DistributedError as e:
+        print("late:", e, flush=True)
+    (gate / "done").touch()
+else:
+    wait_for("done")   # never reaches 'late'
 sys.stdout.flush()
 os._exit(0)   # jax's shutdown would wait for the peer that never arrived
 """
 
 
-def test_barrier_waits_for_every_process_and_names_the_one_that_is_late():
-    p = subprocess.run([sys.executable, "-m", "calico_jax.launch", "--local", "2", "--", sys.executable, "-c", MEET],
-                       capture_output=True, text=True, timeout=120, env=H.env())
-    # (then jax's coordination agent aborts process 1: a failed barrier is an error for the whole job)
-    met = {int(m[0]): float(m[1]) for m in re.findall(r"^\[p\d\] met (\d) (\S+)$", p.stdout, re.M)}
-    assert set(met) == {0, 1} and abs(met[0] - met[1]) < 1.5, out(p)[-3000:]   # process 0 waited 3 s for 1
-    assert "[p0] late: multihost: process 0 waited 1 s at barrier 'late' and not every process arrived" in p.stdout
+def test_barrier_waits_for_every_process_and_names_the_one_that_is_late(tmp_path):
+    """Process 1 reaches 'meet' only once the test has seen process 0 waiting there; process 0 passes it only after
+    that. At 'late' process 1 never arrives: process 0 gives up after its (short) timeout, naming the barrier."""
+    job = subprocess.Popen([sys.executable, "-m", "calico_jax.launch", "--local", "2", "--", sys.executable, "-c",
+                            MEET, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=H.env())
+    watchdog = threading.Timer(120, job.kill)
+    watchdog.start()
+    lines = []
+    try:
+        for line in job.stdout:
+            lines.append(line)
+            if line.startswith("[p0] at meet"):
+                (tmp_path / "go").touch()
+        job.wait()
+    finally:
+        watchdog.cancel()
+    text = "".join(lines)
+    # (then jax's coordination agent may abort process 1: a failed barrier is an error for the whole job)
+    assert {"[p0] met 0 after go", "[p1] met 1 after go"} <= set(text.splitlines()), text[-3000:]
+    assert "[p0] late: multihost: process 0 waited 0.5 s at barrier 'late' and not every process arrived" in text
 
 
 def test_each_process_reads_its_block_of_every_global_micro_batch():
@@ -208,9 +231,9 @@ def test_unreachable_coordinator_fails_in_bounded_time(tmp_path):
     t0 = time.monotonic()
     p = H.run(1, ["train.py", "--config", "tests/toy_config.py", "--workdir", str(tmp_path / "w"),
                   "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", "1",
-                  "--init_timeout", "3"], timeout=60)
+                  "--init_timeout", "1"], timeout=60)
     assert p.returncode == 2, out(p)
-    assert f"could not join the job through coordinator 127.0.0.1:{port} (process 1 of 2) within 3 s" in p.stderr
+    assert f"could not join the job through coordinator 127.0.0.1:{port} (process 1 of 2) within 1 s" in p.stderr
     assert time.monotonic() - t0 < 40 and not (tmp_path / "w").exists()
 
 
@@ -230,21 +253,44 @@ def reference(tmp_path_factory, compile_cache):
     return wd
 
 
+LATE_BARRIERS = "init|first_train_step|first_eval"   # the barriers before each program's first run
+
+
 def _logged_steps(workdir) -> list[int]:
     path = workdir / "metrics.jsonl"
     return [int(m) for m in re.findall(r'^\{"step": (\d+),', path.read_text(), re.M)] if path.exists() else []
 
 
 def test_a_process_that_compiles_late_is_waited_for(reference, tmp_path):
-    """Process 1 compiles the initial state, the train step and the evaluation 35 s after process 0 (CPU
-    collectives give a late peer 30 s): each program waits at a coordination-service barrier before its first
-    run, and the steps are the uninterrupted run's. (Without the barriers: "Gloo context initialization failed".)"""
-    wd = tmp_path / "run"
-    p = H.run(2, ["tests/toy_train.py", "--fault", "lag:35@1", "--config", "tests/toy_config.py",
-                  "--config.total_steps=2", "--config.eval_every=2", "--config.checkpoint_every=2",
-                  '--config.mesh={"data": 2, "fsdp": 4}', "--workdir", str(wd)])
-    assert p.returncode == 0, out(p)[-4000:]
-    assert out(p).count("[p1] toy_train: compile delayed 35 s") == 3 and "[p0] toy_train" not in out(p)
+    """Process 1 holds each of its compiles (the initial state, the train step, the evaluation) until the test
+    releases it, which the test does only once process 0 waits at the coordination-service barrier before that
+    program's first run: process 0 passes each barrier only after the release (a late peer would otherwise have the
+    30 s CPU collectives give it: "Gloo context initialization failed"), and the steps are the uninterrupted
+    run's. Nothing waits for a fixed time: the test drives the lateness."""
+    wd, gate = tmp_path / "run", tmp_path / "gate"
+    gate.mkdir()
+    job = H.popen(2, ["tests/toy_train.py", "--late", f"1:{gate}", "--config", "tests/toy_config.py",
+                      "--config.total_steps=2", "--config.eval_every=2", "--config.checkpoint_every=2",
+                      '--config.mesh={"data": 2, "fsdp": 4}', "--workdir", str(wd)])
+    watchdog = threading.Timer(240, job.kill)   # a hang fails the test instead of stalling the suite
+    watchdog.start()
+    lines, held, waiting, released = [], 0, 0, 0
+    try:
+        for line in job.stdout:
+            lines.append(line)
+            held += bool(re.match(r"\[p1\] toy_train: compile \d+ held$", line))
+            waiting += bool(re.match(rf"\[p0\] toy_train: at barrier ({LATE_BARRIERS})$", line))
+            if released < min(held, waiting):   # process 0 waits for the program process 1 is held before
+                released += 1
+                (gate / f"release-{released}").touch()
+        job.wait()
+    finally:
+        watchdog.cancel()
+    text = "".join(lines)
+    assert job.returncode == 0, text[-4000:]
+    assert held == 3 and "[p0] toy_train: compile" not in text, text[-4000:]
+    passed = re.findall(rf"^\[p0\] toy_train: passed barrier ({LATE_BARRIERS}) with (\d+) released$", text, re.M)
+    assert passed == [("init", "1"), ("first_train_step", "2"), ("first_eval", "3")], text[-4000:]
     rows = H.rows(wd)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2] and [r["step"] for r in rows if "eval_loss" in r] == [2]
     first, ref = rows[0], H.rows(reference)[0]   # step 1 does not depend on total_steps (the lr schedule)

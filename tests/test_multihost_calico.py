@@ -1,11 +1,13 @@
 """The tiny CALICO (configs/tiny.py, synthetic data) trained by 2 processes x 4 CPU devices (``python -m
 calico_jax.parallel.launch --local 2``, gloo over loopback) on a (data 2, fsdp 4) mesh spanning both, against 1
-process x 8
-devices with the same global batch: every step's losses and gradient norm agree to fp32 rounding (the cross-process
-all-reduces sum in another order) -- and the 2-process job is killed (kill -9 of process 1 after step 7) and rerun
-with the same command on the way, resuming from its step-4 checkpoint. Then ``python -m calico_jax.export`` and
-``python -m calico_jax.evaluate`` read the checkpoint the 2-process job wrote. Both runs compile at XLA's backend
-optimisation level 0 (compile time; the comparison is between the two runs: tests/multihost_helpers.py)."""
+process x 8 devices with the same global batch: every step's losses and gradient norm agree to fp32 rounding (the
+cross-process all-reduces sum in another order) -- and the 2-process job is killed (kill -9 of process 1 after step
+6) and rerun with the same command on the way, resuming from its step-4 checkpoint. Then ``python -m
+calico_jax.export`` and ``python -m calico_jax.evaluate`` read the checkpoint the 2-process job wrote. One run of
+each, shared by the tests below. Both runs compile at XLA's backend optimisation level 0 (compile time; the
+comparison is between the two runs: tests/multihost_helpers.py), and the 2-process jobs go through
+tests/toy_train.py (train.py with the fault hook, and every process keeps its compiled programs in the module's
+compilation cache, so the rerun compiles nothing)."""
 import json
 
 import numpy as np
@@ -13,27 +15,36 @@ import pytest
 
 from tests import multihost_helpers as H
 
-STEPS = 12
+STEPS = 8
 TINY = ["train.py", "--config", "configs/tiny.py", f"--config.total_steps={STEPS}",
         "--config.checkpoint_every=4", "--config.progress=false", "--config.data.synthetic.num_images=12",
         '--config.mesh={"data": 2, "fsdp": 4}']
 KEYS = ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "grad_norm", "token_accuracy", "num_masks")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    out = {}
-    for n in (2, 1):
-        wd = tmp_path_factory.mktemp(f"tiny{n}")
-        with H.cache_dir(tmp_path_factory.getbasetemp() / "jax_cache_tiny"):
-            if n == 2:   # tests/toy_train.py: train.py with the fault hook
-                p = H.run(n, ["tests/toy_train.py", "--fault", "kill:7@1", *TINY[1:], "--workdir", str(wd)],
-                          timeout=600)
-                assert p.returncode == 137 and "process 1 (pid" in p.stderr, (p.stdout + p.stderr)[-4000:]
-                assert H.steps(wd) == [4]
-            p = H.run(n, [*TINY, "--workdir", str(wd)], timeout=600)
-        assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-        assert H.resumed_from(p.stdout + p.stderr) == (4 if n == 2 else None)
-        out[n] = wd
-    return out
+    """Workdirs of the 1-process run and the 2-process job (killed after step 6, rerun to the end). The 1-process
+    run goes alongside the 2-process job: its steps mostly wait on cross-process collectives, which leaves the
+    cores room; all of them share the module's compilation cache."""
+    one, two, logs = (tmp_path_factory.mktemp(name) for name in ("tiny1", "tiny2", "logs"))
+    with H.cache_dir(tmp_path_factory.getbasetemp() / "jax_cache_tiny"), open(logs / "tiny1.txt", "w") as log:
+        single = H.start(1, [*TINY, "--workdir", str(one)], log)
+        try:
+            p = H.run(2, ["tests/toy_train.py", "--fault", "kill:6@1", *TINY[1:], "--workdir", str(two)],
+                      timeout=600)
+            assert p.returncode == 137 and "process 1 (pid" in p.stderr, (p.stdout + p.stderr)[-4000:]
+            assert H.steps(two) == [4]
+            p = H.run(2, ["tests/toy_train.py", *TINY[1:], "--workdir", str(two)], timeout=600)
+            assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+            assert H.resumed_from(p.stdout + p.stderr) == 4
+            single.wait(timeout=600)
+        finally:
+            if single.poll() is None:
+                single.kill()
+    text = (logs / "tiny1.txt").read_text()
+    assert single.returncode == 0 and H.resumed_from(text) is None, text[-4000:]
+    return {1: one, 2: two}
 
 
 def test_two_processes_train_like_one(runs):

@@ -1,6 +1,6 @@
 """``train.py`` on the toy task for subprocess tests, with fault injection as a callback:
 
-    python tests/toy_train.py [--fault KIND:N[@P]] [--dump DIR] TRAIN_PY_ARGS...
+    python tests/toy_train.py [--fault KIND:N[@P]] [--dump DIR] [--late P:DIR] TRAIN_PY_ARGS...
 
 Faults at step N (1-based), in process P only with ``@P`` (default: every process):
 
@@ -12,13 +12,17 @@ Faults at step N (1-based), in process P only with ``@P`` (default: every proces
   which process 0 writes: the step is half-written, never committed);
 * ``failsave:N`` -- that write fails part-way (a truncated file, then ENOSPC), as on a full disk;
 * ``slow:MS`` -- every step takes MS milliseconds longer and prints ``toy_train: step N``;
-* ``lag:S`` -- every AOT compile (``jax.stages.Lowered.compile``: the initial state, the train step, the first
-  evaluation) takes S seconds longer and prints ``toy_train: compile delayed S s``: a peer that compiles slower
-  than the others, by more than the 30 s CPU collectives give a late process;
 * ``hold:N`` -- after step N, prints ``toy_train: holding at step N`` and waits (at most 120 s) for a SIGTERM, so a
   test that signals the running job knows the step every process stops after.
 
 Several ``--fault`` options combine.
+
+``--late P:DIR``: process P is a peer that compiles late, for as long as the test wants: its K-th AOT compile
+(``jax.stages.Lowered.compile``: the initial state, the train step, the first evaluation) prints ``toy_train:
+compile K held`` and waits (at most 300 s) until the file ``DIR/release-K`` exists. Every process prints
+``toy_train: at barrier NAME`` before each :func:`calico_jax.parallel.distributed.barrier` and ``toy_train: passed
+barrier NAME with R released`` after it (R: the release files by then), so the test sees whether a barrier waited
+for the late peer without waiting any fixed time itself.
 
 ``--dump DIR``: process 0 writes every state it checkpoints (``DIR/saved-STEP.npz``) and the one it restores
 (``DIR/restored-STEP.npz``), gathered from all processes, so tests compare them bit for bit."""
@@ -81,18 +85,53 @@ def hold_until_sigterm(step: int, timeout: float = 120) -> None:
     signal.signal(signal.SIGTERM, loop_handler)
 
 
-def install_compile_lag(seconds: int, proc: int | None) -> None:
+def install_late_peer(proc: int, gate: Path, timeout: float = 300) -> None:
     import jax
 
-    original = jax.stages.Lowered.compile
+    from calico_jax.parallel import distributed
+
+    original, held = jax.stages.Lowered.compile, []
 
     def compile_(self, *args, **kwargs):
-        if proc in (None, jax.process_index()):
-            print(f"toy_train: compile delayed {seconds} s", flush=True)
-            time.sleep(seconds)
+        if jax.process_index() == proc:
+            held.append(None)
+            release, deadline = gate / f"release-{len(held)}", time.monotonic() + timeout
+            print(f"toy_train: compile {len(held)} held", flush=True)
+            while not release.exists():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"toy_train: {release} did not appear within {timeout} s")
+                time.sleep(0.005)
         return original(self, *args, **kwargs)
 
+    barrier = distributed.barrier
+
+    def traced(name, *args, **kwargs):
+        print(f"toy_train: at barrier {name}", flush=True)
+        barrier(name, *args, **kwargs)
+        print(f"toy_train: passed barrier {name} with {len(list(gate.glob('release-*')))} released", flush=True)
+
     jax.stages.Lowered.compile = compile_
+    distributed.barrier = traced   # its callers look it up in the module at each call
+
+
+def cache_on_every_process() -> None:
+    """Every process of a CPU job writes its programs to the persistent compilation cache, not process 0 only:
+    jax keys an entry by the devices' topology, which on CPU differs from process to process, and writes from
+    process 0 only, so without this the other processes compile every program again in every job (the
+    compile-heavy part of a rerun: the job waits for its slowest process)."""
+    from jax._src import compilation_cache, compiler, config
+    from jax._src import distributed as jax_distributed
+
+    original = compiler._cache_write
+
+    def write(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks):
+        if jax_distributed.global_state.process_id in (None, 0) or host_callbacks:
+            return original(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks)
+        if compile_time_secs >= config.persistent_cache_min_compile_time_secs.value:
+            compilation_cache.put_executable_and_time(cache_key, module_name, executable, backend,
+                                                      int(compile_time_secs))
+
+    compiler._cache_write = write
 
 
 def install_checkpointer(dump_dir: Path | None) -> None:
@@ -137,17 +176,18 @@ def main(argv: list[str]) -> int:
     import train
 
     hooks, dump_dir = [], None
-    while argv[:1] in (["--fault"], ["--dump"]):
+    while argv[:1] in (["--fault"], ["--dump"], ["--late"]):
         if argv[0] == "--dump":
             dump_dir = Path(argv[1])
+        elif argv[0] == "--late":
+            proc, _, gate = argv[1].partition(":")
+            install_late_peer(int(proc), Path(gate))
         else:
             kind, at, proc = parse_fault(argv[1])
             if kind in ("killsave", "failsave"):
                 install_save_fault(kind, at)
             elif kind == "slow":
                 hooks.append(lambda step, ms=at: (time.sleep(ms / 1000), print(f"toy_train: step {step}", flush=True)))
-            elif kind == "lag":
-                install_compile_lag(at, proc)
             elif kind == "hold":
                 hooks.append(lambda step, at=at: step == at and hold_until_sigterm(step))
             else:
@@ -162,6 +202,7 @@ def main(argv: list[str]) -> int:
                 hooks.append(hook)
         argv = argv[2:]
     install_checkpointer(dump_dir)
+    cache_on_every_process()
     return train.main(argv, on_step=(lambda step: [h(step) for h in hooks]) if hooks else None)
 
 
