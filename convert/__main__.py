@@ -14,12 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from calico_jax.checkpoints import converted as pretrained
 from calico_jax.checkpoints.torch_files import CheckpointError, open_checkpoint
 from calico_jax.core import fs
 from calico_jax.core.config import ConfigError
-from convert import families, verify
-from convert.mapping import build_params
+from convert import families
 
 
 class VerifyFailed(Exception):
@@ -27,7 +25,7 @@ class VerifyFailed(Exception):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    epilog = "families:\n" + "\n".join(f"  {name:<12} {families.get(name).help}" for name in sorted(families.FAMILIES))
+    epilog = "families:\n" + "\n".join(f"  {name:<12} {families.HELP[name]}" for name in sorted(families.FAMILIES))
     epilog += ("\n\nsubcommand:\n  calico-assemble  one CALICO checkpoint from converted parts "
                "(python -m convert calico-assemble --help)\n  inspect          the key tree of a checkpoint and "
                "the family rules it matches (python -m convert inspect --help)")
@@ -51,9 +49,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    import jax
+    import jax  # after argparse: --help stays fast (the families, the models and the converter import JAX)
     import ml_dtypes
     import numpy as np
+
+    from calico_jax.checkpoints import converted as pretrained
+    from convert import verify
+    from convert.mapping import build_params
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -94,7 +96,10 @@ def run(args: argparse.Namespace) -> int:
         pretrained.write(tmp, plan.model, plan.config, stored, dtype=args.dtype, source=source)
         for f in plan.files:
             (tmp / "tokenizer").mkdir(exist_ok=True)
-            shutil.copy2(f, tmp / "tokenizer" / f.name)
+            if Path(f).is_dir():    # e.g. the Q-Former's tokenizer inside an exported CALICO tokenizer/
+                shutil.copytree(f, tmp / "tokenizer" / Path(f).name)
+            else:
+                shutil.copy2(f, tmp / "tokenizer" / Path(f).name)
     print(f"wrote {out}")
     return 0
 

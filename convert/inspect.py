@@ -1,8 +1,10 @@
 """``python -m convert inspect SRC [--family F] [--depth N]``: what a checkpoint holds, and what a family makes of it.
 
-SRC is anything ``python -m convert`` reads (a file, a ``save_pretrained`` directory, shards + index). No tensor
-is loaded: safetensors headers (and the index) give names, shapes and dtypes; pickles are opened with
-``torch.load(weights_only=True, mmap=True)``. Printed:
+SRC is anything ``python -m convert`` reads (a file, a ``save_pretrained`` directory, shards + index), or a
+calico_jax checkpoint directory (``python -m convert`` / ``calico_jax.export`` output: its model, dtype, source,
+tokenizer and parameter tree, read from the orbax metadata). No tensor is loaded: safetensors headers (and the
+index) give names, shapes and dtypes; pickles are opened with ``torch.load(weights_only=True, mmap=True)``.
+Printed:
 
 * the files, the tensor count, the total parameter count and the dtypes;
 * the key tree grouped by prefix (``--depth`` components, stopping at the first ModuleList index; a PEFT
@@ -17,12 +19,16 @@ Exit 0 for every readable checkpoint, unknown layouts included (their groups are
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
-from calico_jax.checkpoints import author_layout
+import jax
+
+from calico_jax.checkpoints import author_layout, converted
 from calico_jax.checkpoints.torch_files import CheckpointError, open_checkpoint
 from calico_jax.models.calico import CalicoConfig
 from calico_jax.models.llama import LlamaConfig
@@ -145,7 +151,48 @@ def _summary(hits: list) -> str:
     return "; ".join(f"{t} ({n})" for t, n in targets.most_common())
 
 
+def report_calico_jax(src: str, depth: int = 2, shapes: int = 3) -> str:
+    """A calico_jax checkpoint directory: its ``config.json`` and the params' orbax metadata (no tensor read)."""
+    import orbax.checkpoint as ocp
+
+    root = Path(src).absolute()
+    meta = converted.read_meta(root)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            tree = ckptr.metadata(root / "params").item_metadata.tree
+    except Exception as e:  # noqa: BLE001 -- orbax's own words name what is missing or broken
+        raise CheckpointError(f"{root / 'params'}: cannot read the orbax metadata ({e})") from None
+    leaves = {".".join(str(getattr(k, "key", k)) for k in path): (tuple(m.shape), str(m.dtype))
+              for path, m in jax.tree_util.tree_leaves_with_path(tree)}
+    tok = root / "tokenizer"
+    tok_files = ", ".join(sorted(f.name for f in tok.iterdir())) if tok.is_dir() else ""
+    lines = [f"{src}: calico_jax checkpoint (format_version {meta.get('format_version')}), model "
+             f"{meta.get('model')!r}, stored dtype {meta.get('dtype')}",
+             f"source: {json.dumps(meta.get('source') or {}, sort_keys=True)}",
+             f"tokenizer/: {tok_files or 'none'}",
+             f"{len(leaves)} tensors, {sum(_numel(s) for s, _ in leaves.values()):,} parameters; dtypes: "
+             + ", ".join(f"{d} {n}" for d, n in Counter(d for _, d in leaves.values()).most_common())]
+    groups: dict[str, list[str]] = {}
+    for k in leaves:
+        groups.setdefault(".".join(k.split(".")[:depth]), []).append(k)
+    lines.append(f"{'group':<44} {'tensors':>7} {'params':>15}  dtypes")
+    for g in sorted(groups):
+        ks = groups[g]
+        dt = ",".join(sorted({leaves[k][1] for k in ks}))
+        lines.append(f"{g:<44} {len(ks):>7} {sum(_numel(leaves[k][0]) for k in ks):>15,}  {dt}")
+        for k in ks[:shapes]:
+            lines.append(f"    {k[len(g) + 1:] or k} {leaves[k][0]}")
+    return "\n".join(lines)
+
+
 def report(src: str, family: str | None, depth: int = 2, shapes: int = 3) -> str:
+    if (Path(src) / "config.json").is_file() and (Path(src) / "params").is_dir():
+        try:
+            converted.read_meta(src)
+        except ValueError:
+            pass   # a Hugging Face config.json: a PyTorch layout after all
+        else:
+            return report_calico_jax(src, depth, shapes)
     ckpt = open_checkpoint(src)
     keys = ckpt.keys()
     lines = [f"{src}: {len(ckpt.files)} file(s): {', '.join(f.name for f in ckpt.files[:4])}"
@@ -202,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         print(report(args.src, args.family, args.depth, args.shapes))
-    except CheckpointError as e:
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

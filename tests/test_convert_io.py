@@ -1,5 +1,6 @@
 """The conversion framework on its own: lazy reading, safety, error reporting, atomic output, load()."""
 import json
+import os
 import pickle
 import struct
 
@@ -157,6 +158,21 @@ def test_atomic_directory(tmp_path):
         (tmp / "b").write_text("2")
     assert sorted(p.name for p in out.iterdir()) == ["b"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_atomic_directory_takes_the_users_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        assert fs.current_umask() == 0o027
+        with fs.atomic_directory(tmp_path / "a"):
+            pass
+        os.umask(0o002)
+        with fs.atomic_directory(tmp_path / "b"):
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o750     # not mkdtemp's 0700
+    assert (tmp_path / "b").stat().st_mode & 0o777 == 0o775
 
 
 def test_save_load_roundtrip_and_mismatch(tmp_path):

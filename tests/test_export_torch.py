@@ -37,6 +37,10 @@ def trained(tmp_path_factory):
     params = jax.tree.map(lambda v: g.normal(0, 0.2, v.shape).astype(np.float32), shapes)
     root = tmp_path_factory.mktemp("trained")
     calico_jax.checkpoints.converted.save(root / "model", "calico", cfg, params)
+    tok = root / "model" / "tokenizer"                  # an exported model's tokenizer, with the Q-Former's inside
+    (tok / "qformer_tokenizer").mkdir(parents=True)
+    (tok / "tokenizer.model").write_bytes(b"sentencepiece bytes")
+    (tok / "qformer_tokenizer" / "vocab.txt").write_text("[PAD]\n[CLS]\n")
     return root, cfg, params
 
 
@@ -57,6 +61,9 @@ def test_round_trip_bit_equal(trained, tmp_path):
     assert rc == 0, err
     assert "LoRA factors: 16 tensor(s)" in stdout
     assert_bit_equal_reload(tmp_path / "back", cfg, params)
+    # the tokenizer makes the whole trip (predict needs it): export -> tokenizer/ -> convert -> tokenizer/
+    for rel in ("tokenizer.model", "qformer_tokenizer/vocab.txt"):
+        assert (tmp_path / "back" / "tokenizer" / rel).read_bytes() == (root / "model" / "tokenizer" / rel).read_bytes()
 
 
 def test_trainable_only_and_parts(trained, tmp_path):

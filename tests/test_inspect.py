@@ -109,3 +109,24 @@ def test_group_of():
     assert group_of("lm_head.weight", 2) == "lm_head"
     key = "model.grounding_encoder.mask_decoder.iou_token.weight"
     assert group_of(key, 3) == "model.grounding_encoder.mask_decoder"
+
+
+def test_reads_our_own_checkpoint_directory(tmp_path):
+    cfg = CalicoConfig.tiny()
+    shapes = flax.linen.unbox(pretrained.abstract_params(Calico(cfg)))
+    params = jax.tree.map(lambda v: np.zeros(v.shape, np.float32), shapes)
+    pretrained.save(tmp_path / "ours", "calico", cfg, params, source={"from": "test"})
+    (tmp_path / "ours" / "tokenizer").mkdir()
+    (tmp_path / "ours" / "tokenizer" / "tokenizer.model").write_bytes(b"x")
+    rc, stdout, err = inspect(tmp_path / "ours", "--depth", "1")
+    assert rc == 0, err
+    n = len(jax.tree.leaves(params))
+    total = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
+    assert "calico_jax checkpoint" in stdout and "model 'calico'" in stdout and '"from": "test"' in stdout
+    assert f"{n} tensors, {total:,} parameters" in stdout
+    assert "tokenizer/: tokenizer.model" in stdout
+    top = {k for k in params}
+    assert set(groups(stdout)) == top
+    (tmp_path / "ours" / "params" / "_METADATA").unlink()       # broken metadata: one line, exit 2
+    rc, _, err = inspect(tmp_path / "ours")
+    assert rc == 2 and "cannot read the orbax metadata" in err

@@ -209,6 +209,9 @@ def test_evaluate_report_round_trip(tmp_path):
     assert table[0].split() == ["Task", "AP50", "mIoU", "Recall", "SS", "S-IoU"]
     assert table[2].startswith("Common objects") and table[3].startswith("Unique parts")
     assert table[-1].split()[0] == "Mean" and table[3].split()[2:] == ["0.0", "40.0", "0.0", "80.0", "50.0"]
+    # two of the paper's three tasks: the mean row says it is not the paper's three-task mean
+    assert table[-1].startswith("Mean of 2 of 3 tasks (common objects, unique parts)")
+    assert rep["mean_tasks"] == ["common_object", "unique_parts"]
 
 
 def test_report_nan_is_null(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 
 from calico_jax.checkpoints.training import Checkpointer
 from calico_jax.core import params as state_lib
+from calico_jax.core.config import split_overrides
 from calico_jax.parallel.sharding import make_mesh
 from calico_jax.train import config as config_lib
 from calico_jax.train import optim
@@ -193,9 +194,9 @@ def test_schedule_and_optimizer_only_trainable():
 
 
 def test_config_overrides_and_errors(tmp_path):
-    over, rest = config_lib.split_overrides(["--config.optim.learning_rate=1e-4", "--workdir", "x",
-                                             "--config.mesh", '{"data": 2, "fsdp": -1}', "--config.mesh.tensor=1",
-                                             "--config.data.nan_steps=3,5", "--config.progress=false"])
+    over, rest = split_overrides(["--config.optim.learning_rate=1e-4", "--workdir", "x",
+                                  "--config.mesh", '{"data": 2, "fsdp": -1}', "--config.mesh.tensor=1",
+                                  "--config.data.nan_steps=3,5", "--config.progress=false"])
     assert rest == ["--workdir", "x"]
     cfg = config_lib.load(TOY, over)
     assert cfg.optim.learning_rate == 1e-4 and cfg.mesh == {"data": 2, "fsdp": -1, "tensor": 1}
@@ -207,3 +208,15 @@ def test_config_overrides_and_errors(tmp_path):
             config_lib.load(TOY, [(key, val)])
     path = config_lib.save(cfg, tmp_path)
     assert type(cfg).from_dict(json.loads(path.read_text())) == cfg   # the toy experiment type
+
+
+def test_data_skips_reach_the_metrics_record():
+    from calico_jax.train.metrics_log import data_skip_record
+
+    class Task:
+        def data_skips(self):
+            return {"too_many_segs": 3, "image_unreadable": 1, "missing_image": 2}
+
+    assert data_skip_record(Task()) == {"data_skipped_too_many_segs": 3, "data_skipped_image_unreadable": 1,
+                                        "data_skipped_other": 2}
+    assert data_skip_record(object()) == {}            # a task without a data stream: nothing to report

@@ -66,3 +66,39 @@ def test_label_box_is_kept_inside_the_picture():
     out = np.asarray(viz.overlay(im, [(m, "corner label")], min_side=128))
     ys, xs = np.nonzero((out == 0).all(-1))     # the label's black box ...
     assert len(ys) and ys.min() >= 2 and xs.min() >= 2   # ... is moved in whole, its 2 px outline too
+
+
+def test_labels_at_one_spot_do_not_cover_each_other():
+    boxes = viz.place_labels((256, 256), [(128.0, 128.0)] * 6, [(40, 12)] * 6)
+    for i, a in enumerate(boxes):
+        assert 0 <= a[0] and a[2] <= 256 and 0 <= a[1] and a[3] <= 256, a
+        for b in boxes[:i]:
+            assert viz._overlaps(a, b) == 0, (a, b)
+    assert boxes[0][0] < 128 < boxes[0][2] and boxes[0][1] < 128 < boxes[0][3]   # the first stays on its anchor
+
+
+def test_object_is_a_wash_and_its_part_is_solid():
+    im, m = _scene()
+    part = np.zeros_like(m)
+    part[14:22, 20:30] = True
+    colours = []
+    out = np.asarray(viz.overlay(im, [(m, "", "object"), (part, "", "part")], min_side=192, colours_out=colours))
+    s = 192 // 48
+    obj_px, part_px = out[26 * s, 44 * s].astype(float), out[18 * s, 25 * s].astype(float)
+    # the object's fill moves a quarter of the way to its colour; the part, drawn over it, half way to its own
+    washed = 0.75 * np.asarray(TABLE) + 0.25 * np.asarray(colours[0])
+    assert np.allclose(obj_px, washed, atol=1.5)
+    assert np.allclose(part_px, 0.5 * washed + 0.5 * np.asarray(colours[1]), atol=1.5)
+    assert colours[0] != colours[1]
+
+
+def test_figure_has_a_legend_entry_per_mask_and_the_caption():
+    im, m = _scene()
+    one = viz.figure([(im, [(m, "table", "object")], "IMAGE1")], caption="")
+    three = viz.figure([(im, [(m, "table", "object")], "IMAGE1"), (im, [(m, "a"), (m, "b")], "IMAGE2")],
+                       caption="a long answer " * 30)
+    assert three.width > one.width
+    assert three.height >= one.height + 2 * 20     # the wrapped caption's lines sit under the legend
+    legend = np.asarray(one)[-22:]                  # the swatch carries the mask's colour
+    c = viz.contrast_colour(im, m)
+    assert (legend == np.asarray(c, np.uint8)).all(-1).any()

@@ -46,8 +46,14 @@ log = logging.getLogger(__name__)
 
 # Replica-parallel saving splits every replicated array across its replicas with one compiled slice program per
 # shape (~2 s of compiles per process for the toy and tiny models); below 1 MiB per slice one replica writes it.
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=1 << 20), override=True)
+# (orbax warns about the override on the absl logger: expected here, so not shown.)
+_absl, _level = logging.getLogger("absl"), logging.getLogger("absl").level
+_absl.setLevel(logging.ERROR)
+try:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=1 << 20), override=True)
+finally:
+    _absl.setLevel(_level)
 
 
 @dataclasses.dataclass(frozen=True)

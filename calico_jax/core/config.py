@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 C = TypeVar("C", bound="Config")
@@ -92,3 +92,22 @@ def hf_get(cfg: Any, name: str, default: Any = dataclasses.MISSING) -> Any:
     if default is dataclasses.MISSING:
         raise ConfigError(f"config has no field {name!r}")
     return default
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Pulls ``--config.a.b=v`` (or ``--config.a.b v``) out of argv; returns (overrides, the rest)."""
+    out, rest, i = [], [], 0
+    argv = list(argv)
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            key, eq, val = arg[len("--config."):].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{arg}: missing value")
+                i, val = i + 1, argv[i + 1]
+            out.append((key, val))
+        else:
+            rest.append(arg)
+        i += 1
+    return out, rest

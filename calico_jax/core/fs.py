@@ -24,6 +24,16 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)
 
 
+def current_umask() -> int:
+    try:   # Linux says it without changing it (other threads may be creating files right now)
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1], 8) for ln in f if ln.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)   # elsewhere the only way to read it is to set it; put it straight back
+        os.umask(mask)
+        return mask
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yields a temporary directory that replaces ``out`` only if the block finishes without error."""
@@ -32,6 +42,7 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterato
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())   # mkdtemp makes it 0700; the result gets the user's usual mode
     try:
         yield tmp
         if out.exists():

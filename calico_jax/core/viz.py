@@ -84,44 +84,174 @@ def _label_point(m: np.ndarray) -> tuple[int, int]:
     return int(xs[k]), int(ys[k])
 
 
-def overlay(image: np.ndarray, masks: Sequence[tuple[np.ndarray, str]], alpha: float = 0.5,
-            min_side: int = 256) -> Image.Image:
-    """RGB uint8 [H, W, 3] + [(bool mask [H, W], label)] -> an RGB image where each mask is filled with a colour
-    chosen to contrast with the pixels under and around it, outlined (colour inside a dark or light halo),
-    and labelled on an opaque box. Small images are upscaled (nearest) to ``min_side`` so labels fit."""
+Mask = tuple   # (bool [H, W], label) or (bool [H, W], label, kind): kind "object" | "part" | None
+
+# Fill opacity per kind: an object is a light wash under a thick outline, so its parts (strong fill, thin outline)
+# stay visible on top of it; an unknown kind gets the part style.
+KIND_ALPHA = {"object": 0.25, "part": 0.5, None: 0.5}
+KIND_EDGE = {"object": 4, "part": 2, None: 2}
+
+
+def _unpack(m: Mask) -> tuple[np.ndarray, str, str | None]:
+    return (m[0], m[1], m[2]) if len(m) > 2 else (m[0], m[1], None)
+
+
+def _render(image: np.ndarray, masks: Sequence[Mask], alpha: float | None, min_side: int):
+    """Filled and outlined masks, upscaled: (picture, colours, scale). Objects are drawn before parts."""
     base = np.asarray(image, np.uint8)[..., :3]
     img = base.astype(np.float32)
     h, w = img.shape[:2]
+    items = [_unpack(m) for m in masks]
     colours: list[tuple[int, int, int]] = []
-    for m, _ in masks:
-        c = contrast_colour(base, m, colours)
-        colours.append(c)
-        img[m] = (1 - alpha) * img[m] + alpha * np.asarray(c, np.float32)
+    for m, _, _ in items:
+        colours.append(contrast_colour(base, m, colours))
+    order = sorted(range(len(items)), key=lambda i: items[i][2] != "object")
+    for i in order:
+        m, _, kind = items[i]
+        a = KIND_ALPHA.get(kind, 0.5) if alpha is None else alpha
+        img[m] = (1 - a) * img[m] + a * np.asarray(colours[i], np.float32)
     scale = max(1, math.ceil(min_side / max(1, min(h, w))))
     big = np.repeat(np.repeat(img.clip(0, 255).astype(np.uint8), scale, 0), scale, 1)
-    for (m, _), c in zip(masks, colours):
+    for i in order:
+        m, _, kind = items[i]
+        c = colours[i]
         mb = np.repeat(np.repeat(m, scale, 0), scale, 1)
-        edge = mb & ~_erode(_erode(mb))                    # 2 px outline in the mask's colour
+        inner = mb
+        for _ in range(KIND_EDGE.get(kind, 2)):
+            inner = _erode(inner)
+        edge = mb & ~inner                                  # outline in the mask's colour (2 px; objects 4 px)
         halo = _ring(mb, 2)                                 # 2 px outside it, dark or light for contrast
         dark = _lab(np.asarray(c, np.float64))[0] > 55
-        big[halo] = (0, 0, 0) if dark else (255, 255, 255)
+        big[halo & ~edge] = (0, 0, 0) if dark else (255, 255, 255)
         big[edge] = c
-    out = Image.fromarray(big)
+    return Image.fromarray(big), colours, scale
+
+
+def _overlaps(a, b) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return max(0.0, w) * max(0.0, h)
+
+
+def place_labels(size: tuple[int, int], anchors: Sequence[tuple[float, float]], extents: Sequence[tuple[int, int]],
+                 pad: int = 3) -> list[tuple[float, float, float, float]]:
+    """Boxes ``(x0, y0, x1, y1)`` for labels of ``extents`` (w, h), each as near its anchor as it can be without
+    overlapping an earlier label or leaving the picture: the anchor first, then rings of positions around it."""
+    W, H = size
+    placed: list[tuple[float, float, float, float]] = []
+    for (ax, ay), (tw, th) in zip(anchors, extents):
+        bw, bh = tw + 2 * pad, th + 2 * pad
+        best, best_cost = None, None
+        steps = [(0.0, 0.0)] + [(r * math.cos(a), r * math.sin(a)) for r in (1, 2, 3, 4, 6, 8)
+                                for a in (math.pi * k / 4 for k in (6, 2, 0, 4, 7, 5, 1, 3))]
+        for dx, dy in steps:
+            cx, cy = ax + dx * (bh + 2), ay + dy * (bh + 2)
+            x0 = min(max(cx - bw / 2, 1), W - bw - 1)
+            y0 = min(max(cy - bh / 2, 1), H - bh - 1)
+            box = (x0, y0, x0 + bw, y0 + bh)
+            cost = sum(_overlaps(box, q) for q in placed)
+            if cost == 0:
+                best = box
+                break
+            if best_cost is None or cost < best_cost:
+                best, best_cost = box, cost
+        placed.append(best)
+    return placed
+
+
+def _draw_labels(out: Image.Image, anchors, labels, colours) -> None:
     draw = ImageDraw.Draw(out)
     font = _font(max(11, min(out.size) // 22))
-    for (m, label), c in zip(masks, colours):
-        if not (m.any() and label):
-            continue
-        x, y = _label_point(m)
-        cx, cy = (x + 0.5) * scale, (y + 0.5) * scale
-        box = draw.textbbox((cx, cy), label, font=font, anchor="mm")
-        pad = 3
-        dx = max(0, pad - box[0]) - max(0, box[2] + pad - out.width)   # keep the box inside the picture
-        dy = max(0, pad - box[1]) - max(0, box[3] + pad - out.height)
-        cx, cy = cx + dx, cy + dy
-        box = (box[0] + dx - pad, box[1] + dy - pad, box[2] + dx + pad, box[3] + dy + pad)
+    ext = []
+    for label in labels:
+        b = draw.textbbox((0, 0), label, font=font, anchor="lt")
+        ext.append((b[2] - b[0], b[3] - b[1]))
+    boxes = place_labels(out.size, anchors, ext)
+    for (ax, ay), box, label, c in zip(anchors, boxes, labels, colours):
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        if not (box[0] <= ax <= box[2] and box[1] <= ay <= box[3]):   # moved away: a leader line to its mask
+            draw.line([(ax, ay), (cx, cy)], fill=(0, 0, 0), width=3)
+            draw.line([(ax, ay), (cx, cy)], fill=c, width=1)
+            draw.ellipse([ax - 2, ay - 2, ax + 2, ay + 2], fill=c, outline=(0, 0, 0))
         draw.rectangle(box, fill=(0, 0, 0), outline=c, width=2)
         draw.text((cx, cy), label, fill=(255, 255, 255), font=font, anchor="mm")
+
+
+def overlay(image: np.ndarray, masks: Sequence[Mask], alpha: float | None = None, min_side: int = 256,
+            colours_out: list | None = None) -> Image.Image:
+    """RGB uint8 [H, W, 3] + [(bool mask [H, W], label[, kind])] -> an RGB image where each mask is filled with a
+    colour chosen to contrast with the pixels under and around it, outlined (colour inside a dark or light halo)
+    and labelled on an opaque box. Objects (``kind="object"``) get a light fill and a thick outline, parts a
+    strong fill; labels never cover each other (a label pushed off its mask gets a leader line). Small images
+    are upscaled (nearest) to ``min_side`` so labels fit. ``colours_out`` receives each mask's colour."""
+    out, colours, scale = _render(image, masks, alpha, min_side)
+    items = [_unpack(m) for m in masks]
+    keep = [i for i, (m, label, _) in enumerate(items) if m.any() and label]
+    anchors = [((x + 0.5) * scale, (y + 0.5) * scale) for x, y in (_label_point(items[i][0]) for i in keep)]
+    _draw_labels(out, anchors, [items[i][1] for i in keep], [colours[i] for i in keep])
+    if colours_out is not None:
+        colours_out.extend(colours)
+    return out
+
+
+def _wrap(draw, text: str, font, width: int) -> list[str]:
+    lines, cur = [], ""
+    for word in text.split():
+        nxt = f"{cur} {word}".strip()
+        if cur and draw.textlength(nxt, font=font) > width:
+            lines.append(cur)
+            cur = word
+        else:
+            cur = nxt
+    return lines + ([cur] if cur else [])
+
+
+def figure(panels: Sequence[tuple[np.ndarray, Sequence[Mask], str]], caption: str = "", min_side: int = 256,
+           legend: bool = True) -> Image.Image:
+    """Side-by-side overlays ``[(image, masks, title)]`` with a legend strip (each mask's colour, label, kind
+    and panel) and ``caption`` (e.g. the answer sentence) wrapped underneath."""
+    pics, keys = [], []
+    for image, masks, title in panels:
+        colours: list = []
+        pics.append(overlay(image, masks, min_side=min_side, colours_out=colours))
+        for m, c in zip(masks, colours):
+            _, label, kind = _unpack(m)
+            keys.append((c, f"{label or '(no label)'}" + (f" ({kind})" if kind else "") + f", {title}", kind))
+    gap, top = 8, 22
+    width = max(320, sum(p.width for p in pics) + gap * (len(pics) - 1))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    font = _font(14)
+    rows: list[list[tuple]] = [[]]
+    x = 0
+    for c, text, kind in keys if legend else []:
+        w = 26 + int(probe.textlength(text, font=font)) + 16
+        if rows[-1] and x + w > width:
+            rows.append([])
+            x = 0
+        rows[-1].append((x, c, text, kind))
+        x += w
+    legend_h = 22 * len(rows) if legend and keys else 0
+    lines = _wrap(probe, caption, font, width - 8) if caption else []
+    height = top + max(p.height for p in pics) + 8 + legend_h + 20 * len(lines) + (8 if lines else 0)
+    out = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(out)
+    x = 0
+    for (_, _, title), pic in zip(panels, pics):
+        out.paste(pic, (x, top))
+        d.text((x + 2, 3), title, fill="black", font=font)
+        x += pic.width + gap
+    y = top + max(p.height for p in pics) + 8
+    for r, row in enumerate(rows if legend_h else []):
+        for x0, c, text, kind in row:
+            box = [x0 + 4, y + 22 * r + 3, x0 + 20, y + 22 * r + 19]
+            if kind == "object":   # the swatch repeats the style: outlined wash for objects, solid for parts
+                d.rectangle(box, fill=tuple(int(0.75 * 255 + 0.25 * v) for v in c), outline=c, width=3)
+            else:
+                d.rectangle(box, fill=c, outline=(0, 0, 0))
+            d.text((x0 + 26, y + 22 * r + 11), text, fill="black", font=font, anchor="lm")
+    y += legend_h
+    for k, line in enumerate(lines):
+        d.text((4, y + 20 * k + 4), line, fill="black", font=font)
     return out
 
 

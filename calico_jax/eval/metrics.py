@@ -55,7 +55,6 @@ from calico_jax.core.config import Config, ConfigError
 from calico_jax.data.pairs import TASKS
 from calico_jax.eval.labels import CLEANINGS, cleaners
 from calico_jax.eval.masks import ImageMasks, SampleResult, image_ap50, image_miou, match, mean_or_nan, prepare, units
-from calico_jax.eval.sentence import SentenceEncoder
 
 Similarity = Callable[[str, str], float]
 METRICS = ("AP50", "mIoU", "Recall", "SS", "S-IoU")
@@ -216,6 +215,7 @@ def evaluate(results: Sequence[SampleResult], config: MetricConfig = MetricConfi
     ``similarity(a, b)``: label similarity (None = a :class:`SentenceEncoder`); ``progress``: a bar
     over the samples (None = only for 200 samples or more)."""
     if similarity is None:
+        from calico_jax.eval.sentence import SentenceEncoder  # JAX: only when labels are compared
         similarity = SentenceEncoder().similarity
     progress = len(results) >= 200 if progress is None else progress
     sim = _LabelScore(similarity, config.label_cleaning, "ss")
@@ -237,7 +237,8 @@ def evaluate(results: Sequence[SampleResult], config: MetricConfig = MetricConfi
                   "S-IoU": _label_metric(ims, words, config)}
         per_task[task] = {k: 100.0 * v for k, v in values.items()}
     mean = {k: float(np.mean([per_task[t][k] for t in per_task])) if per_task else float("nan") for k in METRICS}
-    return {"per_task": per_task, "mean": mean, "num_samples": len(results), "per_task_samples": counts,
+    return {"per_task": per_task, "mean": mean, "mean_tasks": [t for t in TASKS if t in per_task],
+            "num_samples": len(results), "per_task_samples": counts,
             "protocol": config.protocol, "protocol_overrides": config.overrides(), "config": config.to_dict()}
 
 

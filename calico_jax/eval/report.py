@@ -49,12 +49,16 @@ def _cell(v: Any) -> str:
 def format_table(report: dict) -> str:
     """Rows: the tasks present (paper order) and the mean; columns AP50 mIoU Recall SS S-IoU, one decimal."""
     per_task = report.get("per_task", {})
-    rows = [(ROW_NAMES[t], per_task[t]) for t in TASKS if t in per_task] + [(ROW_NAMES["mean"], report["mean"])]
+    present = [t for t in TASKS if t in per_task]
+    # the paper's mean is over its three tasks; over fewer (e.g. evaluate --limit) the row says so
+    mean_name = ROW_NAMES["mean"] if len(present) == len(TASKS) else \
+        f"Mean of {len(present)} of {len(TASKS)} tasks ({', '.join(ROW_NAMES[t].lower() for t in present)})"
+    rows = [(ROW_NAMES[t], per_task[t]) for t in present] + [(mean_name, report["mean"])]
     width = max(len(name) for name, _ in rows)
     lines = [f"{'Task':<{width}}" + "".join(f"{m:>8}" for m in METRICS)]
     lines.append("-" * len(lines[0]))
     for name, vals in rows:
-        if name == ROW_NAMES["mean"]:
+        if name == mean_name:
             lines.append("-" * len(lines[0]))
         lines.append(f"{name:<{width}}" + "".join(f"{_cell(vals.get(m)):>8}" for m in METRICS))
     return "\n".join(lines)

@@ -30,7 +30,7 @@ from calico_jax.parallel import distributed
 from calico_jax.parallel.sharding import make_mesh
 from calico_jax.train import config as config_lib
 from calico_jax.train import tasks as tasks_lib
-from calico_jax.train.metrics_log import MetricsFile, peak_tflops, step_record
+from calico_jax.train.metrics_log import MetricsFile, data_skip_record, peak_tflops, step_record
 from calico_jax.train.step import compile_step, device_batch
 from calico_jax.train.task import Task, make_evaluator
 from calico_jax.train.trainer import build, load_frozen
@@ -83,14 +83,19 @@ def train(cfg, workdir: str | Path, task: Task | None = None, eval_fn: Callable[
     run = _Run(cfg, tr, ckpt, metrics, eval_fn, on_step, meta, len(devices), int(state["skipped"]))
     stop = {"signal": None}
     prev = signal.signal(signal.SIGTERM, lambda sig, _: stop.update(signal=sig))
-    bar = tqdm(total=cfg.total_steps, initial=int(state["step"]), disable=not (cfg.progress and first),
-               dynamic_ncols=True)
+    bar, show = None, cfg.progress and first
     preempted = False
     try:
         for step in range(int(state["step"]), cfg.total_steps):
             state, rec = run.step(state, frozen, next(data_it), step + 1)
-            bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", ex_s=f"{rec['examples_per_s']:.1f}")
+            if bar is None:   # the bar starts after the compile, so its rate and ETA count steps only
+                if show:
+                    print(f"train: compiled the training step in {run.compile_s:.1f} s", file=sys.stderr, flush=True)
+                bar = tqdm(total=cfg.total_steps, initial=step + 1, desc="train", unit="step", disable=not show,
+                           dynamic_ncols=True)
+            else:
+                bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", samples_per_s=f"{rec['examples_per_s']:.1f}")
             # One decision for every process (a signal may reach them during different steps).
             if run.after_step(step + 1, state, frozen, data_it,
                               lambda: distributed.any_process(stop["signal"] is not None)):
@@ -98,14 +103,16 @@ def train(cfg, workdir: str | Path, task: Task | None = None, eval_fn: Callable[
                 log.warning("SIGTERM: saved a final checkpoint at step %d", step + 1)
                 break
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         run.metrics.close()
         ckpt.close()   # waits for async saves to commit
         signal.signal(signal.SIGTERM, prev)
         if hasattr(data_it, "close"):
             data_it.close()
     return {"step": int(state["step"]), "last": run.last, "preempted": preempted,
-            "state": state, "frozen": frozen, "skipped": run.skipped, "trainer": tr}
+            "state": state, "frozen": frozen, "skipped": run.skipped, "trainer": tr,
+            "compiled": run.compiled, "compile_s": run.compile_s}
 
 
 def data_shard(tr) -> tuple[int, int]:
@@ -137,6 +144,7 @@ class _Run:
         self.metrics, self.eval_fn, self.on_step = metrics, eval_fn, on_step
         self.meta, self.num_devices = meta, num_devices
         self.compiled, self.flops, self.peak = None, 0.0, peak_tflops(cfg)
+        self.compile_s = 0.0
         self.consecutive, self.skipped, self.last = 0, skipped, {}
 
     def step(self, state, frozen, batch, s: int):
@@ -146,6 +154,7 @@ class _Run:
         with tr.context():
             if self.compiled is None:
                 self.compiled = compile_step(tr, state, frozen, micro)
+                self.compile_s = time.perf_counter() - t0
                 self.flops = self.compiled.flops()
                 distributed.barrier("first_train_step")   # peers compile at different speeds
                 t0 = time.perf_counter()   # step time excludes compilation
@@ -157,6 +166,7 @@ class _Run:
         self.skipped += not finite
         rec = step_record(s, m, dt, self.skipped, cfg, tr.task, self.flops, self.peak, self.num_devices)
         if s % cfg.log_every == 0 or s == cfg.total_steps or not finite:
+            rec.update(data_skip_record(tr.task))   # counted, never silently dropped
             self.metrics.write(rec)
         self.last = rec
         if not finite and (not cfg.skip_nonfinite or self.consecutive >= cfg.max_consecutive_nonfinite):

@@ -168,10 +168,5 @@ def _verify(ckpt: Checkpoint, plan: Plan, params: Any) -> list:
     return compare_image_features(model, plan.config, params, random_inputs(plan.config))
 
 
-HF_BLIP2 = Family(
-    name="hf-blip2",
-    help="HF Blip2ForConditionalGeneration / InstructBlipForConditionalGeneration directory -> blip2_vision",
-    plan=_plan,
-    verify=_verify,
-)
+HF_BLIP2 = Family("hf-blip2", _plan, _verify)
 

@@ -269,7 +269,19 @@ def plan(ckpt: Checkpoint, config_arg: str | None, parts: list[str] | None = Non
         raise CheckpointError(f"{ckpt.path}: {len(missing)} tower(s) missing:\n    " + "\n    ".join(missing))
     notes += split_qkv_bias(tensors, ckpt)
     notes.append(f"SAM under {sam_prefix!r}; CAM layers {list(config.cam.layers)}; vocab {config.llm.vocab_size}")
-    return Plan("calico", config, tensors, [], skipped, notes)
+    files = tokenizer_files(Path(ckpt.path))
+    if files:
+        notes.append(f"tokenizer: {len(files)} entr{'y' if len(files) == 1 else 'ies'} copied to tokenizer/")
+    return Plan("calico", config, tensors, [], skipped, notes, files=files)
+
+
+def tokenizer_files(src: Path) -> list[Path]:
+    """The tokenizer that travels with a CALICO checkpoint: ``SRC/tokenizer/`` (what ``calico_jax.export --format
+    torch`` writes; its sub-directories, e.g. the Q-Former's, included) or the files next to the weights."""
+    root = src if src.is_dir() else src.parent
+    if (root / "tokenizer").is_dir():
+        return sorted((root / "tokenizer").iterdir())
+    return [root / n for n in glamm.TOKENIZER_FILES if (root / n).is_file()]
 
 
 def verify(ckpt: Checkpoint, plan: Plan, params: Any) -> list:
@@ -284,6 +296,4 @@ def verify(ckpt: Checkpoint, plan: Plan, params: Any) -> list:
                               glamm.sub_state(ckpt, plan, "text_hidden_fcs.0."))
 
 
-CALICO = Family("calico", "CALICO checkpoint: the first author's layout (model.Qformer, dino_model, extraction_layer, "
-                "adaptive_layers, ...), older guessed names, GLaMM names; --parts for omitted towers; --config "
-                '{"config": {...}, "patterns": [[regex, target], ...]}', plan, verify)
+CALICO = Family("calico", plan, verify)

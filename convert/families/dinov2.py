@@ -326,7 +326,5 @@ def _original_verify(ckpt: Checkpoint, plan: Plan, params: Any) -> list:
     return _run_both(plan, params, original_reference(state, plan.config))
 
 
-HF_DINOV2 = Family("hf-dinov2", "HF Dinov2Model / Dinov2WithRegistersModel save_pretrained directory",
-                   _hf_plan, _hf_verify)
-DINOV2 = Family("dinov2", "original facebookresearch/dinov2 state dict (--config: constructor args JSON or preset)",
-                _original_plan, _original_verify)
+HF_DINOV2 = Family("hf-dinov2", _hf_plan, _hf_verify)
+DINOV2 = Family("dinov2", _original_plan, _original_verify)

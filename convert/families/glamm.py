@@ -185,5 +185,4 @@ def verify(ckpt: Checkpoint, plan: Plan, params: Any) -> list[Comparison]:
                         sub_state(ckpt, plan, "text_hidden_fcs.0."))
 
 
-GLAMM = Family("glamm", "GLaMM / LISA HF directory -> LLM + SAM + [SEG] projection (glamm_parts); "
-               'optional --config {"sam": preset|args, "llm": {...}}', plan, verify)
+GLAMM = Family("glamm", plan, verify)

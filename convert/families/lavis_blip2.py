@@ -329,10 +329,4 @@ def _verify(ckpt: Checkpoint, plan: Plan, params: Any) -> list:
     return compare_image_features(model, config, params, random_inputs(config))
 
 
-LAVIS_BLIP2 = Family(
-    name="lavis-blip2",
-    help="LAVIS BLIP-2 / InstructBLIP checkpoint file (visual_encoder, ln_vision, Qformer.bert, *_proj) "
-         "-> blip2_vision; --config: a preset or a JSON of the constructor arguments",
-    plan=_plan,
-    verify=_verify,
-)
+LAVIS_BLIP2 = Family("lavis-blip2", _plan, _verify)

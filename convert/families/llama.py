@@ -122,4 +122,4 @@ def verify(ckpt: Checkpoint, plan: Plan, params: Any) -> list[Comparison]:
     return compare_logits(module, params, model, ids, mask) + [compare_greedy(module, params, model, ids, mask)]
 
 
-HF_LLAMA = Family("hf-llama", "transformers LlamaForCausalLM (Vicuna / LLaMA-1/2) directory", plan, verify)
+HF_LLAMA = Family("hf-llama", plan, verify)

@@ -204,4 +204,4 @@ def verify(ckpt: Checkpoint, plan: Plan, params: Any) -> list[Comparison]:
             compare("merged_logits (vs merge_and_unload)", np.asarray(ours_merged)[keep], ref_merged[keep])]
 
 
-PEFT_LORA = Family("peft-lora", "PEFT LoRA adapter for an hf-llama base (--base)", plan, verify)
+PEFT_LORA = Family("peft-lora", plan, verify)

@@ -345,7 +345,5 @@ def _checked(plan_fn):
     return wrapper
 
 
-SAM = Family("sam", "segment-anything state dict (also GLaMM/LISA merged checkpoints); --config: constructor-args "
-             "JSON or preset vit_b/vit_l/vit_h (default: inferred from shapes)", _checked(_original_plan),
-             _original_verify)
-HF_SAM = Family("hf-sam", "HF SamModel save_pretrained directory", _checked(_hf_plan), _hf_verify)
+SAM = Family("sam", _checked(_original_plan), _original_verify)
+HF_SAM = Family("hf-sam", _checked(_hf_plan), _hf_verify)
