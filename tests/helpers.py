@@ -77,3 +77,26 @@ def nothing_at(path: Path) -> bool:
     """No OUT and no leftover temporary siblings."""
     path = Path(path)
     return not path.exists() and not any(p.name.startswith(f".{path.name}.") for p in path.parent.iterdir())
+
+
+def synthetic_pairs(d: Path, num_images: int, *pair_args: str):
+    """A synthetic part set of ``num_images`` under ``d``, its pairs file ``d/p.json`` (seed 0, extra builder
+    arguments ``pair_args``) and a tiny tokenizer trained on it: ``(pairs, tokenizer)``."""
+    from calico_jax.data import pairs, synthetic
+    from calico_jax.data.tokenize import build_tiny_tokenizer, load_tokenizer
+
+    ann = synthetic.generate(d / "syn", num_images, seed=0, progress=False)
+    assert pairs.main(["--coco", str(ann), "--images", str(d / "syn" / "images"), "--out", str(d / "p.json"),
+                       "--seed", "0", *pair_args]) == 0
+    p = pairs.read_pairs(d / "p.json")
+    build_tiny_tokenizer(d / "tok", [s["prompt"] + " " + s["answer"] for s in p.samples], vocab_size=400)
+    return p, load_tokenizer(d / "tok")
+
+
+def pipeline_batches(pipe, n: int | None = None) -> list:
+    """The first ``n`` batches of a data pipeline (all with None), its iterator closed afterwards."""
+    it = iter(pipe.dataset())
+    try:
+        return [b for _, b in zip(range(n) if n else iter(int, 1), it)]
+    finally:
+        it.close()

@@ -12,11 +12,11 @@ from array_record.python import array_record_module
 
 from calico_jax.checkpoints.training import translate_data_state
 from calico_jax.core.preprocess import Preprocess
-from calico_jax.data import pack, pairs, synthetic
+from calico_jax.data import pack, pairs
 from calico_jax.data.packed import PackedPairs
 from calico_jax.data.pipeline import Pipeline, PipelineConfig
 from calico_jax.data.skips import DataError
-from calico_jax.data.tokenize import build_tiny_tokenizer, load_tokenizer
+from tests.helpers import pipeline_batches, synthetic_pairs
 
 TINY = dict(batch_size=4, max_images=2, max_segs=12, max_tokens=256, num_threads=2, prefetch_buffer_size=2,
             preprocess=Preprocess(blip_size=32, dinov2_size=0, dinov2_crop=0, sam_size=64, mask_size=32))
@@ -25,22 +25,13 @@ TINY = dict(batch_size=4, max_images=2, max_segs=12, max_tokens=256, num_threads
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("pack")
-    ann = synthetic.generate(d / "syn", 12, seed=0, progress=False)
-    assert pairs.main(["--coco", str(ann), "--images", str(d / "syn" / "images"), "--out", str(d / "p.json"),
-                       "--seed", "0", "--check_images", "none"]) == 0
-    p = pairs.read_pairs(d / "p.json")
+    p, tok = synthetic_pairs(d, 12, "--check_images", "none")
     assert pack.main(["--pairs", str(d / "p.json"), "--out", str(d / "packed"), "--shard_size", "25",
                       "--quiet"]) == 0
-    build_tiny_tokenizer(d / "tok", [s["prompt"] + " " + s["answer"] for s in p.samples], vocab_size=400)
-    return d, p, load_tokenizer(d / "tok")
+    return d, p, tok
 
 
-def batches(pipe, n=None):
-    it = iter(pipe.dataset())
-    try:
-        return [b for _, b in zip(range(n) if n else iter(int, 1), it)]
-    finally:
-        it.close()
+batches = pipeline_batches
 
 
 def same(a: list[dict], b: list[dict]) -> bool:

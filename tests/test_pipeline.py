@@ -7,11 +7,11 @@ import pytest
 
 from calico_jax.core.preprocess import Preprocess
 from calico_jax.core.tokens import IGNORE_INDEX, IMAGE_TOKEN_INDEX, SEG_TOKEN
-from calico_jax.data import pairs, synthetic
+from calico_jax.data import pairs
 from calico_jax.data.pipeline import Augment, Decode, Pipeline, PipelineConfig, measure_throughput
 from calico_jax.data.processors import BlipProcessor, SamProcessor, load_image
 from calico_jax.data.rle import decode
-from calico_jax.data.tokenize import build_tiny_tokenizer, load_tokenizer
+from tests.helpers import pipeline_batches, synthetic_pairs
 
 TINY = dict(batch_size=4, max_images=2, max_segs=12, max_tokens=256, num_threads=2, prefetch_buffer_size=2,
             preprocess=Preprocess(blip_size=32, dinov2_size=40, dinov2_crop=28, sam_size=96, mask_size=64))
@@ -20,20 +20,11 @@ TINY = dict(batch_size=4, max_images=2, max_segs=12, max_tokens=256, num_threads
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("pipe")
-    ann = synthetic.generate(d / "syn", 20, seed=0, progress=False)
-    assert pairs.main(["--coco", str(ann), "--images", str(d / "syn" / "images"), "--out", str(d / "p.json"),
-                       "--seed", "0"]) == 0
-    p = pairs.read_pairs(d / "p.json")
-    build_tiny_tokenizer(d / "tok", [s["prompt"] + " " + s["answer"] for s in p.samples], vocab_size=400)
-    return d, p, load_tokenizer(d / "tok")
+    p, tok = synthetic_pairs(d, 20)
+    return d, p, tok
 
 
-def batches(pipe, n=None):
-    it = iter(pipe.dataset())
-    try:
-        return [b for _, b in zip(range(n) if n else iter(int, 1), it)]
-    finally:
-        it.close()
+batches = pipeline_batches
 
 
 def test_batch_shapes_dtypes_padding_labels_and_masks(data):
