@@ -109,7 +109,9 @@ def main(argv=None, on_step=None) -> int:
         ap.error("--workdir is required (unless --compile_only)")
     # after argparse: --help stays fast (the loop and checkpointer import optax, orbax and the data pipeline)
     from calico_jax.checkpoints.training import CheckpointWriteError
+    from calico_jax.core.platform import enable_compile_cache
     from calico_jax.train.loop import NonFiniteError, train
+    enable_compile_cache()   # a resumed run (after a preemption, say) does not compile its programs again
     try:
         out = train(cfg, args.workdir, on_step=on_step)
     except ConfigError as e:       # found when the run is built (an unknown task, a config the data contradicts)

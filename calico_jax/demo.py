@@ -98,11 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(rest)
     # after argparse: --help stays fast (the training task, data pipeline, optimizer and checkpointer import JAX)
     from calico_jax.core.params import combine
+    from calico_jax.core.platform import enable_compile_cache
     from calico_jax.core.viz import plot_curves
     from calico_jax.inference import evaluate, export
     from calico_jax.train import config as config_lib
     from calico_jax.train import loop, tasks
 
+    enable_compile_cache()   # a rerun of the demo compiles nothing it compiled before
     t_start = time.perf_counter()
     workdir = Path(args.workdir).absolute()
     try:

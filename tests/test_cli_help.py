@@ -91,3 +91,12 @@ def test_planning_keeps_the_plugins_and_an_explicit_platform_wins():
     assert platform.decide("", ["x"], accelerator=True) == (None, False)             # a GPU/TPU machine: untouched
     assert platform.decide("cuda", ["x"], accelerator=False) == (None, False)        # the user's choice wins
     assert platform.decide("cpu", ["x"], accelerator=True) == (None, True)           # cpu asked: no CUDA plugin
+
+
+def test_demo_reports_a_config_error_in_one_line(tmp_path, capsys):
+    from calico_jax.demo import main as demo_main
+
+    assert demo_main(["--workdir", str(tmp_path / "w"), "--config.train.total_steps=5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("demo: --config.train.total_steps") and "no field 'train'" in err[0]
+    assert not (tmp_path / "w").exists()                   # nothing built, nothing written

@@ -228,3 +228,12 @@ def test_reader_rejects_inconsistent_samples(hand, tmp_path):
 def test_builder_rejects_single_image_samples(hand):
     with pytest.raises(ValueError):
         PairBuilder([], PairConfig(num_images=1), 0, Report())
+
+
+def test_task_names_take_dash_or_underscore():
+    from calico_jax.data.pairs_schema import task_name
+
+    assert task_name("common-parts") == task_name("common_parts") == "common_parts"
+    assert task_name(" Unique-Parts ") == "unique_parts"
+    with pytest.raises(ValueError, match="unknown task 'parts'; known: common-object, common-parts, unique-parts"):
+        task_name("parts")

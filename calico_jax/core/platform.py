@@ -76,3 +76,22 @@ def quiet_cli(argv: Sequence[str] | None = None) -> bool:
             stub.initialize = lambda: None
             sys.modules.setdefault(name, stub)
     return bool(platforms or block_cuda)
+
+
+CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+DEFAULT_CACHE = "~/.cache/calico_jax/jax"
+
+
+def enable_compile_cache() -> str:
+    """Turns on JAX's persistent compilation cache in ``$JAX_COMPILATION_CACHE_DIR`` (kept when set), else
+    ``~/.cache/calico_jax/jax``, caching every program (the predictor's are small but many), so a repeated command
+    does not compile again. The command-line tools call it; returns the directory."""
+    import jax
+
+    path = os.environ.get(CACHE_ENV) or os.path.expanduser(DEFAULT_CACHE)
+    jax.config.update("jax_compilation_cache_dir", path)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return path

@@ -61,6 +61,7 @@ from calico_jax.data.pairs_io import (
     validate_sample,
     write_pairs,
 )
+from calico_jax.data.pairs_schema import task_name
 
 QUESTIONS = {
     "common_object": ["Can you segment the common object in these images?",
@@ -320,8 +321,9 @@ def main(argv=None) -> int:
                          "--from-mixed-parts: SOURCE=DIR or one DIR")
     ap.add_argument("--from-mixed-parts", dest="from_mixed_parts", default=None, metavar="FILE",
                     help="convert the MixedParts authors' records (calico_jax/data/mixed_parts.py) instead")
-    ap.add_argument("--task", choices=TASKS, default=None, help="--from-mixed-parts: task of every record "
-                                                                 "(default: inferred from the question)")
+    ap.add_argument("--task", type=task_name, default=None, metavar="|".join(TASKS),
+                    help="--from-mixed-parts: task of every record (- or _ both work; default: inferred from the "
+                         "question)")
     ap.add_argument("--prompt", choices=("ours", "author"), default="ours",
                     help="--from-mixed-parts: our prompt prefix or the author loader's first turn")
     ap.add_argument("--out", required=True)

@@ -10,6 +10,15 @@ SEG_RE = re.compile(r"\[SEG\] \(IMAGE(\d+)\)")
 TASKS = ("common_object", "common_parts", "unique_parts")
 
 
+def task_name(name: str) -> str:
+    """``common-parts`` or ``common_parts`` -> ``common_parts`` (both spellings work everywhere a task is named);
+    anything else is a ValueError listing the tasks."""
+    key = name.strip().lower().replace("-", "_")
+    if key not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(t.replace('_', '-') for t in TASKS)}")
+    return key
+
+
 def validate_sample(s: dict, n_images: int, n_masks: int, masks) -> None:
     """Raises :class:`DataError` naming the sample unless its ``<image>`` count, ``[SEG]`` identifiers and mask
     references agree; ``masks[m]["image"]`` is the image a mask belongs to (a list or a lazy table)."""

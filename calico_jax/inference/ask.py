@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from calico_jax.data.pairs import PREFIX, QUESTIONS, TASKS, images_phrase
+from calico_jax.data import pairs_schema
+from calico_jax.data.pairs import PREFIX, QUESTIONS, images_phrase
 
 
 class InputError(ValueError):
@@ -29,10 +30,10 @@ class InputError(ValueError):
 
 def task_name(name: str) -> str:
     """``common-parts`` or ``common_parts`` -> ``common_parts``; anything else is an :class:`InputError`."""
-    key = name.strip().lower().replace("-", "_")
-    if key not in TASKS:
-        raise InputError(f"unknown task {name!r}; known: {', '.join(t.replace('_', '-') for t in TASKS)}")
-    return key
+    try:
+        return pairs_schema.task_name(name)
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def build_question(num_images: int, task: str | None = None, prompt: str | None = None) -> str:

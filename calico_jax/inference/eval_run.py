@@ -39,7 +39,7 @@ class Run:
 
     def start(self) -> None:
         """Compile cache on; joins the job of several processes when the settings say so (before any jax use)."""
-        from calico_jax.inference.placement import enable_compile_cache  # after argparse: imports jax
+        from calico_jax.core.platform import enable_compile_cache
         spec = distributed.spec_from(self.args)
         enable_compile_cache()
         if spec is not None:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -27,8 +25,6 @@ from calico_jax.checkpoints import converted as pretrained
 from calico_jax.parallel.sharding import MESH_AXES, RULES, fit_shardings, make_mesh, param_shardings
 
 DTYPES = ("float32", "bfloat16", "float16")
-CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
-DEFAULT_CACHE = Path("~/.cache/calico_jax/jax")
 
 
 class PlacementError(ValueError):
@@ -142,13 +138,3 @@ class MeshContext:
             self.stack.pop().__exit__(*exc)
 
 
-def enable_compile_cache() -> str:
-    """Turns on jax's persistent compilation cache in ``$JAX_COMPILATION_CACHE_DIR`` (kept when set), else
-    ``~/.cache/calico_jax/jax``, caching every program (the predictor's are small but many). Returns the dir."""
-    path = os.environ.get(CACHE_ENV) or str(DEFAULT_CACHE.expanduser())
-    jax.config.update("jax_compilation_cache_dir", path)
-    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    if "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES" not in os.environ:
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    return path

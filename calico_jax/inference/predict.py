@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         images = [read_image(p, args.max_pixels) for p in args.image]
         question = build_question(len(images), args.task, args.prompt)
         # after argparse: --help stays fast (these import jax and the models)
-        from calico_jax.inference.placement import enable_compile_cache, parse_dtype, parse_mesh
+        from calico_jax.core.platform import enable_compile_cache
+        from calico_jax.inference.placement import parse_dtype, parse_mesh
         from calico_jax.inference.predictor import load_predictor
         mesh, dtype = parse_mesh(args.mesh), parse_dtype(args.dtype)
         enable_compile_cache()
