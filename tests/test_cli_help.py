@@ -100,3 +100,4 @@ def test_demo_reports_a_config_error_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("demo: --config.train.total_steps") and "no field 'train'" in err[0]
     assert not (tmp_path / "w").exists()                   # nothing built, nothing written
+

@@ -58,6 +58,8 @@ def decide(chosen: str, argv: Sequence[str], accelerator: bool) -> tuple[str | N
 
 def quiet_cli(argv: Sequence[str] | None = None) -> bool:
     """Applies :func:`decide` to this process (before JAX is imported); returns whether it changed anything."""
+    # transformers serves tokenizers here; its advice that PyTorch (for its models) is missing is not for us
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if "jax" in sys.modules:
         return False
     chosen = os.environ.get("JAX_PLATFORMS", "")

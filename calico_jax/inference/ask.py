@@ -93,6 +93,10 @@ def answer_warnings(prediction: Any, num_images: int, trained_max_images: int | 
     if missing:
         which = ", ".join(str(k) for k in missing)
         out.append(f"no mask for image{'s' if len(missing) > 1 else ''} {which}")
+    empty = sum(not np.any(m.mask) for m in prediction.masks)
+    if empty:
+        out.append(f"{empty} of the {len(prediction.masks)} masks {'is' if empty == 1 else 'are'} empty "
+                   "(the model found nothing above its threshold)")
     if trained_max_images and num_images > trained_max_images:
         out.append(f"{num_images} images, but this model was trained on samples of at most {trained_max_images}: "
                    "expect worse answers")
