@@ -104,3 +104,18 @@ def test_readme_block_is_replaced_and_a_bad_readme_is_refused_before_timing(tmp_
         main(["--only", "qformer", "--readme", str(plain), "--out", str(out)])
     assert e.value.code == 2 and "needs one <!-- bench:cpu:begin -->" in capsys.readouterr().err
     assert plain.read_text() == "no markers\n" and not out.exists()
+
+
+def test_predict_plan_table_adds_the_decode_steps(tmp_path, capsys):
+    from bench import predict_plans
+
+    plan = {"mesh": {"data": 2, "fsdp": 1, "tensor": 4}, "device_kind": "TPU v5 lite", "weights_gb_total": 16.0,
+            "estimate": {"step_s": 0.2}, "target": "v5e:2x4", "rows": 2, "peak_gb": 5.0,
+            "memory_per_device_gb": 15.75, "fits": True, "compile_s": 100.0}
+    (tmp_path / "predict_v5e_2x4_data2_tensor4.json").write_text(json.dumps(plan))
+    r = predict_plans.row(plan, tokens=11)
+    assert abs(r["call_s"] - (0.2 + 10 * 4.0 / 819.0)) < 1e-12 and abs(r["samples_per_s"] - 2 / r["call_s"]) < 1e-12
+    assert predict_plans.main(["--dir", str(tmp_path), "--tokens", "11"]) == 0
+    out = capsys.readouterr().out
+    assert f"| v5e:2x4 | 2x1x4 | 2 | 5.00 / 15.75 | yes | 100 | {r['call_s']:.3f} |" in out
+    assert out.count("no plan at") == len(predict_plans.PLANS) - 1

@@ -45,7 +45,8 @@ TOOL_MODULES = frozenset({"venv", "pytest"})
 KNOWN_CLIS = frozenset({
     "calico_jax.predict", "calico_jax.evaluate", "calico_jax.export", "calico_jax.demo", "calico_jax.launch",
     "calico_jax.data.synthetic", "calico_jax.data.pairs", "calico_jax.data.pipeline", "calico_jax.data.pack",
-    "convert", "bench", "bench.nscale", "bench.inference_scale", "bench.data_scale", "train.py"})
+    "convert", "bench", "bench.nscale", "bench.inference_scale", "bench.data_scale", "bench.predict_plans",
+    "train.py"})
 SEPARATORS = frozenset({"&&", "||", ";", "|"})
 COMMAND_LINE = re.compile(r"(\S*/)?(python3?|make|pip3?) ")   # a command line in a block not tagged bash
 
