@@ -41,21 +41,20 @@ def stage(name: str, what: str, minutes: float | None = None) -> float:
     return time.perf_counter()
 
 
+def _shown(path: Path) -> Path:
+    """``path`` relative to the working directory when it lies under it (what a person would type)."""
+    return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+
+
 def try_command(workdir: Path, heldout_pairs: Path) -> str:
     """The ``predict`` command for the first held-out sample (its images, its task)."""
-    d = json.loads(heldout_pairs.read_text())
-    s = d["samples"][0]
-    paths = []
-    for i in s["images"]:
-        im = d["images"][i]
-        root = Path(d["sources"][im["source"]]["images_root"])
-        paths.append(str((root / im["file"]).relative_to(Path.cwd()) if (root / im["file"]).is_relative_to(Path.cwd())
-                         else root / im["file"]))
-    model = workdir / "model"
-    model = model.relative_to(Path.cwd()) if model.is_relative_to(Path.cwd()) else model
-    images = " ".join(f"--image {p}" for p in paths)
-    return (f"python -m calico_jax.predict --ckpt {model} {images} --task {s['task'].replace('_', '-')} "
-            f"--out {Path('runs/demo_try') if str(model).startswith('runs/') else workdir.parent / 'demo_try'}")
+    from calico_jax.data.pairs_io import read_pairs
+
+    pairs = read_pairs(heldout_pairs, validate=False)
+    s = pairs.samples[0]
+    images = " ".join(f"--image {_shown(Path(pairs.image_path(s, k)).absolute())}" for k in range(len(s["images"])))
+    return (f"python -m calico_jax.predict --ckpt {_shown(workdir / 'model')} {images} "
+            f"--task {s['task'].replace('_', '-')} --out {_shown(workdir.parent / 'demo_try')}")
 
 
 def model_card(cfg, steps: int, num_train_images: int) -> str:

@@ -93,13 +93,19 @@ def load(path: str | os.PathLike) -> tuple[nn.Module, Any, Any]:
     module, config = models.build(meta["model"], meta["config"])
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(path / "params")
+    return module, checked_params(path, meta["model"], module, config, params), config
+
+
+def checked_params(path: Path, model: str, module: nn.Module, config: Any, params: Any) -> Any:
+    """Restored (per-layer) ``params`` checked against ``module``'s own abstract params, in the layout ``config``
+    runs (scanned stacks stacked); a checkpoint for another config is a ValueError naming the first differences."""
     expected = scan.unstack_layers(nn.unbox(abstract_params(module)), config)   # the stored (per-layer) layout
     want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
     got = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
     if want != got:
         diff = sorted(set(want.items()) ^ set(got.items()))[:10]
-        raise ValueError(f"{path}: params do not match the {meta['model']} config; first differences: {diff}")
-    return module, scan.stack_layers(params, config), config
+        raise ValueError(f"{path}: params do not match the {model} config; first differences: {diff}")
+    return scan.stack_layers(params, config)
 
 
 def restore_params(path: str | os.PathLike, target: Any, config: Any) -> Any:

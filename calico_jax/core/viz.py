@@ -206,14 +206,25 @@ def _wrap(draw, text: str, font, width: int) -> list[str]:
     return lines + ([cur] if cur else [])
 
 
-def figure(panels: Sequence[tuple[np.ndarray, Sequence[Mask], str]], caption: str = "", min_side: int = 256,
-           legend: bool = True) -> Image.Image:
-    """Side-by-side overlays ``[(image, masks, title)]`` with a legend strip (each mask's colour, label, kind
-    and panel) and ``caption`` (e.g. the answer sentence) wrapped underneath."""
-    pics, keys = [], []
-    for image, masks, title in panels:
+def render(panels: Sequence[tuple[np.ndarray, Sequence[Mask], str]], min_side: int = 256) -> list[tuple]:
+    """Each panel's :func:`overlay` and its masks' colours: ``[(picture, colours)]`` (what :func:`figure` lays
+    out; a caller that also saves the pictures alone draws them once)."""
+    out = []
+    for image, masks, _ in panels:
         colours: list = []
-        pics.append(overlay(image, masks, min_side=min_side, colours_out=colours))
+        out.append((overlay(image, masks, min_side=min_side, colours_out=colours), colours))
+    return out
+
+
+def figure(panels: Sequence[tuple[np.ndarray, Sequence[Mask], str]], caption: str = "", min_side: int = 256,
+           legend: bool = True, rendered: Sequence[tuple] | None = None) -> Image.Image:
+    """Side-by-side overlays ``[(image, masks, title)]`` with a legend strip (each mask's colour, label, kind
+    and panel) and ``caption`` (e.g. the answer sentence) wrapped underneath. ``rendered``: the panels'
+    :func:`render` when the caller has it already."""
+    rendered = render(panels, min_side) if rendered is None else rendered
+    pics, keys = [], []
+    for (_, masks, title), (pic, colours) in zip(panels, rendered):
+        pics.append(pic)
         for m, c in zip(masks, colours):
             _, label, kind = _unpack(m)
             keys.append((c, f"{label or '(no label)'}" + (f" ({kind})" if kind else "") + f", {title}", kind))

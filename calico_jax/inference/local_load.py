@@ -4,7 +4,7 @@
 device collective and refuses a checkpoint saved on another device topology. A process that predicts on its own
 devices needs neither, so here orbax is limited to this process and restores onto its first local device (the
 predictor then places the weights on its mesh). The params are checked against the model's abstract params as
-``load`` does.
+``load`` does (and stacked for a scanned config).
 """
 from __future__ import annotations
 
@@ -34,10 +34,4 @@ def load_in_process(path: str | Path) -> tuple[nn.Module, Any, Any]:
         tree = getattr(stored, "item_metadata", stored)
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree)
         params = ckptr.restore(path / "params", target)
-    expected = nn.unbox(pretrained.abstract_params(module))
-    want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
-    got = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(params)}
-    if want != got:
-        diff = sorted(set(want.items()) ^ set(got.items()))[:10]
-        raise ValueError(f"{path}: params do not match the {meta['model']} config; first differences: {diff}")
-    return module, params, config
+    return module, pretrained.checked_params(path, meta["model"], module, config, params), config

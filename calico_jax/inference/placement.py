@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from calico_jax.checkpoints import converted as pretrained
+from calico_jax.checkpoints.workdir import cast_frozen
 from calico_jax.parallel.sharding import MESH_AXES, RULES, fit_shardings, make_mesh, param_shardings
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -93,10 +94,7 @@ def weight_shardings(module, mesh: jax.sharding.Mesh) -> Any:
 
 def cast(params: Any, dtype: str | None) -> Any:
     """Floating leaves to ``dtype`` (None: as stored); integer leaves unchanged."""
-    if dtype is None:
-        return params
-    want = jnp.dtype(dtype)
-    return jax.tree.map(lambda a: a.astype(want) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+    return params if dtype is None else cast_frozen(params, dtype)
 
 
 def place(module, params: Any, mesh: jax.sharding.Mesh | None, dtype: str | None) -> Any:

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from calico_jax.core.fs import atomic_directory
-from calico_jax.core.viz import figure, overlay
+from calico_jax.core.viz import figure, render
 from calico_jax.data.pairs import TASKS
 from calico_jax.data.processors import load_image
 from calico_jax.data.rle import encode
@@ -84,9 +84,10 @@ def write_outputs(out: Path, images: list[np.ndarray], paths: list[str], questio
                         "file": name})
     panels = [(im, [(m.mask, m.label, kind) for m in answer.masks if m.image == i], f"IMAGE{i + 1}")
               for i, im in enumerate(images)]
-    figure(panels, caption=answer.sentence).save(out / "overlay.png")
-    for i, (im, masks, _) in enumerate(panels):
-        overlay(im, masks).save(out / f"overlay_image{i + 1}.png")
+    rendered = render(panels)   # each image drawn once: alone, and in the figure
+    for i, (pic, _) in enumerate(rendered):
+        pic.save(out / f"overlay_image{i + 1}.png")
+    figure(panels, caption=answer.sentence, rendered=rendered).save(out / "overlay.png")
     pred = answer.prediction
     meta = {"answer": answer.sentence, "raw_answer": answer.raw, "prompt": question,
             "images": [{"path": str(p), "height": int(im.shape[0]), "width": int(im.shape[1])}
