@@ -92,6 +92,10 @@ class Job:
         # of a death (a collective's connection closes as the process dies, before it can be reaped), so the order
         # alone does not tell the cause: a peer that says so exits PEER_LOST, and wait() ranks it last.
         self.exits: list[tuple[int, int]] = []
+        # Signals are handled from before the first child starts: a SIGTERM that arrives while they start (they
+        # may already be printing) is forwarded, not the launcher's own death.
+        self.terminating: list[int] = []
+        self.old_handlers = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
         for i in range(count):
             p = subprocess.Popen(cmd, env=child_env(dict(os.environ), i, count, port, devices, gpus),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
@@ -102,6 +106,8 @@ class Job:
                 t = threading.Thread(target=_forward, args=(stream, out, f"[p{i}] ".encode()), daemon=True)
                 t.start()
                 self.threads.append(t)
+        if self.terminating:   # signalled while starting: the children started after it get it too
+            self.signal_all(signal.SIGTERM)
 
     def signal_all(self, sig: int) -> None:
         for p in self.procs:
@@ -124,17 +130,16 @@ class Job:
                 pass
             p.wait()
 
-    def wait(self) -> int:
-        terminating = []
+    def handle(self, sig, _) -> None:   # first signal: forward SIGTERM (final checkpoints); a second one: kill
+        self.terminating.append(sig)
+        if len(self.terminating) == 1:
+            self.signal_all(signal.SIGTERM)
+        else:
+            self.grace = 0.0
+            self.stop()
 
-        def handler(sig, _):   # first signal: forward SIGTERM (final checkpoints); a second one: kill
-            terminating.append(sig)
-            if len(terminating) == 1:
-                self.signal_all(signal.SIGTERM)
-            else:
-                self.grace = 0.0
-                self.stop()
-        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    def wait(self) -> int:
+        terminating = self.terminating
         first_failure = None
         try:
             while True:
@@ -158,7 +163,7 @@ class Job:
                     return exit_code(failed[0][1]) if failed else 0
                 time.sleep(0.05)
         finally:
-            for s, h in old.items():
+            for s, h in self.old_handlers.items():
                 signal.signal(s, h)
             for t in self.threads:
                 t.join(timeout=5)
