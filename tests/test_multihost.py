@@ -108,6 +108,47 @@ def test_launcher_stops_the_job_when_a_process_dies_and_forwards_sigterm(tmp_pat
     assert job.returncode == 0 and {"[p0] term 0", "[p1] term 1"} <= set(stdout.splitlines())
 
 
+class _FakeChild:
+    """A started child that records the signals it gets; it ends a little after the first (as a real one runs its
+    handler), so a second signal sent meanwhile reaches it."""
+
+    def __init__(self, *a, **k):
+        import io
+        self.pid, self.signals, self.got, self.ended = 4242, [], threading.Event(), False
+        self.stdout, self.stderr = io.BytesIO(b""), io.BytesIO(b"")
+
+    def send_signal(self, sig):
+        self.signals.append(sig)
+        self.got.set()
+
+    def poll(self):
+        return 0 if self.ended else None
+
+    def wait(self):
+        self.got.wait(10)
+        time.sleep(0.2)
+        self.ended = True
+        return 0
+
+
+def test_a_sigterm_while_the_children_start_reaches_each_of_them_once(monkeypatch):
+    """The signal arrives between the first and the second child's start: the first gets it from the handler,
+    the second from the end of start-up, and neither twice (a second SIGTERM kills a child that is already
+    ending: it has given its handler back)."""
+    started = []
+
+    def popen(*a, **k):
+        if len(started) == 1:
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)   # the launcher's handler, as the signal runs it
+        started.append(_FakeChild())
+        return started[-1]
+
+    monkeypatch.setattr(launch.subprocess, "Popen", popen)
+    job = launch.Job(["x"], 3, 1, 0, 0, grace=0.1, settle=0.1)
+    assert job.wait() == 0
+    assert [c.signals for c in started] == [[signal.SIGTERM]] * 3
+
+
 CAUSE = """import os, sys, time
 from pathlib import Path
 i, marker, last = int(os.environ["JAX_PROCESS_ID"]), Path(sys.argv[1]), sys.argv[2]

@@ -95,6 +95,7 @@ class Job:
         # Signals are handled from before the first child starts: a SIGTERM that arrives while they start (they
         # may already be printing) is forwarded, not the launcher's own death.
         self.terminating: list[int] = []
+        self.forwarded = 0   # children that the first signal reached (each gets it once: a second one kills)
         self.old_handlers = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
         for i in range(count):
             p = subprocess.Popen(cmd, env=child_env(dict(os.environ), i, count, port, devices, gpus),
@@ -107,10 +108,10 @@ class Job:
                 t.start()
                 self.threads.append(t)
         if self.terminating:   # signalled while starting: the children started after it get it too
-            self.signal_all(signal.SIGTERM)
+            self.signal_all(signal.SIGTERM, start=self.forwarded)
 
-    def signal_all(self, sig: int) -> None:
-        for p in self.procs:
+    def signal_all(self, sig: int, start: int = 0) -> None:
+        for p in self.procs[start:]:
             if p.poll() is None:
                 try:
                     p.send_signal(sig)
@@ -133,6 +134,7 @@ class Job:
     def handle(self, sig, _) -> None:   # first signal: forward SIGTERM (final checkpoints); a second one: kill
         self.terminating.append(sig)
         if len(self.terminating) == 1:
+            self.forwarded = len(self.procs)
             self.signal_all(signal.SIGTERM)
         else:
             self.grace = 0.0
