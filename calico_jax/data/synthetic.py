@@ -23,6 +23,7 @@ annotation, as in PACO ("parts with the same name in the same object merged").
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -36,7 +37,7 @@ from tqdm import tqdm
 
 from calico_jax.core.fs import atomic_directory
 from calico_jax.data import pairs
-from calico_jax.data.coco_parts import Report, load_part_dataset
+from calico_jax.data.coco_parts import DataError, Report, load_part_dataset
 
 
 # ----------------------------------------------------------------------- shapes in the object frame
@@ -247,19 +248,70 @@ def generate(out, num_images: int, seed: int = 0, *, quality: int = 90, min_part
     return path
 
 
-def make_split(root, num_images: int, seed: int, pair_seed: int, *, progress: bool = False, **options) -> Path:
+def build_pairs(ann, images_root, pair_seed: int, image_counts=(2,), per_task=()) -> dict:
+    """The pairs of a synthetic set with samples of every N in ``image_counts``, in that order, drawn by one
+    :class:`~calico_jax.data.pairs.PairBuilder` (so images and masks are shared). ``per_task``: samples per task
+    for each N (0 = one attempt per anchor view, the builder's default); () = 0 for all. One N gives exactly the
+    builder's file; several keep the first N's sample ids (so an N = 2 set stays the one a 2-only split had), tag
+    the others' ids with ``-nN`` (ids must be unique) and add ``mix`` (the counts and caps asked for, which
+    :func:`make_split` checks on reuse) and ``counts_by_images`` (N -> task -> samples)."""
+    counts, per_task = tuple(image_counts), tuple(per_task) or (0,) * len(image_counts)
+    if not counts or len(per_task) != len(counts) or min(counts) < 2 or min(per_task) < 0 or \
+            len(set(counts)) != len(counts):
+        raise ValueError(f"build_pairs: image_counts must be distinct ints >= 2 and per_task one int >= 0 each (or "
+                         f"empty), got {counts}, {per_task}")
+    report = Report(False)
+    dataset = load_part_dataset(str(ann), "auto", report=report)
+    base = pairs.PairConfig(check_images="none")
+    builder = pairs.PairBuilder([(dataset, str(images_root))], base, pair_seed, report)
+    out = None
+    for n, cap in zip(counts, per_task, strict=True):
+        # the drawing options are read per build, so one builder (one image and mask table) serves every N
+        builder.cfg = dataclasses.replace(base, num_images=n, per_task=cap or None)
+        data = builder.build()
+        if out is None:
+            out = data
+            if len(counts) == 1:
+                return out
+            out["mix"] = {"image_counts": list(counts), "per_task": list(per_task)}
+            out["counts_by_images"] = {}
+        else:
+            for s in data["samples"]:
+                s["id"] = s["id"].replace("-", f"-n{n}-", 1)
+            out["samples"] += data["samples"]
+            out["counts"] = {t: out["counts"].get(t, 0) + c for t, c in data["counts"].items()}
+        out["counts_by_images"][str(n)] = data["counts"]
+    out["masks"], out["report"] = builder.masks, report.to_json()   # every N's masks (the list grew)
+    return out
+
+
+def recorded_mix(data: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A pairs file's (image counts, per-task caps): its ``mix``, or those of a single-N builder file."""
+    if "mix" in data:
+        return tuple(data["mix"]["image_counts"]), tuple(data["mix"]["per_task"])
+    return (data["config"]["num_images"],), (data["config"]["per_task"] or 0,)
+
+
+def make_split(root, num_images: int, seed: int, pair_seed: int, *, image_counts=(2,), per_task=(),
+               progress: bool = False, **options) -> Path:
     """A synthetic dataset and its pairs file under ``root`` (``images/``, ``annotations.json``, ``pairs.json``),
-    written atomically; an existing complete split is reused. ``options``: :func:`generate`'s keywords.
-    Returns the pairs file. Used by the training task (no ``data.pairs``) and by ``make demo``."""
+    written atomically; an existing complete split is reused. ``options``: :func:`generate`'s keywords;
+    ``image_counts`` / ``per_task``: :func:`build_pairs`'. Returns the pairs file. Used by the training task (no
+    ``data.pairs``) and by ``make demo``. An existing split whose pairs were drawn for other image counts or caps
+    is an error (reusing it would train on other data than the config says; its tokenizer and checkpoints would
+    not match a rebuilt one either)."""
     root = Path(root)
-    if not (root / "pairs.json").is_file():
+    want = (tuple(image_counts), tuple(per_task) or (0,) * len(image_counts))
+    if (root / "pairs.json").is_file():
+        got = recorded_mix(json.loads((root / "pairs.json").read_text(encoding="utf-8")))
+        if got != want:
+            raise DataError(f"{root}: its pairs have image_counts {got[0]} and per_task {got[1]}, the config asks "
+                            f"for {want[0]} and {want[1]}: remove the run's data/ (or the workdir) or use another "
+                            "workdir")
+    else:
         with atomic_directory(root, overwrite=root.exists()) as tmp:
             ann = generate(tmp, num_images, seed=seed, progress=progress, **options)
-            report = Report(False)
-            dataset = load_part_dataset(str(ann), "auto", report=report)
-            data = pairs.PairBuilder([(dataset, str(root / "images"))], pairs.PairConfig(check_images="none"),
-                                     pair_seed, report).build()
-            pairs.write_pairs(data, tmp / "pairs.json")
+            pairs.write_pairs(build_pairs(ann, root / "images", pair_seed, *want), tmp / "pairs.json")
     return root / "pairs.json"
 
 

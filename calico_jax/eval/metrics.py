@@ -242,5 +242,22 @@ def evaluate(results: Sequence[SampleResult], config: MetricConfig = MetricConfi
             "protocol": config.protocol, "protocol_overrides": config.overrides(), "config": config.to_dict()}
 
 
+def by_image_count(results: Sequence[SampleResult], config: MetricConfig = MetricConfig(),
+                   similarity: Similarity | None = None) -> dict[str, dict]:
+    """:func:`evaluate` of each image count's samples on their own, keyed by N (a string: JSON keys), each with
+    ``all_images_masked``: the percent of its samples in which every image got at least one predicted mask (a
+    model trained on pairs answers N >= 3 with [SEG]s for images 1 and 2 only)."""
+    groups: dict[int, list[SampleResult]] = defaultdict(list)
+    for r in results:
+        groups[r.num_images].append(r)
+    out = {}
+    for n in sorted(groups):
+        rep = evaluate(groups[n], config, similarity, progress=False)
+        covered = sum({m.image for m in r.pred} >= set(range(n)) for r in groups[n])
+        out[str(n)] = {k: rep[k] for k in ("mean", "per_task", "num_samples", "per_task_samples")}
+        out[str(n)]["all_images_masked"] = 100.0 * covered / len(groups[n])
+    return out
+
+
 __all__ = ["MetricConfig", "METRICS", "PROTOCOLS", "word_iou", "miou", "recall", "semantic_similarity",
-           "semantic_iou", "evaluate"]
+           "semantic_iou", "evaluate", "by_image_count"]

@@ -64,7 +64,7 @@ def prepare_data(cfg, workdir: Path) -> tuple[Path, Path, Path | None]:
         for name, syn, seed in splits:
             if first:
                 synthetic.make_split(root / name, syn.num_images, seed if syn.seed < 0 else syn.seed, seed,
-                                     progress=cfg.progress, **syn.generator_options())
+                                     progress=cfg.progress, **syn.pair_options(), **syn.generator_options())
         pairs_path = root / "train" / "pairs.json"
         eval_path = eval_path or root / "heldout" / "pairs.json"
     tok = Path(d.tokenizer) if d.tokenizer else root / "tokenizer"

@@ -36,6 +36,7 @@ DTYPES = ("float32", "bfloat16", "float16")   # compute / frozen-storage dtypes
 PAPER_TRAINABLE = (r"llm/.*/lora_(a|b)", r"cem/.*", r"cam_.*", r"sam/mask_decoder/.*")
 # Fields that moved out of the model config: old dotted path -> new one (an override of the old path is an error).
 MOVED = {"model.loss": "recipe.loss", "model.trainable": "recipe.trainable"}
+PAIR_FIELDS = ("image_counts", "per_task")   # SyntheticConfig fields for the pair builder, not the images
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +48,30 @@ class SyntheticConfig(Config):
     object_scale: tuple[float, float] = (0.16, 0.3)
     clutter: bool = True
     class_colors: bool = False
+    image_counts: tuple[int, ...] = (2,)  # images per sample: pairs are drawn for each N, in one pairs file
+    per_task: tuple[int, ...] = ()        # samples per task for each N in image_counts (0 = one per anchor
+                                          # view, the pair builder's default); () = 0 for every N
 
     def generator_options(self) -> dict:
-        """:func:`calico_jax.data.synthetic.generate`'s keyword arguments (every field but the count and seed)."""
-        return {k: getattr(self, k) for k in self.to_dict() if k not in ("num_images", "seed")}
+        """:func:`calico_jax.data.synthetic.generate`'s keyword arguments (the image fields: all but the count, the
+        seed and the pair options)."""
+        return {k: getattr(self, k) for k in self.to_dict() if k not in ("num_images", "seed") + PAIR_FIELDS}
+
+    def pair_options(self) -> dict:
+        """:func:`calico_jax.data.synthetic.make_split`'s pair keywords (``image_counts``, ``per_task``)."""
+        return {k: getattr(self, k) for k in PAIR_FIELDS}
+
+    def check(self, where: str, max_images: int) -> None:
+        """A clear error naming the field (``where`` = its dotted path) for pair options that cannot work."""
+        counts = self.image_counts
+        if not counts or any(n < 2 for n in counts) or len(set(counts)) != len(counts):
+            raise ConfigError(f"{where}.image_counts must be distinct image counts >= 2, got {list(counts)}")
+        if max(counts) > max_images:
+            raise ConfigError(f"{where}.image_counts has N = {max(counts)} but data.max_images (the image slots "
+                              f"per sample) is {max_images}: set --config.data.max_images={max(counts)} or more")
+        if self.per_task and (len(self.per_task) != len(counts) or min(self.per_task) < 0):
+            raise ConfigError(f"{where}.per_task must be empty or one count >= 0 per image count "
+                              f"{list(counts)}, got {list(self.per_task)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +92,11 @@ class DataConfig(Config):
     color_jitter: float = 0.2
     worker_count: int = 0
     strict: bool = False                  # a bad record stops training (else it is skipped and counted)
+
+    def __post_init__(self):
+        if not self.pairs:   # the synthetic sets are built only without data.pairs
+            for name in ("synthetic", "synthetic_heldout"):
+                getattr(self, name).check(f"data.{name}", self.max_images)
 
 
 @dataclasses.dataclass(frozen=True)
