@@ -2,9 +2,12 @@
 import os
 
 # Must happen before jax is imported anywhere.
-_flag = "--xla_force_host_platform_device_count=8"
-if _flag not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+# XLA's CPU backend at -O0: the suite's time is mostly compiling tiny programs, and LLVM's optimization passes are
+# half of that; every result a test compares is compiled alike (the subprocesses inherit XLA_FLAGS). A level set by
+# the caller wins.
+for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"):
+    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 # CPU only: with the AOT extras installed jax would otherwise probe libtpu and the CUDA plugin at backend start
 # (tracebacks, libtpu's lock file shared by the xdist workers); AOT tests compile for topologies explicitly.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
