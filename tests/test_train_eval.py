@@ -31,25 +31,13 @@ def eval_records(workdir):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two runs of the same config in fresh workdirs; the second reuses the first's compiled programs
-    through a persistent compilation cache (time only: it holds XLA executables, not results)."""
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    before = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    """Two runs of the same config in fresh workdirs; the second reuses the first's compiled programs through
+    the session's persistent compilation cache (tests/conftest.py: time only, it holds executables, not results)."""
     out = []
-    try:
-        for name in ("a", "b"):
-            workdir = tmp_path_factory.mktemp(name)
-            train(tiny(), workdir)
-            out.append(workdir)
-    finally:
-        from jax.experimental.compilation_cache import compilation_cache
-        for k, v in before.items():
-            jax.config.update(k, v)
-        compilation_cache.reset_cache()   # later tests in this process compile without it
+    for name in ("a", "b"):
+        workdir = tmp_path_factory.mktemp(name)
+        train(tiny(), workdir)
+        out.append(workdir)
     return out
 
 
