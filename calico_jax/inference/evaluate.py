@@ -35,7 +35,7 @@ from calico_jax.core.fs import write_atomic
 from calico_jax.data.pairs_io import read_pairs
 from calico_jax.data.rle import decode
 from calico_jax.eval.masks import Mask, SampleResult
-from calico_jax.eval.metrics import PROTOCOLS, MetricConfig, evaluate
+from calico_jax.eval.metrics import PROTOCOLS, MetricConfig, by_image_count, evaluate
 from calico_jax.eval.report import format_table, write_report
 from calico_jax.inference.eval_run import Run
 from calico_jax.parallel import distributed
@@ -221,7 +221,10 @@ def main(argv: list[str] | None = None) -> int:
             ok = True
             return 0
         encoder = SentenceEncoder()
-        report = evaluate(gt_results(pairs, samples, preds), metric_cfg, encoder.similarity)
+        results = gt_results(pairs, samples, preds)
+        report = evaluate(results, metric_cfg, encoder.similarity)
+        if len({r.num_images for r in results}) > 1:   # a set that mixes image counts: each N on its own too
+            report["per_images"] = by_image_count(results, metric_cfg, encoder.similarity)
         report["source"] = {"ckpt": args.ckpt, "predictions": args.predictions, "pairs": str(args.pairs)}
         report["generation"] = {"truncated": int(sum(bool(p.get("truncated")) for p in preds.values())),
                                 "unrouted_seg": int(sum(p.get("num_unrouted_seg", 0) for p in preds.values())),
