@@ -10,7 +10,8 @@ the set: text tokens + N x the model's image tokens), the XLA-counted **FLOPs** 
 decoding (EVA + Q-Former, DINOv2 + CEM and the LLM prefill with its CAMs for all N images, SAM image embeddings
 of every image) at the set's longest prompt, and its median **latency** at batch 1 (jit, after warm-up).
 
-Accuracy -- the demo model (``make demo`` writes ``runs/demo/model``; trained on N = 2 only): held-out N-image
+Accuracy -- a demo model (``make demo`` writes ``runs/demo/model``, trained on pairs; ``--demo`` / ``--heldout`` point
+at another, e.g. the mixed-N one of ``configs/demo_mixed.py``): held-out N-image
 pairs drawn (pair seed 1, as the demo's own held-out set; ``--per_task`` samples per task) from the demo's
 held-out images (``runs/demo/data/heldout``), scored by ``python -m calico_jax.evaluate`` (``calico``
 protocol); the mean over tasks of each metric per N. Skipped with a note when the demo model is absent.

@@ -50,3 +50,15 @@ def pytest_configure(config):
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", int(os.environ[
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+
+
+# The longest files first (whole-file totals, bench/results/suite.md): xdist hands out files in collection order,
+# and a long file handed out last runs alone at the end while the other worker idles.
+LONGEST_FIRST = ("test_multihost_calico.py", "test_inference_scale.py", "test_train_calico.py", "test_aot_targets.py",
+                 "test_experiment_config.py", "test_train_eval.py", "test_remat.py", "test_scan.py",
+                 "test_assemble.py", "test_predict.py", "test_multihost.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: the order within a file stays
