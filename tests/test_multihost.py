@@ -4,7 +4,8 @@ run: kill -9 of one process at a seeded step (two seeds), kill -9 while a checkp
 checkpoint write that fails part-way, SIGTERM to the job, then a resume on 1 process (2 -> 1) and back on 2
 (1 -> 2). Every rerun is the same command; it must resume from the newest complete checkpoint, no checkpoint may be
 corrupted, restored states are bit-equal to the saved ones, and the final loss trace is the uninterrupted run's.
-Plus the pieces in-process: settings, per-process data blocks, iterator-state translation (the launcher: test_launch.py)."""
+Plus the pieces in-process: settings, per-process data blocks, iterator-state translation (the launcher:
+test_launch.py)."""
 import json
 import random
 import re
