@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONSTRAINTS := .ci/constraints.txt
-PYTEST_ARGS ?= -n 2 --dist loadfile --durations=20
+PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder --durations=20
 DEMO_ARGS ?=
 
 .PHONY: test lint demo install install-aot clean

@@ -52,8 +52,9 @@ def pytest_configure(config):
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 
 
-# The longest files first (whole-file totals, bench/results/suite.md): xdist hands out files in collection order,
-# and a long file handed out last runs alone at the end while the other worker idles.
+# The longest files first (whole-file totals, bench/results/suite.md). With --no-loadscope-reorder (Makefile) xdist
+# hands out whole files in collection order; by default it starts with the files that have the most tests, and the
+# 2-process CALICO file (2 tests, ~3 min) was handed out last and ran alone at the end.
 LONGEST_FIRST = ("test_multihost_calico.py", "test_inference_scale.py", "test_train_calico.py", "test_aot_targets.py",
                  "test_experiment_config.py", "test_train_eval.py", "test_remat.py", "test_scan.py",
                  "test_assemble.py", "test_predict.py", "test_multihost.py")
