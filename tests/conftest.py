@@ -3,8 +3,8 @@ import os
 
 # Must happen before jax is imported anywhere.
 # XLA's CPU backend at -O0: the suite's time is mostly compiling tiny programs, and LLVM's optimization passes are
-# half of that; every result a test compares is compiled alike (the subprocesses inherit XLA_FLAGS). A level set by
-# the caller wins.
+# part of it (the tiny CALICO's init compile 17 s -> 8 s, 10-15 % of a file's CPU: tests/README.md); every result a
+# test compares is compiled alike (the subprocesses inherit XLA_FLAGS). A level set by the caller wins.
 for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"):
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()

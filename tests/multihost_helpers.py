@@ -13,16 +13,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES = 8                                    # global devices of every job (4 per process with 2 processes)
-# Compile time dominates these runs; every run a test compares is compiled alike (XLA's backend at -O0, a
-# compilation cache shared by the module's runs: ``cache_dir``).
-FAST_COMPILE = "--xla_backend_optimization_level=0"
+# Compile time dominates these runs; every run a test compares is compiled alike (XLA's backend at -O0 from
+# tests/conftest.py's XLA_FLAGS, a compilation cache shared by the module's runs: ``cache_dir``).
 EXACT = ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "lr", "grad_norm", "skipped")
 
 
 def env(**extra) -> dict:
     out = {**os.environ, "JAX_PLATFORMS": "cpu", **extra}
     flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", out.get("XLA_FLAGS", ""))
-    out["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={DEVICES} {FAST_COMPILE}".strip()
+    out["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={DEVICES}".strip()
     return out
 
 

@@ -5,7 +5,7 @@ cross-process all-reduces sum in another order) -- and the 2-process job is kill
 6) and rerun with the same command on the way, resuming from its step-4 checkpoint. Then ``python -m
 calico_jax.export`` and ``python -m calico_jax.evaluate`` read the checkpoint the 2-process job wrote. One run of
 each, shared by the tests below. Both runs compile at XLA's backend optimisation level 0 (compile time; the
-comparison is between the two runs: tests/multihost_helpers.py), and the 2-process jobs go through
+comparison is between the two runs: tests/conftest.py), and the 2-process jobs go through
 tests/toy_train.py (train.py with the fault hook, and every process keeps its compiled programs in the module's
 compilation cache, so the rerun compiles nothing)."""
 import json
